@@ -1,0 +1,41 @@
+# Every target sets itself up: the virtual environment is (re)built from requirements.txt when it is
+# missing or requirements.txt changed (keyed by its hash), so `make demo` / `make test` work on a
+# fresh clone. VENV may point outside the clone (CI keeps one per requirements hash).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+REQHASH := $(shell $(PY) -c "import hashlib;print(hashlib.sha256(open('requirements.txt','rb').read()).hexdigest()[:16])")
+HERE    := $(shell pwd)
+HEREHASH:= $(shell $(PY) -c "import hashlib,os;print(hashlib.sha256(os.getcwd().encode()).hexdigest()[:16])")
+DEPS    := $(VENV)/.deps-$(REQHASH)
+READY   := $(VENV)/.cdkit-$(HEREHASH)-$(REQHASH)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean-venv lab
+
+setup: $(READY)
+
+$(DEPS): requirements.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	@rm -f $(VENV)/.deps-* ; touch $@
+
+# The editable install points at this clone; redone when the clone moves.
+$(READY): $(DEPS) pyproject.toml
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.cdkit-* ; touch $@
+
+demo: $(READY)
+	$(BIN)/python -m cdkit demo
+
+test: $(READY)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(READY)
+	$(BIN)/python bench/index.py
+
+lab: $(READY)
+	$(BIN)/jupyter lab notebooks/
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,26 @@
+"""Where things live. Importing this module has no side effects.
+
+Relative paths in params are taken from the repository root, so a notebook behaves the same in
+JupyterLab (cwd = notebooks/) and under papermill started from the root. CDKIT_ROOT overrides it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(os.environ.get("CDKIT_ROOT", Path(__file__).resolve().parents[1]))
+DATA = ROOT / "data"            # downloaded or generated data sets (never committed)
+RUNS = ROOT / "runs"            # one folder per run: runs/<run_name>/
+NOTEBOOKS = ROOT / "notebooks"
+PARAMS = ROOT / "params"
+
+
+def resolve(p) -> Path:
+    "An absolute path: `p` itself if absolute, else relative to the repository root"
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else ROOT / p
+
+
+def run_dir(run_name, root=None) -> Path:
+    d = resolve(root or RUNS) / run_name
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,0 +1,63 @@
+"""Product-level validation split, computed once and reused by every model.
+
+Stratified by category: each category's products are shuffled with the seed and a `valid_frac`
+share of them (rounded, at least one where the category has two or more products) goes to
+validation. A product lies wholly on one side, so no picture leaks across."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .bsonfile import atomic_write
+
+TRAIN = -1
+
+
+def make_split(index, valid_frac=0.02, seed=0, n_folds=None):
+    """DataFrame product_id, fold (int8). With n_folds=None, fold 0 is validation and TRAIN (-1) the
+    rest; with n_folds=K every product gets a fold 0..K-1, stratified by category."""
+    if n_folds is None and not 0 < valid_frac < 1:
+        raise ValueError(f"valid_frac must lie in (0, 1), got {valid_frac}")
+    if n_folds is not None and (int(n_folds) != n_folds or n_folds < 2):
+        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds}")
+    cats = index["category_id"].to_numpy()
+    rng = np.random.default_rng(seed)
+    # rank of each product inside its category after a seeded shuffle, vectorized
+    order = np.lexsort((rng.random(len(cats)), cats))
+    sorted_cats = cats[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cats)) + 1]
+    sizes = np.diff(np.r_[starts, len(cats)])
+    rank = np.arange(len(cats)) - np.repeat(starts, sizes)
+    size_of = np.repeat(sizes, sizes)
+    fold = np.empty(len(cats), dtype=np.int8)
+    if n_folds is None:
+        n_valid = np.where(size_of >= 2, np.maximum(1, np.rint(size_of * valid_frac)), 0)
+        fold[order] = np.where(rank < n_valid, 0, TRAIN)
+    else:
+        # rotate the start per category so that small categories do not all fill fold 0
+        offset = np.repeat(rng.integers(0, n_folds, len(sizes)), sizes)
+        fold[order] = (rank + offset) % n_folds
+    return pd.DataFrame({"product_id": index["product_id"].to_numpy(), "fold": fold})
+
+
+def valid_mask(split, fold=0):
+    return split["fold"].to_numpy() == fold
+
+
+def save_split(split, path):
+    return atomic_write(path, lambda tmp: split.to_parquet(tmp, index=False))
+
+
+def load_split(path):
+    return pd.read_parquet(path)
+
+
+def attach_split(table, split):
+    "The fold of each row of a product index or image table, by product_id"
+    fold = pd.Series(split["fold"].to_numpy(), index=split["product_id"].to_numpy())
+    out = fold.reindex(table["product_id"].to_numpy())
+    if out.isna().any():
+        missing = table["product_id"].to_numpy()[out.isna().to_numpy()]
+        raise KeyError(f"{len(missing)} products have no fold in the split (e.g. {missing[:5].tolist()}); "
+                       "was the split made from another index?")
+    return out.to_numpy().astype(np.int8)
