@@ -167,7 +167,8 @@ def _hop(mm, size, path):
 
 
 def _gather32(u8, pos):
-    "Little-endian int32 at each position of `pos` (vectorized)"
+    "Little-endian int32 at each position of `pos` (vectorized; positions past the end read as clipped)"
+    pos = np.minimum(pos, len(u8) - 4)
     v = (u8[pos].astype(np.uint32) | (u8[pos + 1].astype(np.uint32) << 8)
          | (u8[pos + 2].astype(np.uint32) << 16) | (u8[pos + 3].astype(np.uint32) << 24))
     return v.view(np.int32).astype(np.int64)
@@ -178,7 +179,9 @@ def _gather64(u8, pos):
 
 
 def _matches(u8, pos, sig):
-    ok = np.ones(len(pos), bool)
+    "Whether the bytes at each position spell `sig`"
+    ok = pos + len(sig) <= len(u8)
+    pos = np.where(ok, pos, 0)
     for i, b in enumerate(sig):
         ok &= u8[pos + i] == b
     return ok
