@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,17 @@ from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
 from .split import attach_split, load_split, make_split, save_split
+
+
+@dataclass
+class PrepareParams:
+    "Parameters of notebooks/02_prepare_data.ipynb"
+    data_dir: str = "data/demo"           # train.bson, test.bson, category_names.csv
+    work_dir: str = "data/demo_prepared"  # where indices and the split go (raw data stays read-only)
+    valid_frac: float = 0.1               # share of products held out (demo: 10%; the study held out about 2%)
+    seed: int = 0                         # split seed: fixed once, reused by every model
+    n_folds: Optional[int] = None         # K folds instead of one hold-out (None = hold-out)
+    force: bool = False                   # rebuild indices and split even when they exist
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""Step 01: what the data looks like. Tables are pure functions of the index; plots return figures."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .bsonfile import NO_LABEL, decode_rgb, image_table
+
+
+@dataclass
+class ExploreParams:
+    "Parameters of notebooks/01_explore_data.ipynb"
+    data_dir: str = "data/demo"          # train.bson, test.bson, category_names.csv (synthetic or Kaggle)
+    work_dir: str = "data/demo_prepared" # derived files (indices); the raw folder stays read-only
+    synth_preset: str = "demo"           # generate this synthetic preset when data_dir has no train.bson ('' = never)
+    n_grid_products: int = 12            # products shown in the sample grid
+    max_hash_pictures: int = 200000      # pictures hashed for the duplicate count (sampled beyond this)
+    seed: int = 0                        # sampling seed
+
+
+def ensure_data(data_dir, synth_preset="demo", seed=0, log=print):
+    "Generate the synthetic preset in `data_dir` when it holds no train.bson (never overwrites)"
+    from .paths import resolve
+    d = resolve(data_dir)
+    if (d / "train.bson").exists():
+        return d
+    if not synth_preset:
+        raise FileNotFoundError(f"{d / 'train.bson'} not found (download the competition files there)")
+    from .synth import write_dataset
+    log(f"{d} has no train.bson: writing the synthetic '{synth_preset}' preset (seed {seed})")
+    write_dataset(d, preset=synth_preset, seed=seed)
+    return d
+
+
+def pictures_per_product(index) -> pd.DataFrame:
+    "Share of products with 0, 1, 2, ... pictures"
+    counts = index["n_imgs"].value_counts().sort_index()
+    return pd.DataFrame({"products": counts, "share": (counts / counts.sum()).round(4)}).rename_axis("pictures")
+
+
+def category_frequencies(index, catalog=None) -> pd.DataFrame:
+    "Products per category, most frequent first, with names when a catalog is given"
+    cats = index.loc[index["category_id"] != NO_LABEL, "category_id"]
+    freq = cats.value_counts().rename("products").to_frame()
+    freq["share"] = (freq["products"] / freq["products"].sum()).round(5)
+    if catalog is not None:
+        cls = catalog.to_class(freq.index.to_numpy())
+        freq["level1"] = [catalog.name(c, 1) for c in cls]
+        freq["name"] = [catalog.name(c, 3) for c in cls]
+    return freq
+
+
+def hierarchy_sizes(catalog, index=None) -> pd.DataFrame:
+    "Number of categories at each level of the catalog (and present in the data, given an index)"
+    rows = {"catalog": [catalog.n_level(l) for l in (1, 2, 3)]}
+    if index is not None:
+        cls = catalog.to_class(np.unique(index.loc[index["category_id"] != NO_LABEL, "category_id"]))
+        rows["in data"] = [len(np.unique(catalog.level_of(cls, l))) for l in (1, 2, 3)]
+    return pd.DataFrame(rows, index=["level 1", "level 2", "level 3"])
+
+
+def picture_stats(reader, index, max_pictures=200000, seed=0) -> pd.DataFrame:
+    """Byte size and MD5 of pictures (all of them, or a seeded sample of products beyond
+    `max_pictures`): columns product_id, img_idx, bytes, md5"""
+    table = image_table(index)
+    if len(table) > max_pictures:
+        table = table.sample(max_pictures, random_state=seed).sort_values(["offset", "img_idx"])
+    rows = []
+    for (off, n), grp in table.groupby(["offset", "length"], sort=False):
+        pics = reader.pictures(off, n)
+        for r in grp.itertuples():
+            b = pics[r.img_idx]
+            rows.append((r.product_id, r.img_idx, len(b), hashlib.md5(b).hexdigest()))
+    return pd.DataFrame(rows, columns=["product_id", "img_idx", "bytes", "md5"])
+
+
+def duplicate_summary(stats) -> pd.DataFrame:
+    "How many pictures are byte-identical to another one"
+    counts = stats["md5"].map(stats["md5"].value_counts())
+    return pd.DataFrame({"value": [len(stats), stats["md5"].nunique(), int((counts > 1).sum()),
+                                   round(1 - stats["md5"].nunique() / max(len(stats), 1), 4)]},
+                        index=["pictures", "unique (MD5)", "pictures with a twin", "duplicate share"])
+
+
+def plot_overview(index, catalog):
+    "Pictures per product, and category frequencies on a log scale (the long tail)"
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+    ppp = pictures_per_product(index)
+    ax[0].bar(ppp.index.astype(str), ppp["share"])
+    ax[0].set(title="pictures per product", xlabel="pictures", ylabel="share of products")
+    freq = category_frequencies(index)
+    ax[1].plot(np.arange(1, len(freq) + 1), freq["products"].to_numpy())
+    ax[1].set(title="category frequencies (long tail)", xlabel="category rank", ylabel="products",
+              yscale="log", xscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def plot_product_grid(reader, index, catalog, n=12, seed=0, ncols=4):
+    "A grid of sample products: their pictures side by side, titled with the category names"
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(seed)
+    rows = index.iloc[np.sort(rng.choice(len(index), size=min(n, len(index)), replace=False))]
+    nrows = int(np.ceil(len(rows) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 3.4, nrows * 1.9), squeeze=False)
+    for ax, r in zip(axes.flat, rows.itertuples()):
+        pics = [decode_rgb(b) for b in reader.pictures(r.offset, r.length)]
+        strip = np.concatenate(pics, axis=1) if pics else np.full((180, 180, 3), 255, np.uint8)
+        ax.imshow(strip)
+        if r.category_id != NO_LABEL:
+            c = catalog.to_class([r.category_id])[0]
+            title = f"{catalog.name(c, 1)[:18]} / {catalog.name(c, 3)[:22]}"
+        else:
+            title = "(test: no label)"
+        ax.set_title(f"{r.product_id}: {title}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_picture_sizes(stats):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(stats["bytes"] / 1024, bins=50)
+    ax.set(title="picture sizes", xlabel="KiB", ylabel="pictures")
+    fig.tight_layout()
+    return fig
