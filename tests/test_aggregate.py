@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+
+from cdkit.aggregate import (accuracy_by_level, accuracy_by_n_pictures, belief_aggregate, logmean_aggregate,
+                             mean_aggregate, prediction_rows, product_accuracy)
+from cdkit.store import PredStore, spread, topk
+
+
+def random_rows(rng, n_products, n_classes, k, max_preds, peak=3.0, discrete=False):
+    "Prediction rows of n_products products with 1..max_preds rows each, in shuffled order"
+    n = rng.integers(1, max_preds + 1, n_products)
+    pid = np.repeat(rng.permutation(10 * n_products)[:n_products] + 1000, n)
+    true = np.repeat(rng.integers(0, n_classes, n_products), n)
+    logits = rng.normal(size=(len(pid), n_classes))
+    logits[np.arange(len(pid)), true] += peak
+    if discrete: logits = np.round(logits)  # repeated values: exact ties and sd = 0
+    p = np.exp(logits); p /= p.sum(1, keepdims=True)
+    if discrete: p = np.round(p, 2)  # many equal probabilities across rows
+    order = rng.permutation(len(pid))
+    cls, prob, rest = topk(p[order], k)
+    return pid[order], cls, prob, rest, p[order]
+
+
+def ref_values(rows, cls, prob, rest, n_classes, c):
+    k = (cls[rows] >= 0).sum(1)
+    out = []
+    for r, kk in zip(rows, k):
+        hit = np.flatnonzero(cls[r] == c)
+        out.append(float(prob[r, hit[0]]) if len(hit) else float(spread(rest[r], n_classes, kk)))
+    return np.array(out)
+
+
+def ref_belief(pid, cls, prob, rest, n_classes, m=None, z=1.96, rule="gaussian", score="sum",
+               min_preds=3, ddof=1, atol=0.01):
+    "Slow, obvious per-product implementation of Algorithm 1 with the documented decisions"
+    m = cls.shape[1] if m is None else m
+    result = {}
+    for p in np.unique(pid):
+        rows = np.flatnonzero(pid == p)
+        n = len(rows)
+        cands = sorted({int(c) for r in rows for c in cls[r, :m] if c >= 0})
+        best = None
+        for c in cands:
+            v = ref_values(rows, cls, prob, rest, n_classes, c)
+            excluded = np.zeros(n, bool)
+            if n >= min_preds:
+                for j in range(n):
+                    others = np.delete(v, j)
+                    mu, sd = others.mean(), others.std(ddof=ddof)
+                    if rule == "gaussian": excluded[j] = abs(v[j] - mu) > max(z * sd, atol) + 1e-12
+                    else: excluded[j] = (v[j] < 0.5 * mu - 1e-12 or v[j] > 2 * mu + 1e-12) and abs(v[j] - mu) > atol + 1e-12
+            inc = v[~excluded]
+            s = sum(inc) if score == "sum" else (sum(inc) / len(inc) if len(inc) else 0.0)
+            if best is None or s > best[1]: best = (c, s, excluded, rows)
+        result[p] = best
+    return result
+
+
+@pytest.mark.parametrize("rule", ["gaussian", "ratio"])
+@pytest.mark.parametrize("score", ["sum", "mean"])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_belief_matches_reference(rule, score, discrete):
+    rng = np.random.default_rng(hash((rule, score, discrete)) % 2**32)
+    C, k = 30, 6
+    pid, cls, prob, rest, _ = random_rows(rng, 150, C, k, 8, peak=2.0, discrete=discrete)
+    for atol, m in ((0.01, None), (0.0, 3), (0.15, None)):  # atol=0.15: most candidates skip the test
+        got = belief_aggregate(pid, cls, prob, rest, C, m=m, rule=rule, score=score, atol=atol, max_entries=200)
+        ref = ref_belief(pid, cls, prob, rest, C, m=m, rule=rule, score=score, atol=atol)
+        assert list(got.product_id) == sorted(ref)
+        want_cls = np.array([ref[p][0] for p in got.product_id])
+        want_score = np.array([ref[p][1] for p in got.product_id])
+        np.testing.assert_array_equal(got.pred_class, want_cls)
+        np.testing.assert_allclose(got.score[:, 0], want_score, rtol=1e-9, atol=1e-12)
+        for p, (_, _, excl, rows) in ref.items(): np.testing.assert_array_equal(got.excluded[rows], excl)
+        assert got.excluded.any() or atol > 0.1
+
+
+def test_belief_sd_zero_and_small_products():
+    C = 10
+    # product 1: one prediction; product 2: two disagreeing predictions; product 3: three with two equal
+    cls = np.array([[0, 1], [0, 1], [1, 0], [2, 3], [2, 3], [2, 3]])
+    prob = np.array([[.6, .4], [.9, .1], [.9, .1], [.5, .5], [.5, .5], [.2, .2]])
+    pid = np.array([1, 2, 2, 3, 3, 3])
+    r = belief_aggregate(pid, cls, prob, np.zeros(6), C, atol=0.0)
+    assert not r.excluded[:3].any()  # fewer than 3 predictions: nothing excluded, plain sum
+    np.testing.assert_allclose(r.score[1, :2], [1.0, 1.0])
+    assert r.pred_class[1] == 0  # tie: lower class
+    # sd of the two others is 0 -> the differing third is excluded (atol=0); with atol it is kept
+    assert r.pred_class[2] == 2 and r.excluded[3:].tolist() == [False, False, True]
+    np.testing.assert_allclose(r.score[2, 0], 1.0)
+    r = belief_aggregate(pid, cls, prob, np.zeros(6), C, atol=0.5)
+    assert not r.excluded.any()
+    with pytest.raises(ValueError, match="min_preds"): belief_aggregate(pid, cls, prob, None, C, min_preds=2)
+
+
+def test_belief_outvotes_noise_picture_where_mean_fails():
+    C = 8
+    # three consistent pictures say A=0 (0.3, B=1 second with 0.2), one noise picture says B with 0.99
+    cls = np.array([[0, 1, 2], [0, 1, 2], [0, 1, 2], [1, 0, 2]])
+    prob = np.array([[.3, .2, .1], [.3, .2, .1], [.3, .2, .1], [.99, .005, .0]])
+    rest = 1 - prob.sum(1)
+    pid = np.zeros(4, int)
+    assert mean_aggregate(pid, cls, prob, rest, C).pred_class[0] == 1
+    r = belief_aggregate(pid, cls, prob, rest, C)
+    assert r.pred_class[0] == 0
+    assert r.excluded.tolist() == [False, False, False, True]
+
+
+def dense_mean(pid, dense):
+    u, inv = np.unique(pid, return_inverse=True)
+    s = np.zeros((len(u), dense.shape[1])); np.add.at(s, inv, dense)
+    return s / np.bincount(inv)[:, None]
+
+
+def test_mean_topk_agrees_with_exact():
+    rng = np.random.default_rng(1)
+    C = 300
+    pid, cls, prob, rest, p = random_rows(rng, 2000, C, 20, 4, peak=4.0)
+    dm = dense_mean(pid, p)
+    approx = mean_aggregate(pid, cls, prob, rest, C)
+    assert (approx.pred_class == dm.argmax(1)).mean() > 0.97
+    ecls, eprob, erest = topk(p, C)
+    exact = mean_aggregate(pid, ecls, eprob, erest, C, k_out=5)
+    np.testing.assert_array_equal(exact.pred_class, dm.argmax(1))
+    np.testing.assert_allclose(exact.score, -np.sort(-dm, 1)[:, :5], rtol=1e-5)
+    # the top-k mean equals the dense mean of the rest-spread reconstruction
+    st = PredStore(pid, np.zeros(len(pid), np.int8), cls[:, None].astype(np.uint16), prob[:, None], rest[:, None], C)
+    np.testing.assert_allclose(approx.score[:, 0], dense_mean(pid, st.dense()).max(1), rtol=1e-5)
+
+
+def test_logmean_against_dense():
+    rng = np.random.default_rng(2)
+    C = 50
+    pid, _, _, _, p = random_rows(rng, 300, C, C, 4)
+    cls, prob, rest = topk(p, C)
+    r = logmean_aggregate(pid, cls, prob, rest, C, eps=1e-6)
+    want = dense_mean(pid, np.log(np.maximum(p, 1e-6)))
+    np.testing.assert_array_equal(r.pred_class, want.argmax(1))
+    np.testing.assert_allclose(r.score[:, 0], want.max(1), rtol=1e-5)
+
+
+def test_prediction_rows_and_accuracy():
+    rng = np.random.default_rng(3)
+    C = 20
+    _, _, _, _, p = random_rows(rng, 10, C, 5, 1)
+    n = len(p)
+    pv = np.stack([p, p], 1)
+    cls, prob, rest = topk(pv, 5)
+    s = PredStore(np.arange(n), np.zeros(n, np.int8), cls.astype(np.uint16), prob, rest, C)
+    rows = prediction_rows([s, s], views=[1])
+    assert len(rows.cls) == 2 * n and rows.model.tolist() == [0] * n + [1] * n
+    r = mean_aggregate(rows.product_id, rows.cls, rows.prob, rows.rest, C)
+    np.testing.assert_array_equal(r.pred_class, p.argmax(1))
+    assert product_accuracy([1, 2, 3], [1, 2, 0]) == pytest.approx(2 / 3)
+    df = accuracy_by_n_pictures([1, 2, 3, 4], [1, 2, 0, 0], [1, 1, 2, 2])
+    assert df.to_dict("list") == dict(n_pictures=[1, 2], products=[2, 2], share=[.5, .5], accuracy=[1.0, 0.0])
+    lv = accuracy_by_level([0, 1], [1, 1], level1=np.array([0, 0]), level2=np.array([0, 1]))
+    assert lv.set_index("level")["accuracy"].to_dict() == dict(category=0.5, level2=0.5, level1=1.0)
