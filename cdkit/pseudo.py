@@ -1,0 +1,627 @@
+"""Pseudo-label fine-tuning (Lee, 2013): a trained model labels the test products it is sure of, then
+trains on labeled and pseudo-labeled pictures together.
+
+    L = 1/n sum_i CE(y_i, l_i) + alpha(t) * 1/n' sum_i CE(y'_i, l'_i)
+
+the first mean over the labeled pictures of a step, the second over its pseudo-labeled pictures,
+with alpha(t) = 0 before T1, a_f * (t - T1) / (T2 - T1) between T1 and T2, a_f after T2.
+
+Steps, each a function here:
+1. `predict_products` / `product_confidence`: per test product, the predicted class, its mean
+   probability over the product's pictures and the margin to the second class.
+2. `select_pseudo` (pure): products above a probability or margin threshold, then the most confident
+   `fraction` of all products, then at most `cap_per_category` per class (the most confident);
+   `pseudo_images` gives every picture of a chosen product its pseudo-label, as an image table of
+   test.bson. `selection_report` counts per class and, where the truth is known (synthetic data),
+   gives their precision.
+3. `mixed_dataloaders`: the batch-mixing design. Every training step is ONE batch of
+   `bs` labeled pictures (train.bson) followed by `round(pseudo_per_labeled * bs)` pseudo-labeled
+   ones (test.bson), so the ratio holds exactly at every step and BatchNorm sees both domains
+   together. The two files are two `cdkit.data.PictureDataset`s behind one `MixedPictures`, whose
+   items are (x, y, part) with part 0 = labeled, 1 = pseudo; part doubles as the file id. An epoch
+   is one pass over the pseudo-labeled pictures (`epoch_size="pseudo"`, the labeled ones are drawn
+   on from an endless reshuffled stream, so successive epochs cover different labeled pictures) or
+   over the labeled ones (`epoch_size="labeled"`, pseudo drawn on).
+4. `PseudoLabelLoss` (the formula above; plain cross entropy on (pred, y), as in validation) and
+   `AlphaRamp` (fastai callback: sets alpha(t) before each training batch and records alpha and the
+   labeled/pseudo counts each step saw).
+5. `run_pseudo(PseudoParams)`: from a trained run, one or more rounds of predict -> select ->
+   fine-tune, with accuracy before and after on validation and, for synthetic data, on the test truth.
+   Outputs in runs/<run_name>/: params.yaml, selection_round<r>.parquet, report_round<r>.csv,
+   alpha.csv, metrics.csv, model.pth + model.json (as cdkit.train exports them: `load_trained` reads it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .params import ParamsError, load_params, parse_overrides, save_params
+
+LABELED, PSEUDO = 0, 1  # the `part` of an item; also which BSON file it comes from (train, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+@dataclass
+class PseudoParams:
+    "Pseudo-label fine-tuning of a trained run (step 09); defaults run on the synthetic demo data"
+    run_name: str = "pseudo_demo"          # output folder runs/<run_name>/
+    from_run: str = "resnet_demo"          # the trained run to start from: a name under runs/ or a path
+    data_dir: str = "data/demo"            # train.bson, test.bson, category_names.csv (+ test_truth.csv)
+    work_dir: str = "data/demo_prepared"   # indices and split from step 02
+    runs_dir: str = "runs"                 # where runs live
+    # selection
+    threshold: float = 0.5                 # keep products whose top mean probability is >= this
+    margin: float = 0.0                    # and whose top-1 minus top-2 probability is >= this
+    rank_by: str = "prob"                  # confidence used by fraction and cap: prob or margin
+    fraction: float = 1.0                  # then keep at most this share of all test products, most confident first
+    cap_per_category: int = 0              # then at most this many products per class (0: no cap)
+    # loss schedule (Lee 2013): alpha = 0 before T1, alpha_final*(t-T1)/(T2-T1) up to T2, alpha_final after
+    alpha_final: float = 0.3               # the authors' alpha
+    T1: float = 0.0                        # the model is already trained: pseudo-labels count from the start
+    T2: float = 1.0                        # full weight after the first epoch
+    alpha_unit: str = "epoch"              # unit of t, T1, T2: epoch (fractional) or iter (optimizer steps)
+    # batches
+    pseudo_per_labeled: float = 3.0        # pseudo-labeled pictures per labeled picture in every batch (authors: 3)
+    epoch_size: str = "pseudo"             # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
+    bs: int = 32                           # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
+    epochs: int = 2                        # per round
+    lr: float = 1e-3                       # peak of the one-cycle schedule: a fine-tune, lower than training's
+    pct_start: float = 0.25                # share of the one cycle spent warming up
+    size: int = 0                          # model input side; 0: the trained run's
+    item_size: int = 0                     # per-item crop side; 0: the trained run's
+    num_workers: int = 0                   # DataLoader worker processes
+    predict_bs: int = 128                  # batch size for the test predictions that select the products
+    rounds: int = 1                        # predict -> select -> fine-tune, this many times
+    seed: int = 0                          # batch order and augmentation
+    device: str = ""                       # cpu, cuda, cuda:1, ...; "": the GPU when there is one
+
+
+def check_params(P: PseudoParams) -> PseudoParams:
+    "Range checks beyond types; raise ParamsError naming the parameter"
+    bad = []
+    if P.alpha_unit not in ("epoch", "iter"): bad.append(f"alpha_unit={P.alpha_unit!r} (epoch or iter)")
+    if P.epoch_size not in ("pseudo", "labeled"): bad.append(f"epoch_size={P.epoch_size!r} (pseudo or labeled)")
+    if P.rank_by not in ("prob", "margin"): bad.append(f"rank_by={P.rank_by!r} (prob or margin)")
+    if not 0 <= P.threshold <= 1: bad.append(f"threshold={P.threshold} (0..1)")
+    if not 0 <= P.margin <= 1: bad.append(f"margin={P.margin} (0..1)")
+    if not 0 < P.fraction <= 1: bad.append(f"fraction={P.fraction} (in (0, 1])")
+    if P.cap_per_category < 0: bad.append(f"cap_per_category={P.cap_per_category} (>= 0)")
+    if P.alpha_final < 0: bad.append(f"alpha_final={P.alpha_final} (>= 0)")
+    if not 0 <= P.T1 <= P.T2: bad.append(f"T1={P.T1}, T2={P.T2} (0 <= T1 <= T2)")
+    if P.pseudo_per_labeled < 0: bad.append(f"pseudo_per_labeled={P.pseudo_per_labeled} (>= 0)")
+    for name in ("bs", "epochs", "rounds", "predict_bs"):
+        if getattr(P, name) < 1: bad.append(f"{name}={getattr(P, name)} (>= 1)")
+    if bad: raise ParamsError("PseudoParams: " + "; ".join(bad))
+    return P
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss weight
+
+def alpha_schedule(t, T1, T2, a_f):
+    """Weight of the pseudo-label loss at time t (Lee 2013, eq. 16), for scalars or arrays.
+
+    0 for t < T1; a_f * (t - T1) / (T2 - T1) for T1 <= t < T2; a_f for t >= T2. The study's poster
+    prints the ramp as (t - T1)/(T2 - T1), which would reach 1, not a_f, at T2; Lee's original
+    scales it by a_f so that it meets a_f at T2, and that is what this follows. T1 == T2 is a step
+    to a_f at T1. t, T1, T2 share a unit: (fractional) epochs or iterations (`alpha_unit`)."""
+    if not 0 <= T1 <= T2: raise ValueError(f"need 0 <= T1 <= T2, got T1={T1}, T2={T2}")
+    t = np.asarray(t, dtype=np.float64)
+    ramp = np.clip((t - T1) / (T2 - T1), 0.0, 1.0) if T2 > T1 else (t >= T1).astype(np.float64)
+    out = a_f * ramp
+    return float(out) if out.ndim == 0 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# selection (pure: tables in, tables out)
+
+def product_confidence(pp) -> pd.DataFrame:
+    """Per product: product_id, pred_class, prob (winning score), margin (winner - runner-up), n_preds.
+
+    `pp` is a `cdkit.aggregate.ProductPredictions` with k_out >= 2. With `mean_aggregate` the scores
+    are mean probabilities, which is what the thresholds are meant for."""
+    score = np.asarray(pp.score, np.float64)
+    top = score[:, 0]
+    second = score[:, 1] if score.shape[1] > 1 else np.zeros_like(top)
+    second = np.where(np.isfinite(second), second, 0.0)  # a product with a single candidate
+    return pd.DataFrame(dict(product_id=np.asarray(pp.product_id, np.int64), pred_class=np.asarray(pp.pred_class, np.int64),
+                             prob=top, margin=top - second, n_preds=np.asarray(pp.n_preds)))
+
+
+def select_pseudo(conf: pd.DataFrame, threshold=0.0, margin=0.0, fraction=1.0, cap_per_category=0,
+                  rank_by="prob") -> pd.DataFrame:
+    """The products that get a pseudo-label, most confident first.
+
+    conf: product_id, pred_class, prob, margin (see `product_confidence`). In order:
+    1. prob >= threshold and margin >= `margin`;
+    2. at most floor(fraction * len(conf)) products, the most confident by `rank_by`;
+    3. at most `cap_per_category` per predicted class (0: no cap), the most confident.
+    Ties go to the lower product id, so the choice is deterministic.
+    Returns the chosen rows of `conf` with `label` = pred_class and `rank` (0 = most confident)."""
+    if rank_by not in ("prob", "margin"): raise ValueError(f"rank_by must be prob or margin, got {rank_by!r}")
+    order = np.lexsort((conf["product_id"].to_numpy(), -conf[rank_by].to_numpy()))
+    c = conf.iloc[order].reset_index(drop=True)
+    keep = (c["prob"].to_numpy() >= threshold) & (c["margin"].to_numpy() >= margin)
+    c = c[keep]
+    if fraction < 1:
+        c = c.iloc[:int(math.floor(fraction * len(conf)))]
+    if cap_per_category:
+        c = c[c.groupby("pred_class").cumcount().to_numpy() < cap_per_category]
+    out = c.reset_index(drop=True)
+    out["label"] = out["pred_class"].astype(np.int64)
+    out["rank"] = np.arange(len(out))
+    return out
+
+
+def pseudo_images(chosen: pd.DataFrame, test_images: pd.DataFrame) -> pd.DataFrame:
+    """Image table of test.bson restricted to the chosen products, every picture carrying its
+    product's pseudo-label (`label`) and confidence (prob, margin); usable by `cdkit.data`"""
+    keep = ["product_id", "label", "prob", "margin"]
+    out = test_images.drop(columns=[c for c in ("label", "prob", "margin") if c in test_images]) \
+        .merge(chosen[keep], on="product_id", how="inner", validate="many_to_one")
+    return out.reset_index(drop=True)
+
+
+def truth_classes(truth: pd.DataFrame, catalog) -> pd.Series:
+    "test_truth.csv (_id, category_id) -> Series class index by product_id"
+    return pd.Series(catalog.to_class(truth["category_id"].to_numpy()), index=truth["_id"].to_numpy(np.int64))
+
+
+def selection_report(chosen: pd.DataFrame, conf: pd.DataFrame, truth: pd.Series | None = None,
+                     catalog=None, n_pictures: pd.DataFrame | None = None):
+    """(per-class table, one-row summary) of a selection.
+
+    Per class: products predicted, chosen, pictures chosen (with `n_pictures`: the chosen products'
+    image table), and with `truth` (class by product_id): precision of the chosen, and true products
+    of the class in the test set (to see which classes the selection misses)."""
+    pred = conf.groupby("pred_class").size().rename("predicted")
+    got = chosen.groupby("pred_class").size().rename("chosen")
+    t = pd.concat([pred, got], axis=1).fillna(0).astype(np.int64)
+    t.index.name = "class"
+    if n_pictures is not None:
+        t["pictures"] = n_pictures.groupby("label").size().reindex(t.index).fillna(0).astype(np.int64)
+    summary = dict(products=len(conf), chosen=len(chosen), share=len(chosen) / max(len(conf), 1),
+                   mean_prob_chosen=float(chosen["prob"].mean()) if len(chosen) else float("nan"))
+    if n_pictures is not None: summary["pictures"] = len(n_pictures)
+    if truth is not None:
+        true_c = truth.reindex(chosen["product_id"].to_numpy()).to_numpy()
+        ok = pd.Series(true_c == chosen["label"].to_numpy(), index=chosen["pred_class"].to_numpy())
+        t["precision"] = ok.groupby(level=0).mean().reindex(t.index)
+        true_all = truth.reindex(conf["product_id"].to_numpy()).to_numpy()
+        t = t.join(pd.Series(true_all).value_counts().rename("true_products"), how="outer").fillna(
+            {"predicted": 0, "chosen": 0, "true_products": 0})
+        for c in ("predicted", "chosen", "true_products") + (("pictures",) if n_pictures is not None else ()):
+            t[c] = t[c].fillna(0).astype(np.int64)
+        summary["precision"] = float(ok.mean()) if len(ok) else float("nan")
+        summary["accuracy_all"] = float((true_all == conf["pred_class"].to_numpy()).mean())
+        rest = ~conf["product_id"].isin(chosen["product_id"]).to_numpy()
+        summary["accuracy_not_chosen"] = float((true_all[rest] == conf["pred_class"].to_numpy()[rest]).mean()) \
+            if rest.any() else float("nan")
+    if catalog is not None:
+        t.insert(0, "category_id", catalog.to_category(t.index.to_numpy()))
+        t.insert(1, "name", [catalog.name(c) for c in t.index])
+    t.index.name = "class"
+    return t, pd.DataFrame([summary])
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: labeled and pseudo-labeled pictures from two files, mixed at a fixed ratio per step
+
+class MixedPictures:
+    """Labeled (train.bson) and pseudo-labeled (test.bson) pictures as one dataset.
+
+    Positions 0..n_labeled-1 are the labeled dataset's rows, the rest the pseudo dataset's; an item is
+    (x, y, part) with part 0 (labeled) or 1 (pseudo), the file it came from."""
+    n_inp = 1  # x alone is the input; (y, part) go to the loss
+    with_labels = True
+
+    def __init__(self, labeled, pseudo):
+        self.parts = (labeled, pseudo)
+        self.n_labeled = len(labeled)
+
+    def __len__(self): return self.n_labeled + len(self.parts[PSEUDO])
+
+    def __getitem__(self, i):
+        i = int(i)
+        part = LABELED if i < self.n_labeled else PSEUDO
+        x, y = self.parts[part][i - part * self.n_labeled]
+        return x, y, part
+
+    @property
+    def bad_pictures(self): return sum(p.bad_pictures for p in self.parts)
+
+
+class _Stream:
+    "Endless shuffled passes over range(n): `take(k)` continues where the last call stopped"
+
+    def __init__(self, n, rng):
+        self.n, self.rng, self.perm, self.pos = n, rng, np.empty(0, np.int64), 0
+
+    def take(self, k):
+        out = []
+        while k > 0:
+            if self.pos == len(self.perm):
+                self.perm, self.pos = self.rng.permutation(self.n), 0
+            got = self.perm[self.pos:self.pos + k]
+            out.append(got)
+            self.pos += len(got)
+            k -= len(got)
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def restart(self):
+        "Start a fresh pass at the next `take` (the rest of the current one is dropped, as drop_last does)"
+        self.pos = len(self.perm)
+
+
+class MixPlan:
+    """Order of a mixed epoch: per step `n_labeled` labeled positions then `n_pseudo` pseudo ones.
+
+    `epoch_size` "pseudo": steps = n_pseudo_items // n_pseudo (at least 1), one pass over the pseudo
+    pictures; "labeled": one pass over the labeled pictures (each epoch a fresh shuffle, the remainder
+    short of a full step dropped). The other part is drawn on from an endless reshuffled stream that
+    continues across epochs."""
+
+    def __init__(self, n_labeled_items, n_pseudo_items, bs, pseudo_per_labeled=3.0, epoch_size="pseudo", seed=0):
+        if epoch_size not in ("pseudo", "labeled"): raise ValueError(f"epoch_size must be pseudo or labeled, got {epoch_size!r}")
+        self.n_items = (int(n_labeled_items), int(n_pseudo_items))
+        n_ps = int(round(pseudo_per_labeled * bs)) if n_pseudo_items else 0
+        self.per_step = (int(bs), n_ps)
+        if n_labeled_items < 1: raise ValueError("no labeled pictures to fine-tune on")
+        if n_ps == 0: epoch_size = "labeled"
+        self.epoch_size = epoch_size
+        self.steps = max(1, (n_pseudo_items // n_ps) if epoch_size == "pseudo" else (n_labeled_items // bs))
+        rng = np.random.default_rng(seed)
+        self.streams = (_Stream(self.n_items[LABELED], rng), _Stream(max(self.n_items[PSEUDO], 1), rng))
+
+    @property
+    def batch_size(self): return sum(self.per_step)
+
+    def __len__(self): return self.steps * self.batch_size
+
+    def epoch_idxs(self):
+        self.streams[PSEUDO if self.epoch_size == "pseudo" else LABELED].restart()  # an epoch is one pass of it
+        lab = self.streams[LABELED].take(self.steps * self.per_step[LABELED]).reshape(self.steps, -1)
+        ps = self.streams[PSEUDO].take(self.steps * self.per_step[PSEUDO]).reshape(self.steps, -1) + self.n_items[LABELED]
+        return np.concatenate([lab, ps], axis=1).ravel().tolist()
+
+
+def _mixed_dl_cls():
+    from .data import PictureDL
+
+    class MixedDL(PictureDL):
+        "A TfmdDL whose epochs follow a `MixPlan`: every batch is one step's labeled + pseudo items"
+        def __init__(self, dataset=None, plan=None, **kwargs):
+            self.plan = plan
+            super().__init__(dataset, **kwargs)
+
+        def get_idxs(self):
+            return self.plan.epoch_idxs() if self.plan is not None else super().get_idxs()
+    return MixedDL
+
+
+def mixed_dataloaders(labeled: pd.DataFrame, pseudo: pd.DataFrame, train_bson, test_bson, valid: pd.DataFrame,
+                      n_classes, bs=32, pseudo_per_labeled=3.0, epoch_size="pseudo", size=160, item_size=160,
+                      mean=None, std=None, aug=None, num_workers=0, seed=0, device=None, valid_bs=None):
+    """fastai DataLoaders: train = labeled + pseudo-labeled pictures mixed per `MixPlan`, valid = the
+    labeled validation pictures as (x, y).
+
+    labeled, valid: image tables of train.bson with `label`; pseudo: `pseudo_images` of test.bson.
+    Both parts get the training crop and augmentation."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD, PictureDataLoaders, PictureDataset, _device, aug_params, batch_tfms, picture_dl
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    for name, t in (("labeled", labeled), ("pseudo", pseudo), ("valid", valid)):
+        lab = t["label"].to_numpy()
+        if len(lab) and (lab.min() < 0 or lab.max() >= n_classes):
+            raise ValueError(f"{name} labels must lie in 0..{n_classes - 1}, found {lab.min()}..{lab.max()}")
+    aug, device = aug_params(aug), _device(device)
+    ds = MixedPictures(PictureDataset(labeled, train_bson, item_size, crop="random", split_idx=0),
+                       PictureDataset(pseudo, test_bson, item_size, crop="random", split_idx=0))
+    plan = MixPlan(len(labeled), len(pseudo), bs, pseudo_per_labeled, epoch_size, seed)
+    train = _mixed_dl_cls()(ds, plan=plan, bs=plan.batch_size, n=len(plan), shuffle=False, drop_last=True,
+                            num_workers=num_workers, after_batch=batch_tfms(size, mean, std, aug, item_size),
+                            device=device, pin_memory=device.type == "cuda")
+    valid_ds = PictureDataset(valid, train_bson, item_size, crop="center", split_idx=1)
+    vdl = picture_dl(valid_ds, valid_bs or bs, num_workers, after_batch=batch_tfms(size, mean, std, aug, item_size),
+                     device=device)
+    dls = PictureDataLoaders(train, vdl, device=device)
+    dls.c = int(n_classes)
+    dls.vocab = list(range(n_classes))
+    dls.cfg = dict(bson_path=str(train_bson), size=size, item_size=item_size, mean=tuple(mean), std=tuple(std),
+                   aug=aug.__dict__.copy(), n_classes=int(n_classes))
+    dls.plan = plan
+    return dls
+
+
+# ---------------------------------------------------------------------------------------------
+# loss and schedule
+
+def _plain(t): return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+
+
+class PseudoLabelLoss:
+    """CE(labeled) + alpha * CE(pseudo), each the mean over its part of the batch (Lee 2013).
+
+    Called with (pred, y, part) in training and (pred, y) in validation, where it is plain cross
+    entropy. `alpha` is set from outside (`AlphaRamp`); `last` keeps the two part losses of the
+    latest call. reduction="none" (fastai's get_preds(with_loss=True)) gives per-item losses,
+    pseudo items weighted by alpha."""
+
+    def __init__(self, alpha=0.0):
+        self.alpha, self.last = float(alpha), None
+
+    def __call__(self, pred, y, part=None, reduction="mean"):
+        pred, y = _plain(pred), _plain(y).long().view(-1)
+        ce = torch.nn.functional.cross_entropy(pred.float().view(len(y), -1), y, reduction="none")
+        if part is None:
+            return ce.mean() if reduction == "mean" else ce
+        ps = (_plain(part).view(-1) == PSEUDO).float()
+        if reduction == "none":
+            return ce * (1 - ps + self.alpha * ps)
+        lab = 1 - ps
+        # masked means: no host sync, and an empty part contributes 0
+        l_lab = (ce * lab).sum() / lab.sum().clamp(min=1)
+        l_ps = (ce * ps).sum() / ps.sum().clamp(min=1)
+        self.last = (l_lab.detach(), l_ps.detach())
+        return l_lab + self.alpha * l_ps
+
+    def activation(self, x): return torch.softmax(x, dim=-1)
+    def decodes(self, x): return x.argmax(dim=-1)
+
+
+def _callback_cls():
+    from fastai.callback.core import Callback
+    from fastcore.basics import store_attr
+
+    class AlphaRamp(Callback):
+        "Set the pseudo-label weight alpha(t) of a `PseudoLabelLoss` before each training batch; record it"
+        order, run_valid = 0, False
+
+        def __init__(self, T1=0.0, T2=1.0, alpha_final=0.3, unit="epoch", record_losses=True):
+            if unit not in ("epoch", "iter"): raise ValueError(f"unit must be epoch or iter, got {unit!r}")
+            store_attr()
+            self.history = []
+
+        def before_fit(self):
+            if not isinstance(self.learn.loss_func, PseudoLabelLoss):
+                raise TypeError("AlphaRamp needs learn.loss_func to be a PseudoLabelLoss")
+            self.history = []
+
+        def before_batch(self):
+            self.t = self.epoch + self.iter / self.n_iter if self.unit == "epoch" else float(self.train_iter)
+            self.alpha = alpha_schedule(self.t, self.T1, self.T2, self.alpha_final)
+            self.learn.loss_func.alpha = self.alpha
+
+        def after_loss(self):
+            part = self.yb[1] if len(self.yb) > 1 else None
+            n_ps = int((part == PSEUDO).sum()) if part is not None else 0
+            row = dict(iter=self.train_iter, epoch=self.epoch + self.iter / self.n_iter, t=self.t, alpha=self.alpha,
+                       n_labeled=len(self.yb[0]) - n_ps, n_pseudo=n_ps)
+            last = self.learn.loss_func.last
+            if self.record_losses and last is not None:
+                row.update(loss_labeled=float(last[0]), loss_pseudo=float(last[1]))
+            self.history.append(row)
+
+        def frame(self): return pd.DataFrame(self.history)
+    return AlphaRamp
+
+
+def AlphaRamp(*args, **kwargs):
+    "The callback that sets and records alpha(t) (a fastai `Callback`; fastai is imported on first use)"
+    return _callback_cls()(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions -> product confidence, accuracy
+
+def input_cfg(base, P: PseudoParams | None = None) -> dict:
+    """size, item_size, mean, std of a trained model (`cdkit.train.Trained`), overridden by P where set"""
+    cfg = dict(size=base.size, item_size=base.item_size, mean=tuple(base.mean), std=tuple(base.std))
+    if P is not None and P.size: cfg["size"] = P.size
+    if P is not None and P.item_size: cfg["item_size"] = P.item_size
+    return cfg
+
+
+def picture_topk(model, images, bson_path, cfg, k=5, bs=128, num_workers=0, device=None):
+    """(cls (n, k), prob (n, k), rest (n,)) of every picture of `images`, in table order: centre
+    crop, no TTA, top-k kept per batch so memory stays O(n * k)"""
+    from .data import make_test_dl
+    device = torch.device(device) if device else next(model.parameters()).device
+    dl = make_test_dl(images, bson_path, size=cfg["size"], item_size=cfg["item_size"], mean=cfg["mean"], std=cfg["std"],
+                      bs=bs, num_workers=num_workers, device=device)
+    was_training = model.training
+    model.to(device).eval()
+    cls, prob, rest = [], [], []
+    with torch.no_grad():
+        for (xb,) in dl:
+            p = torch.softmax(_plain(model(_plain(xb))).float(), dim=-1)
+            top = p.topk(min(k, p.shape[1]), dim=-1)
+            cls.append(top.indices.cpu().numpy()); prob.append(top.values.cpu().numpy())
+            rest.append((1 - top.values.sum(-1)).clamp(min=0).cpu().numpy())
+    model.train(was_training)
+    if not cls:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(cls).astype(np.int64), np.concatenate(prob), np.concatenate(rest)
+
+
+def predict_products(model, images, bson_path, n_classes, cfg, k=5, **kw):
+    """Product predictions as `product_confidence`: `cdkit.aggregate.mean_aggregate` of the pictures'
+    centre-crop top-k probabilities"""
+    from .aggregate import mean_aggregate
+    cls, prob, rest = picture_topk(model, images, bson_path, cfg, k=k, **kw)
+    pp = mean_aggregate(images["product_id"].to_numpy(np.int64), cls, prob, rest, n_classes, k_out=2)
+    return product_confidence(pp)
+
+
+def accuracy(conf: pd.DataFrame, truth: pd.Series) -> float:
+    "Product accuracy of `conf.pred_class` against `truth` (class by product_id)"
+    t = truth.reindex(conf["product_id"].to_numpy()).to_numpy()
+    return float((t == conf["pred_class"].to_numpy()).mean()) if len(t) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+
+def finetune_learner(model, dls, wd=0.01, path=None, cbs=()):
+    """A fastai Learner over mixed loaders with `PseudoLabelLoss`, every layer trainable, mixed
+    precision on a GPU"""
+    import fastai.callback.schedule  # noqa: F401  (gives Learner its fit_one_cycle)
+    from fastai.learner import Learner
+    from .callbacks import precision_callbacks
+    precision, _ = precision_callbacks("bf16", True, dls.device)
+    return Learner(dls, model, loss_func=PseudoLabelLoss(), wd=wd, path=path or ".", cbs=[*precision, *cbs])
+
+
+def finetune(learn, epochs=2, lr=1e-3, pct_start=0.25, T1=0.0, T2=1.0, alpha_final=0.3, alpha_unit="epoch", cbs=()):
+    """One-cycle fine-tune of `learn` (see `finetune_learner`) with alpha(t) applied by `AlphaRamp`.
+    Returns the per-step history (iter, epoch, t, alpha, n_labeled, n_pseudo, part losses)."""
+    ramp = AlphaRamp(T1, T2, alpha_final, alpha_unit)
+    learn.fit_one_cycle(epochs, lr, pct_start=pct_start, cbs=[ramp, *cbs])
+    return ramp.frame()
+
+
+def base_run_dir(from_run, runs_dir="runs") -> Path:
+    "runs/<from_run>, or `from_run` itself when it is an existing path"
+    from .paths import resolve
+    p = resolve(from_run)
+    run = p if (p / "model.json").exists() else resolve(runs_dir) / from_run
+    if not (run / "model.json").exists():
+        raise FileNotFoundError(f"from_run={from_run!r}: no model.json in {run}; train it first (step 03, "
+                                "`python -m cdkit train --params ...`)")
+    return run
+
+
+def export_finetuned(model, base_dir, out, extra):
+    "model.pth + model.json in `out`, as `cdkit.train.export` writes them, so `load_trained(out)` works"
+    import json
+    from .callbacks import _unwrap
+    meta = json.loads((Path(base_dir) / "model.json").read_text())
+    meta.update(extra)
+    torch.save(_unwrap(model).state_dict(), out / "model.pth")
+    (out / "model.json").write_text(json.dumps(meta, indent=1))
+
+
+@dataclass
+class PseudoResult:
+    "What `run_pseudo` produced; the same tables are saved in `run_dir`"
+    run_dir: Path
+    metrics: pd.DataFrame      # round, stage (before/after), split (valid/test), accuracy, products
+    alpha: pd.DataFrame        # per training step: round, iter, epoch, t, alpha, n_labeled, n_pseudo, losses
+    selections: list = field(default_factory=list)  # per round: chosen products (select_pseudo)
+    reports: list = field(default_factory=list)     # per round: (per-class table, summary)
+    model: object = None
+    seconds: float = 0.0
+
+
+def run_pseudo(P: PseudoParams, log_fn=print) -> PseudoResult:
+    """Rounds of predict -> select -> fine-tune from the trained run `P.from_run`, with product
+    accuracy on validation and (synthetic data) test before and after each round"""
+    import time
+    from fastai.torch_core import set_seed
+    from .paths import run_dir as make_run_dir
+    from .prepare import prepare_data
+    from .train import load_trained
+    t0 = time.time()
+    check_params(P)
+    base_dir = base_run_dir(P.from_run, P.runs_dir)
+    device = torch.device(P.device) if P.device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    prep = prepare_data(P.data_dir, P.work_dir, log=lambda *_: None)
+    out = make_run_dir(P.run_name, P.runs_dir)
+    save_params(P, out / "params.yaml")
+    base = load_trained(base_dir, device=device)
+    model, cfg, n_classes = base.model, input_cfg(base, P), prep.catalog.n_classes
+    if base.n_classes != n_classes:
+        raise ValueError(f"{base_dir} predicts {base.n_classes} classes, {P.data_dir} has {n_classes}")
+    train_images = prep.train_images()
+    vmask = train_images["fold"].to_numpy() == 0
+    labeled, valid = train_images[~vmask].reset_index(drop=True), train_images[vmask].reset_index(drop=True)
+    test_images = prep.test_images()
+    truth_df = prep.test_truth()
+    truth = truth_classes(truth_df, prep.catalog) if truth_df is not None else None
+    valid_truth = valid.drop_duplicates("product_id").set_index("product_id")["label"]
+    pkw = dict(bs=P.predict_bs, num_workers=P.num_workers, device=device)
+    rows, alphas, selections, reports = [], [], [], []
+
+    def measure(rnd, stage):
+        conf_v = predict_products(model, valid, prep.train_bson, n_classes, cfg, **pkw)
+        got = [dict(round=rnd, stage=stage, split="valid", accuracy=accuracy(conf_v, valid_truth), products=len(conf_v))]
+        conf_t = predict_products(model, test_images, prep.test_bson, n_classes, cfg, **pkw)
+        if truth is not None:
+            got.append(dict(round=rnd, stage=stage, split="test", accuracy=accuracy(conf_t, truth), products=len(conf_t)))
+        rows.extend(got)
+        log_fn(f"round {rnd} {stage}: " + ", ".join(f"{r['split']} accuracy {r['accuracy']:.4f}" for r in got))
+        return conf_t
+
+    conf = measure(0, "before")
+    for rnd in range(1, P.rounds + 1):
+        chosen = select_pseudo(conf, P.threshold, P.margin, P.fraction, P.cap_per_category, P.rank_by)
+        pseudo = pseudo_images(chosen, test_images)
+        report = selection_report(chosen, conf, truth, prep.catalog, pseudo)
+        chosen.to_parquet(out / f"selection_round{rnd}.parquet", index=False)
+        report[0].to_csv(out / f"report_round{rnd}.csv")
+        selections.append(chosen); reports.append(report)
+        s = report[1].iloc[0]
+        log_fn(f"round {rnd}: {int(s['chosen'])} of {int(s['products'])} test products pseudo-labeled "
+               f"({len(pseudo)} pictures)" + (f", precision {s['precision']:.4f}" if "precision" in s else ""))
+        set_seed(P.seed + rnd)
+        dls = mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, n_classes, bs=P.bs,
+                                pseudo_per_labeled=P.pseudo_per_labeled, epoch_size=P.epoch_size, size=cfg["size"],
+                                item_size=cfg["item_size"], mean=cfg["mean"], std=cfg["std"],
+                                num_workers=P.num_workers, seed=P.seed + rnd, device=device)
+        learn = finetune_learner(model, dls, path=out)
+        hist = finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit)
+        hist.insert(0, "round", rnd)
+        alphas.append(hist)
+        conf = measure(rnd, "after")
+    metrics = pd.DataFrame(rows)
+    alpha = pd.concat(alphas, ignore_index=True) if alphas else pd.DataFrame()
+    metrics.to_csv(out / "metrics.csv", index=False)
+    alpha.to_csv(out / "alpha.csv", index=False)
+    export_finetuned(model, base_dir, out, dict(from_run=str(base_dir), pseudo_rounds=P.rounds,
+                                                size=cfg["size"], item_size=cfg["item_size"]))
+    return PseudoResult(out, metrics, alpha, selections, reports, model, time.time() - t0)
+
+
+def accuracy_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    "metrics (long) -> one row per split, columns before / after round r / change"
+    m = metrics.assign(col=np.where(metrics["stage"] == "before", "before", "after round " + metrics["round"].astype(str)))
+    t = m.pivot_table(index="split", columns="col", values="accuracy", sort=False)
+    t["change"] = t.iloc[:, -1] - t["before"]
+    return t
+
+
+def plot_alpha(alpha: pd.DataFrame, ax=None):
+    "alpha(t) as applied at each training step (and the two part losses when recorded)"
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(len(alpha))
+    ax.plot(x, alpha["alpha"], color="C3", label="alpha (applied)")
+    ax.set_xlabel("training step (all rounds)"), ax.set_ylabel("alpha")
+    if "loss_labeled" in alpha:
+        ax2 = ax.twinx()
+        ax2.plot(x, alpha["loss_labeled"], color="C0", alpha=0.5, lw=0.8, label="CE labeled")
+        ax2.plot(x, alpha["loss_pseudo"], color="C1", alpha=0.5, lw=0.8, label="CE pseudo")
+        ax2.set_ylabel("loss")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    return ax
+
+
+def main(argv=None):
+    "python -m cdkit pseudo --params FILE [key=value ...]"
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m cdkit pseudo", description="pseudo-label fine-tuning of a trained run")
+    p.add_argument("--params", help="YAML file holding the parameters that differ from PseudoParams' defaults")
+    p.add_argument("overrides", nargs="*", help="key=value, applied after the file")
+    a = p.parse_args(argv)
+    P = check_params(load_params(PseudoParams, a.params, **parse_overrides(a.overrides)))
+    res = run_pseudo(P)
+    print(accuracy_table(res.metrics).to_string())
+    print(f"outputs in {res.run_dir}")
+    return 0
