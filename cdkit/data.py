@@ -1,0 +1,305 @@
+"""fastai DataLoaders over the image table: one item per picture, decoded in the worker processes.
+
+An item is a row position in the image table (plain tuples as fastai items would be split element
+by element). Per item, in the DataLoader's workers: one `pread` of the product document, the
+picture's JPEG decoded by libjpeg-turbo (simplejpeg, the fastest of simplejpeg / torchvision / PIL
+measured in bench/loader.py), a cheap crop of `item_size` (random for training: the shift
+augmentation; centred for validation), returned as a uint8 `TensorImage` (3, item_size, item_size)
+and a `TensorCategory` label. Per batch, on the DataLoaders' device (the GPU when there is one):
+`IntToFloatTensor`, fastai's flip / rotate / zoom (`aug_transforms`, which also resizes to `size`,
+for validation too) and `Normalize`.
+
+A picture that does not decode never stops a run: it is counted (`dls.bad_pictures()`, summed over
+worker processes through a shared counter), logged with its product id and picture index (the first
+few, then at every power of ten), and replaced by the next row's picture together with that row's
+label (training), or by a blank grey picture (prediction, where another product's picture would
+leak into this product's prediction).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import pandas as pd
+import simplejpeg
+import torch
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import IntToFloatTensor, Normalize
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import TensorCategory, TensorImage, default_device
+from fastai.vision.augment import AffineCoordTfm, aug_transforms
+
+from .bsonfile import BsonReader, ImageDecodeError, decode_rgb
+
+log = logging.getLogger(__name__)
+
+PICTURE_SIZE = 180  # every competition picture is 180x180
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BLANK_VALUE = 128   # grey of the picture that stands in for an undecodable one at prediction time
+_MAX_SUBSTITUTES = 64  # rows tried after a bad picture before giving up (the file must be broken)
+_LOG_FIRST = 10        # bad pictures logged one by one per process; after that, at powers of ten
+
+
+@dataclass
+class AugParams:
+    "Training augmentation (and the family the TTA views are drawn from); shift comes from the item crop"
+    flip: bool = True           # random horizontal flip (p = 0.5)
+    max_rotate: float = 10.0    # degrees, uniform in [-max_rotate, max_rotate]
+    max_zoom: float = 1.1       # zoom in by a factor uniform in [1, max_zoom], centre drawn at random
+    max_lighting: float = 0.0   # brightness/contrast change; 0 = off (the pictures are packshots)
+    p_affine: float = 0.75      # probability that a training picture is rotated/zoomed
+    p_lighting: float = 0.75    # probability of the lighting change when max_lighting > 0
+    pad_mode: str = "reflection"  # what rotation uncovers: reflection, border or zeros
+
+
+def aug_params(aug=None) -> AugParams:
+    "AugParams from None (defaults), a dict (unknown keys: error) or an AugParams"
+    if aug is None: return AugParams()
+    if isinstance(aug, AugParams): return aug
+    known = {f.name for f in fields(AugParams)}
+    unknown = sorted(set(aug) - known)
+    if unknown: raise ValueError(f"unknown augmentation parameter(s) {unknown}; known: {sorted(known)}")
+    return AugParams(**aug)
+
+
+def crop_offset(full, item_size, rng=None):
+    "Top (or left) offset of an `item_size` crop of a `full`-pixel side: random with `rng`, else centred"
+    if item_size > full: raise ValueError(f"item_size={item_size} exceeds the picture's {full} pixels")
+    margin = full - item_size
+    return rng.randint(0, margin) if rng is not None and margin else margin // 2
+
+
+class PictureDataset:
+    """Item pipeline: row position -> (uint8 (s, s, 3) array[, label][, row]), batched by `collate_pictures`
+
+    `crop`: "random" (training: random `item_size` crop), "center" (validation, prediction view 0),
+    "full" (the whole picture, for the TTA predictor that crops on the device). With `with_row`, the
+    row position is appended to each item, so a consumer can map a batch back to the table whatever
+    the worker order. `on_bad`: "next" (the next decodable row's picture and label) or "blank"."""
+
+    def __init__(self, images: pd.DataFrame, bson_path, item_size=PICTURE_SIZE, crop="center",
+                 with_labels=True, with_row=False, on_bad=None, split_idx=1):
+        if crop not in ("random", "center", "full"): raise ValueError(f"crop must be random, center or full, got {crop!r}")
+        if with_labels and "label" not in images: raise ValueError("images has no `label` column (Prepared.train_images() adds it)")
+        self.reader = BsonReader(bson_path)
+        self.item_size = PICTURE_SIZE if crop == "full" else int(item_size)
+        crop_offset(PICTURE_SIZE, self.item_size)  # fail now on an impossible size
+        self.crop, self.with_labels, self.with_row, self.split_idx = crop, with_labels, with_row, split_idx
+        self.on_bad = on_bad or ("next" if with_labels else "blank")
+        if self.on_bad not in ("next", "blank"): raise ValueError(f"on_bad must be next or blank, got {self.on_bad!r}")
+        # plain arrays, not the DataFrame: cheap to index per item and shared copy-on-write after fork
+        self.product_id = images["product_id"].to_numpy(np.int64)
+        self.img_idx = images["img_idx"].to_numpy(np.int8)
+        self.offset = images["offset"].to_numpy(np.int64)
+        self.length = images["length"].to_numpy(np.int32)
+        self.label = images["label"].to_numpy(np.int32) if with_labels else None
+        self._bad = mp.Value("q", 0)  # shared with worker processes (inherited at their start)
+        self._logged = 0
+        self.loss_func = CrossEntropyLossFlat()  # what fastai's Learner takes when given none
+
+    def __len__(self): return len(self.product_id)
+
+    @property
+    def bad_pictures(self) -> int:
+        "Pictures that did not decode so far, over all processes"
+        return int(self._bad.value)
+
+    def jpeg(self, i):
+        return self.reader.picture(self.offset[i], self.length[i], self.img_idx[i])
+
+    def decode(self, i):
+        "(H, W, 3) uint8 of row i, PICTURE_SIZE square; ImageDecodeError if it does not decode"
+        data = self.jpeg(i)
+        try:
+            a = simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: corrupt data raises
+        except Exception:
+            a = decode_rgb(data)  # PIL for PNG / CMYK / grayscale; raises ImageDecodeError
+        if a.shape[:2] != (PICTURE_SIZE, PICTURE_SIZE):  # not in the competition data; keep batches square
+            from PIL import Image
+            a = np.asarray(Image.fromarray(a).resize((PICTURE_SIZE, PICTURE_SIZE), Image.BILINEAR))
+        return a
+
+    def _note_bad(self, i, err):
+        with self._bad.get_lock():
+            self._bad.value += 1
+            n = self._bad.value
+        self._logged += 1
+        if self._logged <= _LOG_FIRST or str(n).rstrip("0") == "1":  # then at 10, 100, 1000, ... overall
+            log.warning("picture %d of product %d (row %d of %s) does not decode (%s); substituted (%s). "
+                        "%d bad picture(s) so far", self.img_idx[i], self.product_id[i], i, self.reader.path,
+                        err, self.on_bad, n)
+
+    def picture(self, i):
+        "(row actually used, (H, W, 3) uint8 array) of row i, substituted when it does not decode"
+        for k in range(_MAX_SUBSTITUTES):
+            j = (i + k) % len(self)
+            try:
+                return j, self.decode(j)
+            except ImageDecodeError as e:
+                self._note_bad(j, e)
+                if self.on_bad == "blank":
+                    return i, np.full((PICTURE_SIZE, PICTURE_SIZE, 3), BLANK_VALUE, np.uint8)
+        raise ImageDecodeError(f"{self.reader.path}: {_MAX_SUBSTITUTES} consecutive pictures from row {i} "
+                               "do not decode; is this a competition BSON file?")
+
+    def __getitem__(self, i):
+        "(picture (s, s, 3) uint8 view[, label][, row]); `collate_pictures` makes the batch tensors"
+        i = int(i)
+        j, a = self.picture(i)
+        s = self.item_size
+        if s != PICTURE_SIZE:
+            rng = random if self.crop == "random" else None  # `random`: seeded per worker by fastai
+            top, left = crop_offset(PICTURE_SIZE, s, rng), crop_offset(PICTURE_SIZE, s, rng)
+            a = a[top:top + s, left:left + s]
+        item = (a, int(self.label[j])) if self.with_labels else (a,)
+        return item + (i,) if self.with_row else item
+
+    def subset(self, rows):
+        "The same dataset over row positions `rows` (e.g. a shard), sharing no counter"
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        for name in ("product_id", "img_idx", "offset", "length", "label"):
+            if getattr(self, name) is not None: setattr(new, name, getattr(self, name)[rows])
+        new._bad, new._logged = mp.Value("q", 0), 0
+        new.reader = BsonReader(self.reader.path)
+        return new
+
+    def new_empty(self):
+        "Zero rows, for `Learner.export`"
+        return self.subset(slice(0, 0))
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        from multiprocessing import context
+        if context.get_spawning_popen() is None:  # plain pickling (export): a shared counter can't travel
+            d["_bad"] = int(self._bad.value)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        if isinstance(self._bad, int): self._bad = mp.Value("q", self._bad)
+
+
+def batch_tfms(size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, aug=None, item_size=None):
+    """Batch transforms: uint8 -> float, flip/rotate/zoom (training only) with the resize to `size`
+    (training and validation), Normalize. Run wherever the batch is (the GPU when the device is CUDA)."""
+    a = aug_params(aug)
+    tfms = list(aug_transforms(size=size, do_flip=a.flip, max_rotate=a.max_rotate, min_zoom=1.0, max_zoom=a.max_zoom,
+                               max_lighting=a.max_lighting, max_warp=0.0, p_affine=a.p_affine,
+                               p_lighting=a.p_lighting, pad_mode=a.pad_mode))
+    if size is not None and size != item_size and not any(isinstance(t, AffineCoordTfm) for t in tfms):
+        tfms.append(AffineCoordTfm(size=size, pad_mode=a.pad_mode, align_corners=True))  # the resize alone
+    return [IntToFloatTensor(), *tfms, Normalize.from_stats(mean, std, cuda=False)]
+
+
+def _device(device):
+    return default_device() if device is None else torch.device(device)
+
+
+def collate_pictures(items, with_labels=True):
+    """Items of a PictureDataset -> (TensorImage (b, 3, s, s) uint8[, TensorCategory (b,)][, rows (b,)]).
+
+    Pictures are stacked as they were decoded, (b, s, s, 3), in one contiguous copy (into shared
+    memory inside a worker, so the batch crosses to the main process without another copy); the
+    batch is that buffer seen as (b, 3, s, s), i.e. channels-last memory, which the batch transforms
+    and convolutions take as it is. fastai's collate of per-item (3, s, s) tensors was 3x slower."""
+    pics = [it[0] for it in items]
+    shape = (len(pics),) + pics[0].shape
+    if torch.utils.data.get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(np.prod(shape)))).view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8)
+    np.stack(pics, out=out.numpy())
+    res = (TensorImage(out.permute(0, 3, 1, 2)),)
+    for k in range(1, len(items[0])):
+        t = torch.tensor([it[k] for it in items], dtype=torch.int64)
+        res += (TensorCategory(t) if k == 1 and with_labels else t,)
+    return res
+
+
+class PictureDL(TfmdDL):
+    "TfmdDL whose items are bare arrays from a PictureDataset, batched by `collate_pictures`"
+    def do_item(self, s): return self.create_item(s)  # no per-item transforms: skip the empty Pipeline
+    def do_batch(self, b): return collate_pictures(b, self.dataset.with_labels)
+
+
+class PictureDataLoaders(DataLoaders):
+    "fastai DataLoaders over pictures, with the bad-picture count and a test loader"
+    def new_empty(self):
+        "Empty copy for `Learner.export`, keeping classes and the loaders' sizes and statistics"
+        res = super().new_empty()
+        for name in ("c", "vocab", "cfg"):
+            if name in self.__dict__: setattr(res, name, self.__dict__[name])
+        return res
+
+    def bad_pictures(self):
+        "Pictures that did not decode so far, summed over loaders and worker processes"
+        return sum(dl.dataset.bad_pictures for dl in self.loaders if hasattr(dl.dataset, "bad_pictures"))
+
+    def test_dl(self, images, bson_path=None, with_labels=False, bs=None, num_workers=None, **kwargs):
+        "Deterministic loader over `images` with this one's sizes and statistics (see `make_test_dl`)"
+        c = self.cfg
+        return make_test_dl(images, bson_path or c["bson_path"], size=c["size"], item_size=c["item_size"],
+                            mean=c["mean"], std=c["std"], aug=c["aug"], bs=bs or self.valid.bs,
+                            num_workers=self.train.fake_l.num_workers if num_workers is None else num_workers,
+                            device=self.device, with_labels=with_labels, **kwargs)
+
+
+def picture_dl(dataset, bs=64, num_workers=0, shuffle=False, drop_last=False, after_batch=None, device=None, seed=None):
+    "A PictureDL over a PictureDataset; `seed` fixes the shuffle order"
+    device = _device(device)
+    dl = PictureDL(dataset, bs=bs, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                   after_batch=after_batch or [], device=device, pin_memory=device.type == "cuda")
+    if seed is not None: dl.rng = random.Random(seed)
+    return dl
+
+
+def make_dataloaders(images: pd.DataFrame, bson_path, n_classes, valid_mask=None, size=160, item_size=160, bs=64,
+                     num_workers=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, aug=None, seed=0, device=None,
+                     valid_bs=None, vocab=None):
+    """Training and validation DataLoaders over the pictures of an image table.
+
+    images: table with product_id, img_idx, offset, length, label (and fold, see Prepared.train_images)
+    valid_mask: boolean rows of the validation set; default fold == 0 (the saved product split)
+    size: model input side (the batch affine resizes to it); item_size: side of the per-item crop
+    aug: AugParams or dict of its fields; seed: shuffle order (augmentations draw from the global
+    RNGs, which fastai seeds per worker from torch's; call fastai's set_seed for full repeatability)
+    device: where batch transforms run and batches land (default: the GPU when there is one)
+    Returns PictureDataLoaders: `c`/`vocab` set for `vision_learner`, `bad_pictures()`, `test_dl()`."""
+    if valid_mask is None:
+        if "fold" not in images: raise ValueError("images has no `fold` column: pass valid_mask or use Prepared.train_images()")
+        valid_mask = images["fold"].to_numpy() == 0
+    valid_mask = np.asarray(valid_mask, bool)
+    if len(valid_mask) != len(images): raise ValueError(f"valid_mask has {len(valid_mask)} rows, images {len(images)}")
+    labels = images["label"].to_numpy()
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, found {labels.min()}..{labels.max()}")
+    aug = aug_params(aug)
+    device = _device(device)
+    train_ds = PictureDataset(images[~valid_mask], bson_path, item_size, crop="random", split_idx=0)
+    valid_ds = PictureDataset(images[valid_mask], bson_path, item_size, crop="center", split_idx=1)
+    train = picture_dl(train_ds, bs, num_workers, shuffle=True, drop_last=len(train_ds) > bs,
+                       after_batch=batch_tfms(size, mean, std, aug, item_size), device=device, seed=seed)
+    valid = picture_dl(valid_ds, valid_bs or bs, num_workers, after_batch=batch_tfms(size, mean, std, aug, item_size),
+                       device=device)
+    dls = PictureDataLoaders(train, valid, device=device)
+    dls.c = int(n_classes)
+    dls.vocab = list(range(n_classes)) if vocab is None else list(vocab)
+    dls.cfg = dict(bson_path=str(bson_path), size=size, item_size=item_size, mean=tuple(mean), std=tuple(std),
+                   aug=asdict(aug), n_classes=int(n_classes))
+    return dls
+
+
+def make_test_dl(images: pd.DataFrame, bson_path, size=160, item_size=160, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 aug=None, bs=64, num_workers=0, device=None, with_labels=False, with_row=False):
+    """Deterministic loader for prediction: table order, centre crop, the validation transforms.
+
+    Items are (x,) or (x, y) with `with_labels`; `with_row` appends the row position. Bad pictures
+    become blank grey pictures (counted in `dl.dataset.bad_pictures`)."""
+    ds = PictureDataset(images, bson_path, item_size, crop="center", with_labels=with_labels, with_row=with_row,
+                        on_bad="blank", split_idx=1)
+    return picture_dl(ds, bs, num_workers, after_batch=batch_tfms(size, mean, std, aug, item_size), device=device)

@@ -1,0 +1,111 @@
+"""cdkit.predict: the streaming TTA predictor against fastai's get_preds, under seeds and shards."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cdkit.bsonfile import build_index, image_table
+from cdkit.data import make_dataloaders
+from cdkit.predict import ViewMaker, predict_to_store, view_params, view_theta
+from cdkit.store import load_store, merge_stores
+
+SIZE, ITEM = 32, 48
+
+
+def tiny_cnn(n_classes):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(64, n_classes))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data, tmp_path_factory):
+    "A Learner with cdkit loaders on the tiny synthetic train set, and the test pictures to predict"
+    from fastai.learner import Learner
+    from cdkit.prepare import prepare_data
+    prep = prepare_data(tiny_data, tmp_path_factory.mktemp("work"), log=lambda *a: None)
+    n = prep.catalog.n_classes
+    dls = make_dataloaders(prep.train_images(), prep.train_bson, n, size=SIZE, item_size=ITEM, bs=16, device="cpu")
+    learn = Learner(dls, tiny_cnn(n))
+    test = image_table(build_index(prep.test_bson))
+    return learn, test, prep.test_bson, tmp_path_factory.mktemp("stores")
+
+
+def test_exact_original_view_equals_get_preds(setup):
+    learn, test, bson_path, out = setup
+    path = predict_to_store(learn, test, bson_path, out / "exact", n_views=1, exact=True, bs=16, device="cpu")
+    st = load_store(path)
+    assert np.array_equal(st.product_id, test["product_id"]) and np.array_equal(st.img_idx, test["img_idx"])
+    preds, _ = learn.get_preds(dl=learn.dls.test_dl(test, bson_path=bson_path, bs=16))
+    assert st.dense(view=0).shape == tuple(preds.shape)
+    np.testing.assert_allclose(st.dense(view=0), preds.numpy(), atol=1e-5)
+    assert st.meta["bad_pictures"] == 0 and st.meta["size"] == SIZE and st.meta["item_size"] == ITEM
+
+
+def test_tta_views_are_seeded_and_differ_from_the_original(setup):
+    learn, test, bson_path, out = setup
+    run = lambda name, seed: load_store(predict_to_store(learn, test, bson_path, out / name, n_views=3, seed=seed,
+                                                         exact=True, bs=16, device="cpu"))
+    a, b, c = run("tta_a", 0), run("tta_b", 0), run("tta_c", 1)
+    assert a.n_views == 3
+    for v in range(3):
+        np.testing.assert_array_equal(a.dense(view=v), b.dense(view=v))  # same seed: same views
+    np.testing.assert_allclose(a.dense(view=0), c.dense(view=0), atol=1e-6)  # the original ignores the seed
+    for v in (1, 2):
+        assert np.abs(a.dense(view=v) - a.dense(view=0)).max() > 1e-3
+        assert np.abs(a.dense(view=v) - c.dense(view=v)).max() > 1e-3
+    assert np.abs(a.dense(view=1) - a.dense(view=2)).max() > 1e-3
+
+
+def test_shards_merged_equal_the_unsharded_run(setup):
+    learn, test, bson_path, out = setup
+    kw = dict(n_views=2, seed=5, k=6, prob_dtype="float32", device="cpu")
+    whole = load_store(predict_to_store(learn, test, bson_path, out / "whole", bs=16, **kw))
+    shards = [predict_to_store(learn, test, bson_path, out / f"part{i}", bs=7, shard=i, num_shards=3, **kw)
+              for i in range(3)]  # other batch boundaries too: views must not depend on them
+    merged = load_store(merge_stores(shards, out / "merged"))
+    np.testing.assert_array_equal(merged.product_id, whole.product_id)
+    np.testing.assert_array_equal(merged.img_idx, whole.img_idx)
+    for v in range(2):
+        np.testing.assert_allclose(merged.dense(view=v), whole.dense(view=v), atol=1e-6)
+
+
+def test_theta_crops_and_flips_exactly():
+    x = torch.arange(2 * 3 * 180 * 180, dtype=torch.float32).view(2, 3, 180, 180) % 251
+    p = dict(flip=np.array([False, True]), angle=np.zeros(2), zoom=np.ones(2), cx=np.full(2, .5), cy=np.full(2, .5),
+             top=np.array([10, 0]), left=np.array([20, 5]))
+    theta = view_theta(p, item_size=160)
+    y = F.grid_sample(x, F.affine_grid(theta, [2, 3, 160, 160], align_corners=True), align_corners=True)
+    torch.testing.assert_close(y[0], x[0, :, 10:170, 20:180], atol=0.02, rtol=0)  # float32 grid rounding on 0..250 steps
+    torch.testing.assert_close(y[1], x[1, :, 0:160, 5:165].flip(-1), atol=0.02, rtol=0)  # float32 grid rounding on 0..250 steps
+
+
+def test_view_params_depend_on_the_picture_not_the_batch():
+    pid, img = np.array([5, 5, 9, 12]), np.array([0, 1, 0, 3])
+    whole = view_params(0, 1, pid, img, item_size=160)
+    part = view_params(0, 1, pid[2:], img[2:], item_size=160)
+    for key in whole:
+        np.testing.assert_array_equal(whole[key][2:], part[key])
+    other = view_params(0, 2, pid, img, item_size=160)
+    assert not np.array_equal(whole["angle"], other["angle"])
+    assert (whole["top"] >= 0).all() and (whole["top"] <= 20).all()
+    assert (np.abs(whole["angle"]) <= 10).all() and ((whole["zoom"] >= 1) & (whole["zoom"] <= 1.1)).all()
+
+
+def test_view_maker_shapes():
+    vm = ViewMaker(SIZE, ITEM, seed=0)
+    from fastai.torch_core import TensorImage
+    x = TensorImage(torch.randint(0, 255, (4, 3, 180, 180), dtype=torch.uint8))
+    for v in range(3):
+        y = vm(x, v, np.arange(4), np.zeros(4))
+        assert y.shape == (4, 3, SIZE, SIZE) and y.dtype == torch.float32 and type(y) is torch.Tensor
+
+
+def test_corrupt_picture_is_predicted_and_counted(tmp_path):
+    from test_data import labelled_table, write_bson
+    path = write_bson(tmp_path / "train.bson")
+    t = labelled_table(path)
+    st = load_store(predict_to_store(tiny_cnn(4), t, path, tmp_path / "store", size=SIZE, item_size=ITEM, n_views=2,
+                                     k=4, bs=8, device="cpu"))
+    assert len(st) == len(t) and st.meta["bad_pictures"] == 1 and st.n_classes == 4
