@@ -15,7 +15,7 @@ class ExploreParams:
     "Parameters of notebooks/01_explore_data.ipynb"
     data_dir: str = "data/demo"          # train.bson, test.bson, category_names.csv (synthetic or Kaggle)
     work_dir: str = "data/demo_prepared" # derived files (indices); the raw folder stays read-only
-    synth_preset: str = "demo"           # generate this synthetic preset when data_dir has no train.bson ('' = never)
+    synth_preset: str = "demo"           # generate this synthetic preset when data_dir has no train.bson ('': never)
     n_grid_products: int = 12            # products shown in the sample grid
     max_hash_pictures: int = 200000      # pictures hashed for the duplicate count (sampled beyond this)
     seed: int = 0                        # sampling seed

@@ -29,7 +29,7 @@ class PrepareParams:
     work_dir: str = "data/demo_prepared"  # where indices and the split go (raw data stays read-only)
     valid_frac: float = 0.1               # share of products held out (demo: 10%; the study held out about 2%)
     seed: int = 0                         # split seed: fixed once, reused by every model
-    n_folds: Optional[int] = None         # K folds instead of one hold-out (None = hold-out)
+    n_folds: Optional[int] = None         # K folds instead of one hold-out (None: hold-out)
     force: bool = False                   # rebuild indices and split even when they exist
 
 

@@ -51,8 +51,10 @@ LABELED, PSEUDO = 0, 1  # the `part` of an item; also which BSON file it comes f
 @dataclass
 class PseudoParams:
     "Pseudo-label fine-tuning of a trained run (step 09); defaults run on the synthetic demo data"
-    run_name: str = "pseudo_demo"          # output folder runs/<run_name>/
-    from_run: str = "resnet_demo"          # the trained run to start from: a name under runs/ or a path
+    run_name: str = "demo/pseudo"          # output folder runs/<run_name>/
+    from_run: str = "demo/resnet"          # the trained run to start from: a name under runs/ or a path
+    run_dir: str = "runs/demo"             # the pipeline's run folder (steps 06-08); "": skip the re-scoring
+    models: list = field(default_factory=lambda: ["demo/resnet", "demo/inception", "demo/xception"])  # ensemble of 06-08; from_run's place goes to the fine-tuned model
     data_dir: str = "data/demo"            # train.bson, test.bson, category_names.csv (+ test_truth.csv)
     work_dir: str = "data/demo_prepared"   # indices and split from step 02
     runs_dir: str = "runs"                 # where runs live

@@ -1,0 +1,95 @@
+"""Results of a run gathered across notebooks, and the report that `make demo` writes.
+
+Each notebook records its headline numbers with `record(run_dir, section, name, value)` into
+run_dir/results.json (atomic read-modify-write), and saves its plots with `save_figure`; the report
+is rebuilt from those files, so it always shows what the run measured."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .bsonfile import atomic_write
+from .paths import resolve
+
+# The study's table: each row is a step of the method, as product accuracy on the test truth.
+STUDY_ROWS = [
+    ("baseline", "single model, one view, mean of picture probabilities"),
+    ("+TTA", "single model, test-time augmentation"),
+    ("ensemble (+TTA)", "all models, TTA, mean"),
+    ("ensemble + belief aggregation", "belief-based product aggregation instead of the mean"),
+    ("+MD5 lookup", "test pictures identical to train pictures take their label"),
+    ("+pseudo-labels", "fine-tuned on confident test products"),
+]
+
+
+def results_path(run_dir):
+    return resolve(run_dir) / "results.json"
+
+
+def load_results(run_dir) -> dict:
+    p = results_path(run_dir)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def record(run_dir, section, name, value):
+    "Store one result (a number, string or small dict) under results[section][name]"
+    results = load_results(run_dir)
+    results.setdefault(section, {})[name] = value
+    atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
+    return value
+
+
+def save_figure(fig, run_dir, name):
+    "Save a matplotlib figure as run_dir/figures/<name>.png (for the report) and return the path"
+    path = resolve(run_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png"))
+    return path
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: dict) -> str:
+    "Markdown table of {row name: {column: value}}"
+    cols = list(dict.fromkeys(c for v in rows.values() for c in v))
+    out = ["| | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    out += [f"| {k} | " + " | ".join(_fmt(v.get(c, "")) for c in cols) + " |" for k, v in rows.items()]
+    return "\n".join(out)
+
+
+def write_report(run_dir) -> Path:
+    "run_dir/report.md: the study's table with this run's numbers, the other results, plots"
+    run_dir = resolve(run_dir)
+    res = load_results(run_dir)
+    study = res.get("study", {})
+    lines = [f"# cdkit report: {run_dir.name}", "",
+             "Product accuracy on the test set (synthetic data: its true labels; on the real data only "
+             "the Kaggle leaderboard knows them).", "",
+             "| step | what | test accuracy | validation accuracy |", "| --- | --- | --- | --- |"]
+    for key, what in STUDY_ROWS:
+        v = study.get(key, {})
+        if isinstance(v, dict):
+            t, va = v.get("test", "n/a"), v.get("valid", "n/a")
+        else:
+            t, va = v, "n/a"
+        lines.append(f"| {key} | {what} | {_fmt(t)} | {_fmt(va)} |")
+    for section, values in res.items():
+        if section == "study":
+            continue
+        lines += ["", f"## {section}", ""]
+        for name, v in values.items():
+            if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+                lines += [f"{name}:", "", _table(v), ""]  # a table: rows of dicts
+            else:
+                lines.append(f"- {name}: {_fmt(v) if not isinstance(v, dict) else ', '.join(f'{k} {_fmt(x)}' for k, x in v.items())}")
+        if section.startswith("time"):
+            lines.append(f"- total: {sum(v for v in values.values() if isinstance(v, (int, float))):.0f}")
+    figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
+    if figs:
+        lines += ["", "## Plots", ""]
+        lines += [f"### {f.stem}\n\n![{f.stem}](figures/{f.name})\n" for f in figs]
+    out = run_dir / "report.md"
+    atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return out
