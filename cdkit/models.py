@@ -1,0 +1,129 @@
+"""Backbones by name: timm models behind fastai's `vision_learner`, with the study's input sizes.
+
+One factory in front of timm's registry. Study names (`resnet101`, `seresnet50`, `inception_v3`,
+`inception_v4`, `xception`) carry the input sizes of the study; any other timm name works with the
+model's own defaults; an unknown name fails, listing the close matches. `xception` is timm's
+`legacy_xception`: Chollet's original Xception as ported from Cadene's `pretrainedmodels`, the one
+Kaggle solutions of 2017 fine-tuned (timm's `xception41/65/71` are the deeper DeepLab variants).
+
+There is no internet on a training machine: pretrained weights come from a local file
+(`pretrained_file`, a timm/torch state dict of the ImageNet model), passed to timm as
+`pretrained_cfg_overlay=dict(file=...)`; the ImageNet classifier is dropped by timm because the class
+count differs. Inputs are normalized exactly once, by the data pipeline's `Normalize` with the
+backbone's mean/std (see `ensure_normalized`): fastai adds its own only when `pretrained=True`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ITEM_SIZE = 180  # pictures are stored at 180x180
+
+
+@dataclass(frozen=True)
+class Backbone:
+    "A backbone of the study: timm name and training input size (crop of the 180x180 picture)"
+    timm_name: str
+    size: int
+
+
+# The study's table. SE-ResNet-50 and ResNet-101 train on 160x160 random crops of the 180x180
+# pictures; Inception and Xception take the full 180x180.
+STUDY = {
+    "resnet101": Backbone("resnet101", 160),
+    "seresnet50": Backbone("seresnet50", 160),
+    "inception_v3": Backbone("inception_v3", 180),
+    "inception_v4": Backbone("inception_v4", 180),
+    "xception": Backbone("legacy_xception", 180),
+}
+
+
+class UnknownArchError(ValueError):
+    "A backbone name that is neither a study name nor a timm model; the message lists close matches"
+
+
+def resolve_arch(name: str) -> Backbone:
+    "The study's entry for `name`, or a timm model at its full picture size; unknown names raise"
+    import timm
+    if name in STUDY:
+        return STUDY[name]
+    if timm.is_model(name):
+        return Backbone(name, ITEM_SIZE)
+    known = list(STUDY) + timm.list_models()
+    close = difflib.get_close_matches(name, known, n=8, cutoff=0.5)
+    raise UnknownArchError(f"unknown backbone '{name}': not a study name ({', '.join(STUDY)}) nor a timm "
+                           f"model; close matches: {', '.join(close) or 'none'}")
+
+
+def norm_stats(arch: str):
+    "(mean, std) the backbone was pretrained with (ImageNet or Inception style), from timm's config"
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(resolve_arch(arch).timm_name)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def _timm_kwargs(pretrained_file):
+    if pretrained_file is None:
+        return dict(pretrained=False)
+    from .paths import resolve
+    path = resolve(pretrained_file)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained_file {path} not found (there is no download on a training machine)")
+    # `source=''` keeps timm on the file even for configs that name the HF hub as their source
+    return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), source=""))
+
+
+def _head_args(head_hidden, head_dropout):
+    # head_hidden=0: pool (avg+max), BN, dropout, one Linear to the classes; fastai's default adds a
+    # 512-wide hidden layer, a bottleneck for 5,270 classes
+    return dict(lin_ftrs=[head_hidden] if head_hidden else [], ps=head_dropout)
+
+
+def create_model(arch: str, n_classes: int, pretrained_file=None, head_hidden=0, head_dropout=0.25) -> nn.Module:
+    "The bare model `make_learner` trains (timm body + fastai head), e.g. to reload a state dict"
+    from fastai.vision.learner import create_timm_model
+    model, _ = create_timm_model(resolve_arch(arch).timm_name, n_classes, **_timm_kwargs(pretrained_file),
+                                 **_head_args(head_hidden, head_dropout))
+    return model
+
+
+def ensure_normalized(dls, mean, std):
+    """Make the batch pipeline normalize exactly once, with (mean, std).
+
+    The data pipeline normally adds its `Normalize`; a loader without one gets it here. Two, or one
+    with other statistics than the backbone expects, is an error rather than a silent mismatch."""
+    from fastai.vision.all import Normalize
+    norms = [t for t in dls.after_batch.fs if isinstance(t, Normalize)]
+    if not norms:
+        dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
+        return
+    if len(norms) > 1:
+        raise ValueError(f"the data pipeline normalizes {len(norms)} times; expected once")
+    got_mean = norms[0].mean.flatten().cpu()
+    got_std = norms[0].std.flatten().cpu()
+    scale = 255.0 if got_mean.max() > 1.5 else 1.0  # stats given for 0-255 or for 0-1 inputs
+    if not (torch.allclose(got_mean / scale, torch.tensor(mean, dtype=got_mean.dtype), atol=1e-3)
+            and torch.allclose(got_std / scale, torch.tensor(std, dtype=got_std.dtype), atol=1e-3)):
+        raise ValueError(f"the data pipeline normalizes with mean={got_mean.tolist()} std={got_std.tolist()}, "
+                         f"the backbone expects mean={list(mean)} std={list(std)}")
+
+
+def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None, std=None,
+                 head_hidden=0, head_dropout=0.25, **learner_kw):
+    """A fastai Learner over `dls` with the backbone `arch`, every layer trainable.
+
+    `learner_kw` go to `vision_learner` (loss_func, metrics, cbs, path, wd, ...)."""
+    from fastai.vision.learner import vision_learner
+    backbone = resolve_arch(arch)
+    if mean is None or std is None:
+        mean, std = norm_stats(arch)
+    ensure_normalized(dls, mean, std)
+    learn = vision_learner(dls, backbone.timm_name, normalize=False, n_out=n_classes,
+                           **_timm_kwargs(pretrained_file), **_head_args(head_hidden, head_dropout), **learner_kw)
+    learn.unfreeze()  # 12M pictures: the whole network is fine-tuned from the first step
+    return learn
