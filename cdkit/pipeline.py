@@ -22,13 +22,13 @@ MODELS = ["resnet", "inception", "xception"]
 DEMO_STEPS = [
     ("01_explore_data", None, {}),
     ("02_prepare_data", None, {}),
-    ("03_train_resnet", "params/resnet_demo.yaml", {"run_name": "{run}/resnet"}),
-    ("04_train_inception", "params/inception_demo.yaml", {"run_name": "{run}/inception"}),
-    ("05_train_xception", "params/xception_demo.yaml", {"run_name": "{run}/xception"}),
+    ("03_train_resnet", None, {"run_name": "{run}/resnet"}),
+    ("04_train_inception", None, {"run_name": "{run}/inception"}),
+    ("05_train_xception", None, {"run_name": "{run}/xception"}),
     ("06_predict_tta", None, {"models": ["{run}/" + m for m in MODELS]}),
     ("07_ensemble", None, {"models": ["{run}/" + m for m in MODELS]}),
     ("08_belief_aggregation", None, {"models": ["{run}/" + m for m in MODELS]}),
-    ("09_pseudo_label_finetune", "params/pseudo_demo.yaml",
+    ("09_pseudo_label_finetune", None,
      {"from_run": "{run}/resnet", "run_name": "{run}/pseudo", "models": ["{run}/" + m for m in MODELS]}),
     ("10_submit", None, {}),
 ]

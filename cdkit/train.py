@@ -31,29 +31,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainParams:
+    "Parameters of notebook 03 and `python -m cdkit train`: defaults train briefly on the demo data on a CPU; params/*_full.yaml hold the study's settings"
     # run
-    run_name: Optional[str] = None        # output folder runs/<run_name>/; None: the params file's name, else the arch
+    run_name: Optional[str] = "demo/resnet"  # output folder runs/<run_name>/; None: the params file's name, else the arch
     runs_dir: str = "runs"                # where run folders go (relative to the repository root)
     # data (written by step 02; the split is made once and reused by every model)
     data_dir: str = "data/demo"           # train.bson, category_names.csv (`python -m cdkit synth data/demo`)
     work_dir: str = "data/demo_prepared"  # indices and split of that data
-    valid_frac: float = 0.02              # share of products held out, used only if the split does not exist yet
-    max_train_images: Optional[int] = None  # None: all; fewer (whole products) for quick runs
+    valid_frac: float = 0.1               # share of products held out, used only if the split does not exist yet (study: 0.02)
+    max_train_images: Optional[int] = 3000  # None: all; fewer (whole products) for quick runs
     max_valid_images: Optional[int] = None  # None: the whole validation split
     # model
-    arch: str = "resnet101"               # study names: resnet101, seresnet50, inception_v3, inception_v4, xception; or any timm name
+    arch: str = "resnet18"                # demo stand-in for resnet101 (study names: resnet101, seresnet50, inception_v3, inception_v4, xception; or any timm name)
     pretrained_file: Optional[str] = None  # local ImageNet state dict for the backbone; None: random init (no internet)
     item_size: Optional[int] = None       # side of the random crop of the 180x180 picture; None: the study's (160 ResNets, 180 Inception/Xception)
-    size: Optional[int] = None            # model input side, the crop resized on the device; None: item_size
+    size: Optional[int] = 64              # model input side, the crop resized on the device; None: item_size (demo: 64 for CPU minutes)
     mean: Optional[list] = None           # normalization; None: the backbone's pretraining statistics
     std: Optional[list] = None            # idem
     head_hidden: int = 0                  # 0: one linear layer after pooling; >0: fastai's head with this hidden width
     head_dropout: float = 0.25            # dropout before the last linear layer
     # optimization
-    bs: int = 64                          # pictures per batch and process (study: 64x4 or 160x2)
-    acc_steps: int = 4                    # batches per optimizer step (gradient accumulation)
+    bs: int = 32                          # pictures per batch and process (study: 64x4 or 160x2)
+    acc_steps: int = 1                    # batches per optimizer step (gradient accumulation)
     epochs: int = 3                       # passes over the training pictures
-    lr: float = 2e-3                      # peak learning rate (Adam)
+    lr: float = 3e-3                      # peak learning rate (Adam)
     one_cycle: bool = True                # one-cycle schedule; False: flat lr (with batch growth in place of decay)
     pct_start: float = 0.25               # share of the one cycle spent warming up
     wd: float = 0.01                      # decoupled weight decay
@@ -69,7 +70,7 @@ class TrainParams:
     mixed_precision: str = "bf16"         # bf16, fp16 or none; GPU only
     channels_last: bool = True            # GPU only
     sync_bn: bool = True                  # synchronized BatchNorm across GPUs in data-parallel runs
-    num_workers: int = 4                  # decoding processes per training process
+    num_workers: int = 2                  # decoding processes per training process
     # control
     seed: int = 0                         # weights, shuffling, augmentation
     resume: bool = False                  # continue from runs/<run_name>/checkpoints/last.pth if it exists
@@ -80,14 +81,21 @@ class TrainParams:
 
 @dataclass
 class InceptionTrainParams(TrainParams):
-    "TrainParams of notebook 04: the same fields, Inception v3 by default"
+    "TrainParams of notebook 04: the same fields, Inception v3 by default (75 px: its smallest input)"
+    run_name: Optional[str] = "demo/inception"
     arch: str = "inception_v3"
+    size: Optional[int] = 75
+    epochs: int = 2
+    max_train_images: Optional[int] = 1500
 
 
 @dataclass
 class XceptionTrainParams(TrainParams):
     "TrainParams of notebook 05: the same fields, Xception by default"
+    run_name: Optional[str] = "demo/xception"
     arch: str = "xception"
+    epochs: int = 2
+    max_train_images: Optional[int] = 1500
 
 
 @dataclass

@@ -13,9 +13,8 @@ from cdkit.params import ParamsError, load_params, notebook_parameters
 from cdkit.train import InceptionTrainParams, TrainParams, XceptionTrainParams, load_trained, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PARAMS = ["resnet101_full", "seresnet50_full", "inception_v3_full", "inception_v4_full", "xception_full",
-                "resnet_demo", "inception_demo", "xception_demo"]
-NOTEBOOKS = {"03_train_resnet.ipynb": "resnet101", "04_train_inception.ipynb": "inception_v3",
+TRAIN_PARAMS = ["resnet101_full", "seresnet50_full", "inception_v3_full", "inception_v4_full", "xception_full"]
+NOTEBOOKS = {"03_train_resnet.ipynb": "resnet18", "04_train_inception.ipynb": "inception_v3",
              "05_train_xception.ipynb": "xception"}
 
 
