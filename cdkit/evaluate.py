@@ -65,7 +65,7 @@ class AggregateParams:
     models: list = field(default_factory=lambda: ["demo/resnet", "demo/inception", "demo/xception"])  # members, for rows "all"
     data_dir: str = "data/demo"
     work_dir: str = "data/demo_prepared"
-    rows: str = "all"                     # all: every picture x model x view is a prediction (the study); pictures: the ensemble's
+    rows: str = "pictures"                # pictures: one prediction per picture, the weighted ensemble of 07; all: every picture x model x view (the study's wording)
     m: int = 5                            # candidates: union of each prediction's top-m classes
     z: float = 1.96                       # 95% Gaussian interval
     rule: str = "gaussian"                # gaussian (the study) or ratio (the authors' code: 0.5x / 2x)
@@ -82,7 +82,7 @@ class SubmitParams:
     run_dir: str = "runs/demo"
     data_dir: str = "data/demo"           # sample_submission.csv, category_names.csv
     work_dir: str = "data/demo_prepared"
-    source: str = "auto"                  # products file to submit: auto: pseudo-labelled if present, else belief
+    source: str = "auto"                  # products to submit: auto (better on validation of 08's and 09's), belief or pseudo
     submit: bool = False                  # True: submit to Kaggle (credentials as the kaggle package finds them)
     message: str = "cdkit"                # the submission's description on Kaggle
 
@@ -272,40 +272,48 @@ def apply_md5_rows(rows, match, test_images, n_classes, alpha=1.0):
 
 
 def aggregate_products(P: AggregateParams, prep: Prepared = None, log=print, suffix=""):
-    """Mean and belief aggregation on validation and test (and MD5 lookup on test); writes
-    run_dir/products_{valid,test}.parquet from the best method on validation. Returns a dict of
-    accuracies, the per-n-pictures table, the per-level table, and the test ProductPredictions."""
+    """Mean and belief aggregation on validation and test; the method that is better on validation
+    is kept, and on test its rows get the MD5 lookup. Writes run_dir/products_{valid,test}<suffix>.parquet.
+    Returns a dict: accuracy {(which, method): acc}, by_pictures and by_level tables, per split the
+    ProductPredictions by method and the prediction rows, and `chosen`."""
     prep = prep or prepare_data(P.data_dir, P.work_dir)
     out = {"accuracy": {}, "by_pictures": [], "by_level": []}
     n_pics = {"valid": prep.train_index, "test": prep.test_index}
     for which in ("valid", "test"):
-        stores = rows_for(P, which)
-        true = truth(prep, which)
-        mean_pp, rows = aggregate_stores(stores, method="mean")
-        belief_pp = belief_aggregate(rows.product_id, rows.cls, rows.prob, rows.rest, rows.n_classes, **belief_kwargs(P))
-        res = {"mean": mean_pp, "belief": belief_pp}
-        if which == "test" and P.md5:
-            match, test_images = md5_matches(prep, log)
-            cls, prob, rest, n_rows = apply_md5_rows(rows, match, test_images, rows.n_classes, P.md5_alpha)
-            res["belief + MD5"] = belief_aggregate(rows.product_id, cls, prob, rest, rows.n_classes, **belief_kwargs(P))
-        for name, pp in res.items():
-            out["accuracy"][(which, name)] = accuracy_of(pp, true)
-            if true is not None:
-                npic = pd.Series(n_pics[which]["n_imgs"].to_numpy(), index=n_pics[which]["product_id"].to_numpy())
-                t = accuracy_by_n_pictures(pp.pred_class, true.reindex(pp.product_id).to_numpy(),
-                                           npic.reindex(pp.product_id).to_numpy())
-                out["by_pictures"].append(t.assign(which=which, method=name))
-                lv = accuracy_by_level(pp.pred_class, true.reindex(pp.product_id).to_numpy(),
-                                       prep.catalog.level1, prep.catalog.level2)
-                out["by_level"].append(lv.assign(which=which, method=name))
-        out[which] = res
+        mean_pp, rows = aggregate_stores(rows_for(P, which), method="mean")
+        out[which] = {"mean": mean_pp, "belief": _belief(rows, rows.cls, rows.prob, rows.rest, P)}
         out[f"{which}_rows"] = rows
-    best = "belief" if out["accuracy"][("valid", "belief")] >= out["accuracy"][("valid", "mean")] else "mean"
-    out["chosen"] = best
+    chosen = "belief" if _acc(out, prep, "valid", "belief") > _acc(out, prep, "valid", "mean") else "mean"
+    out["chosen"] = chosen
+    if P.md5:
+        rows = out["test_rows"]
+        match, test_images = md5_matches(prep, log)
+        cls, prob, rest, _ = apply_md5_rows(rows, match, test_images, rows.n_classes, P.md5_alpha)
+        out["test"][f"{chosen} + MD5"] = (_belief(rows, cls, prob, rest, P) if chosen == "belief" else
+                                          mean_aggregate(rows.product_id, cls, prob, rest, rows.n_classes))
     for which in ("valid", "test"):
-        name = "belief + MD5" if which == "test" and P.md5 and best == "belief" else best
-        save_products(out[which][name], prep, resolve(P.run_dir) / f"products_{which}{suffix}.parquet")
+        true = truth(prep, which)
+        npic = pd.Series(n_pics[which]["n_imgs"].to_numpy(), index=n_pics[which]["product_id"].to_numpy())
+        for name, pp in out[which].items():
+            out["accuracy"][(which, name)] = accuracy_of(pp, true)
+            if true is None:
+                continue
+            t = true.reindex(pp.product_id).to_numpy()
+            out["by_pictures"].append(accuracy_by_n_pictures(pp.pred_class, t, npic.reindex(pp.product_id).to_numpy())
+                                      .assign(which=which, method=name))
+            out["by_level"].append(accuracy_by_level(pp.pred_class, t, prep.catalog.level1, prep.catalog.level2)
+                                   .assign(which=which, method=name))
+        final = f"{chosen} + MD5" if which == "test" and P.md5 else chosen
+        save_products(out[which][final], prep, resolve(P.run_dir) / f"products_{which}{suffix}.parquet")
     return out
+
+
+def _belief(rows, cls, prob, rest, P):
+    return belief_aggregate(rows.product_id, cls, prob, rest, rows.n_classes, **belief_kwargs(P))
+
+
+def _acc(out, prep, which, name):
+    return accuracy_of(out[which][name], truth(prep, which))
 
 
 def save_products(pp, prep, path):
@@ -398,18 +406,25 @@ def rescore_with(run_dir, models, old, new, data_dir, work_dir, runs_dir="runs",
 
 # ---- 10: submission ----
 
-def final_products(P: SubmitParams) -> Path:
-    "The products file to submit: the pseudo-labelled one when present (source=auto), else belief's"
+def final_products(P: SubmitParams, prep: Prepared = None) -> Path:
+    """The products file to submit. source=auto: of step 08's and step 09's predictions, the one
+    more accurate on the validation products (never chosen by the test set)"""
     run_dir = resolve(P.run_dir)
-    candidates = {"pseudo": run_dir / "products_test_pseudo.parquet", "belief": run_dir / "products_test.parquet"}
-    if P.source == "auto":
-        for p in candidates.values():
-            if p.exists():
-                return p
+    candidates = {"belief": run_dir / "products_test.parquet", "pseudo": run_dir / "products_test_pseudo.parquet"}
+    if P.source != "auto":
+        if P.source not in candidates:
+            raise ValueError(f"source must be auto, belief or pseudo, got {P.source!r}")
+        return candidates[P.source]
+    present = {k: p for k, p in candidates.items() if p.exists()}
+    if not present:
         raise FileNotFoundError(f"no product predictions in {run_dir}: run 08 (and optionally 09) first")
-    if P.source not in candidates:
-        raise ValueError(f"source must be auto, pseudo or belief, got {P.source!r}")
-    return candidates[P.source]
+    prep = prep or prepare_data(P.data_dir, P.work_dir, log=lambda *a: None)
+    true = truth(prep, "valid")
+
+    def valid_accuracy(test_path):
+        v = pd.read_parquet(Path(str(test_path).replace("products_test", "products_valid")))
+        return float((v["pred_class"].to_numpy() == true.reindex(v["product_id"]).to_numpy()).mean())
+    return max(present.values(), key=valid_accuracy)
 
 
 def build_submission(P: SubmitParams, prep: Prepared = None, log=print):
@@ -418,7 +433,7 @@ def build_submission(P: SubmitParams, prep: Prepared = None, log=print):
     pictures) get the most frequent train category. Returns (path, DataFrame, number filled)."""
     from .submission import fill_missing, make_submission, write_submission
     prep = prep or prepare_data(P.data_dir, P.work_dir)
-    products = pd.read_parquet(final_products(P))
+    products = pd.read_parquet(final_products(P, prep))
     sample = prep.data_dir / "sample_submission.csv"
     sample_ids = pd.read_csv(sample, usecols=["_id"])["_id"].to_numpy()
     fallback = int(prep.train_index["category_id"].mode().iloc[0])

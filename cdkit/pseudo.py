@@ -74,7 +74,7 @@ class PseudoParams:
     epoch_size: str = "pseudo"             # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
     bs: int = 32                           # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
     epochs: int = 2                        # per round
-    lr: float = 1e-3                       # peak of the one-cycle schedule: a fine-tune, lower than training's
+    lr: float = 1e-4                       # peak of the one-cycle schedule: a fine-tune (1e-3 undid the demo model's training)
     pct_start: float = 0.25                # share of the one cycle spent warming up
     size: int = 0                          # model input side; 0: the trained run's
     item_size: int = 0                     # per-item crop side; 0: the trained run's

@@ -252,7 +252,7 @@ def export(learn, run_dir, P: TrainParams, n_classes, epochs_done):
 
 def train(P: TrainParams, params_file=None) -> TrainResult:
     "Train one model as `P` says; see the module docstring for what lands in runs/<run_name>/"
-    from .callbacks import BatchGrowth
+    from .callbacks import BatchGrowth, Checkpoint, EpochLog, StopAfter
     from .distributed import distrib_ctx, rank, world_size
     t0 = time.time()
     P, learn, prep, valid_images, start_epoch = setup(P, params_file)
@@ -268,6 +268,9 @@ def train(P: TrainParams, params_file=None) -> TrainResult:
             else: learn.fit(P.epochs, P.lr, start_epoch=start_epoch)
         epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
     if rank() == 0: export(learn, run_dir, P, prep.catalog.n_classes, epochs_done)
+    # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
+    # metrics.csv or the checkpoint when they run a validation pass
+    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter))))
     growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
     metrics = run_dir / "metrics.csv"
     return TrainResult(run_dir=run_dir, params=P, history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),

@@ -112,3 +112,15 @@ def test_notebook_runs_headless(name, tiny_data, tmp_path):
                                         lr_find=name.startswith("03"), lr_find_iters=8))
     assert (tmp_path / "runs" / "nb" / "model.json").exists()
     assert (tmp_path / "runs" / "nb" / "lr_find.png").exists() == name.startswith("03")
+
+
+def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_path):
+    "Notebooks call get_preds on the returned learner; metrics.csv and the checkpoint must not change"
+    res = train(quick(tiny_data, tmp_path, run_name="after"))
+    metrics = res.run_dir / "metrics.csv"
+    before = metrics.read_text()
+    ckpt = res.run_dir / "checkpoints" / "last.pth"
+    mtime = ckpt.stat().st_mtime
+    res.learn.get_preds(dl=res.learn.dls.valid)
+    assert metrics.read_text() == before and len(pd.read_csv(metrics)) == 2
+    assert ckpt.stat().st_mtime == mtime
