@@ -46,7 +46,7 @@ def test_unknown_or_mistyped_key_fails_before_work(tmp_path):
     assert not any(tmp_path.glob("*/params.yaml"))  # nothing written
 
 
-@pytest.mark.parametrize("name,cls", zip(NOTEBOOKS, [TrainParams, InceptionTrainParams, XceptionTrainParams]))
+@pytest.mark.parametrize("name,cls", list(zip(NOTEBOOKS, [TrainParams, InceptionTrainParams, XceptionTrainParams])))
 def test_notebook_parameters_are_the_defaults(name, cls):
     got = notebook_parameters(ROOT / "notebooks" / name)
     assert got == dataclasses.asdict(cls())
