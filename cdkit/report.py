@@ -31,8 +31,20 @@ def load_results(run_dir) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def _clean(v):
+    "JSON-safe: NaN (no truth to compare with) becomes null, numpy scalars plain numbers"
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
 def record(run_dir, section, name, value):
     "Store one result (a number, string or small dict) under results[section][name]"
+    value = _clean(value)
     results = load_results(run_dir)
     results.setdefault(section, {})[name] = value
     atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
@@ -48,6 +60,8 @@ def save_figure(fig, run_dir, name):
 
 
 def _fmt(v):
+    if v is None:
+        return "n/a"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
