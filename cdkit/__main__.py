@@ -26,13 +26,6 @@ def _prepare(a):
     print(summary_table(prep).to_string())
 
 
-def _passthrough(module):
-    def run(a, rest):
-        import importlib
-        return importlib.import_module(f"cdkit.{module}").main(rest)
-    return run
-
-
 # commands implemented by a module's own main(argv), which parses its own arguments
 PASSTHROUGH = {
     "train": ("train", "train one model: --params FILE [key=value ...]"),

@@ -5,8 +5,6 @@ order of sample_submission.csv so that a file that validates here is the file Ka
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +82,11 @@ def validate_submission(df_or_path, sample_submission_path, known_category_ids):
 
 def write_submission(df, path, sample_submission_path, known_category_ids):
     "Validate, then write `path` (.csv.gz) atomically; nothing is written when validation fails"
+    from .bsonfile import atomic_write
     validate_submission(df, sample_submission_path, known_category_ids)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        df.to_csv(tmp, index=False, compression="gzip" if path.name.endswith(".gz") else None)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    gz = "gzip" if str(path).endswith(".gz") else None
+    # the compression is named, not inferred: the temporary file's name does not end in .gz
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, compression=gz))
 
 
 def kaggle_submit(path, message, api=None, dry_run=False, competition=COMPETITION, *, sample_submission_path,
