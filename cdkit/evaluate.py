@@ -188,9 +188,7 @@ def model_table_row(run_dir, model, prep):
 
 def picture_labels(store, prep):
     "True class of each validation picture of a store, in the store's row order"
-    cls = pd.Series(prep.catalog.to_class(prep.train_index["category_id"].to_numpy()),
-                    index=prep.train_index["product_id"].to_numpy())
-    return cls.reindex(store.product_id).to_numpy()
+    return truth(prep, "valid").reindex(store.product_id).to_numpy()
 
 
 def ensemble_stores(P: EnsembleParams, prep: Prepared = None):

@@ -22,10 +22,18 @@ def _as_void(hashes):
 
 
 def hash_pictures(reader, image_table):
-    "(n, 16) uint8 md5 digest of every picture of `image_table` (offset, length, img_idx), read with `reader`"
+    """(n, 16) uint8 md5 digest of every picture of `image_table` (offset, length, img_idx), read with
+    `reader`; each product document is read once, however many of its pictures follow each other"""
+    out = np.empty((len(image_table), 16), np.uint8)
+    last, pics = None, None
     cols = (np.asarray(image_table["offset"]), np.asarray(image_table["length"]), np.asarray(image_table["img_idx"]))
-    digests = b"".join(hashlib.md5(reader.picture(int(o), int(n), int(i))).digest() for o, n, i in zip(*cols))
-    return np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
+    for row, (o, n, i) in enumerate(zip(*cols)):
+        if o != last:
+            last, pics = o, reader.pictures(int(o), int(n))
+        if not 0 <= i < len(pics):
+            raise IndexError(f"{reader.path}: product at byte offset {o} has {len(pics)} pictures, no picture {i}")
+        out[row] = np.frombuffer(hashlib.md5(pics[i]).digest(), np.uint8)
+    return out
 
 
 @dataclass

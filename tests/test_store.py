@@ -165,8 +165,10 @@ def test_fit_weights_prefers_the_informative_model(data):
 
 
 class FakeReader:
+    "A BsonReader stand-in: a product's pictures by document offset"
+    path = "fake.bson"
     def __init__(self, blobs): self.blobs = blobs
-    def picture(self, offset, length, img_idx): return self.blobs[(offset, img_idx)]
+    def pictures(self, offset, length): return [b for (o, _), b in sorted(self.blobs.items()) if o == offset]
 
 
 def test_md5_lookup_and_blend():
