@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .io import atomic_write
+
 NO_LABEL = -1  # category_id of a product in a test file
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
@@ -302,20 +304,6 @@ def _check_unique_ids(pids, path):
     if rep.any():
         raise BsonFormatError(f"{path}: product _id {int(s[1:][rep][0])} appears more than once "
                               f"({int(rep.sum())} duplicate ids)")
-
-
-def atomic_write(path, write):
-    "Call write(tmp_path), then move tmp_path onto path: a crash never leaves a half-written file"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_index(index, path):

@@ -233,7 +233,8 @@ def belief_kwargs(P: AggregateParams):
 
 def picture_hashes(prep: Prepared, which):
     "MD5 digests (n, 16) of every picture of train or test, hashed once and cached in work_dir"
-    from .bsonfile import BsonReader, atomic_write
+    from .bsonfile import BsonReader
+    from .io import atomic_write
     from .md5 import hash_pictures
     images = prep.train_images() if which == "train" else prep.test_images()
     cache = prep.work_dir / f"{which}_md5.npy"
@@ -316,7 +317,7 @@ def _acc(out, prep, which, name):
 
 def save_products(pp, prep, path):
     "product_id, pred_class, category_id, score as Parquet (atomically)"
-    from .bsonfile import atomic_write
+    from .io import atomic_write
     df = pp.to_frame()
     df["category_id"] = prep.catalog.to_category(np.maximum(df["pred_class"].to_numpy(), 0))
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))

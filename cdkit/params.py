@@ -115,7 +115,7 @@ def as_dict(params):
 
 def save_params(params, path):
     "Write the effective parameters as YAML, atomically"
-    from .bsonfile import atomic_write
+    from .io import atomic_write
     text = yaml.safe_dump(as_dict(params), sort_keys=False)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

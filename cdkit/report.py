@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bsonfile import atomic_write
+from .io import atomic_write
 from .paths import resolve
 
 # The study's table: each row is a step of the method, as product accuracy on the test truth.

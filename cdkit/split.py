@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .bsonfile import atomic_write
+from .io import atomic_write
 
 TRAIN = -1
 

@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .io import replace_dir, tmp_path
 
 FORMAT = "cdkit-predstore"
 VERSION = 1
@@ -161,8 +162,9 @@ class StoreWriter:
         self.path, self.n_classes, self.k, self.n_views = Path(path), int(n_classes), int(k), int(n_views)
         self.prob_dtype, self.meta, self.chunk_rows, self.overwrite = prob_dtype, dict(meta or {}), chunk_rows, overwrite
         if self.path.exists() and not overwrite: raise StoreError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir(parents=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp_path(self.path)
+        self.tmp.mkdir()
         self.chunks, self.buf, self.n_buf, self.n_rows, self.closed = [], [], 0, 0, False
         self.tmp.joinpath("WRITING").write_text("close() has not run: this is not a complete store\n")
 
@@ -215,7 +217,9 @@ class StoreWriter:
             json.dump(manifest, f, indent=1, default=_json_default)
             f.flush(); os.fsync(f.fileno())
         self.tmp.joinpath("WRITING").unlink()
-        _move_into_place(self.tmp, self.path, self.overwrite)
+        if self.path.exists() and not self.overwrite:
+            raise StoreError(f"{self.path} exists (pass overwrite=True to replace it)")
+        replace_dir(self.tmp, self.path)
         self.closed = True
         return self.path
 
@@ -237,16 +241,6 @@ def _json_default(o):
     if isinstance(o, np.generic): return o.item()
     if isinstance(o, (Path, np.ndarray)): return str(o) if isinstance(o, Path) else o.tolist()
     raise TypeError(f"meta value {o!r} is not JSON serializable")
-
-
-def _move_into_place(tmp, path, overwrite):
-    if path.exists():
-        if not overwrite: raise StoreError(f"{path} exists (pass overwrite=True to replace it)")
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else: os.replace(tmp, path)
 
 
 def read_manifest(path):

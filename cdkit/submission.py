@@ -82,7 +82,7 @@ def validate_submission(df_or_path, sample_submission_path, known_category_ids):
 
 def write_submission(df, path, sample_submission_path, known_category_ids):
     "Validate, then write `path` (.csv.gz) atomically; nothing is written when validation fails"
-    from .bsonfile import atomic_write
+    from .io import atomic_write
     validate_submission(df, sample_submission_path, known_category_ids)
     gz = "gzip" if str(path).endswith(".gz") else None
     # the compression is named, not inferred: the temporary file's name does not end in .gz

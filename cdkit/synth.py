@@ -19,14 +19,12 @@ others as they were.
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,6 +32,8 @@ from pathlib import Path
 import bson
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .io import atomic_open
 
 
 @dataclass
@@ -582,25 +582,6 @@ def _jpeg(img, quality) -> bytes:
 
 # ---------------------------------------------------------------------------------------- writing
 
-@contextlib.contextmanager
-def _atomic(path, mode="wb", **kw):
-    "Write to a temp file beside `path`, moved over it only when the block succeeds"
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-        # mkstemp makes the file private; give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 class _Pictures:
     "JPEG bytes of each planned picture, drawn on demand or taken from a pre-drawn pool"
 
@@ -636,7 +617,7 @@ class _Pictures:
 def _write_bson(path, domain, split, cat_ids, pictures, keep=frozenset()):
     "Stream one document per product; returns the number of pictures written"
     starts = split.starts
-    with _atomic(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         for row, pid in enumerate(split.ids):
             cat = int(split.true_cat[row])
             imgs = []
@@ -653,7 +634,7 @@ def _write_bson(path, domain, split, cat_ids, pictures, keep=frozenset()):
 
 
 def _write_csv(path, header, rows):
-    with _atomic(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
@@ -724,6 +705,6 @@ def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
 
 
 def _write_json(path, obj):
-    with _atomic(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
