@@ -1,73 +1,108 @@
-"""Command line: `python -m cdkit <command> ...` (also installed as `cdkit`)."""
+"""Command line: `cdkit <step> --params FILE [--params FILE2 ...] [key=value ...]` (also `python -m cdkit`).
+
+Every step of the pipeline is a command taking the same parameters as its notebook, with the same
+defaults (its Params class): params files hold only the differences (later files win), then
+key=value overrides. Parameters are validated before anything is written. Besides the steps:
+`synth` (write a synthetic data set), `index` (index one BSON file), `demo` (every notebook)."""
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+PARAMS_OPT = typer.Option(None, "--params", "-f", help="YAML file of parameters that differ from the defaults (repeatable)")
+OVERRIDES_ARG = typer.Argument(None, metavar="[key=value]...", help="parameter overrides, parsed as YAML scalars")
 
 
-def _synth(a):
+def _show(result):
+    import pandas as pd
+    for name in ("summary", "table", "accuracy", "single_model", "selection_summary"):
+        v = getattr(result, name, None)
+        v = v() if callable(v) else v
+        if isinstance(v, (pd.DataFrame, pd.Series)) and len(v):
+            typer.echo(f"{name}:\n{v.round(4).to_string()}")
+    for name in ("chosen", "stage", "path", "model_dir", "test_accuracy", "changed"):
+        v = getattr(result, name, None)
+        if v is not None and not callable(v):
+            typer.echo(f"{name}: {v}")
+
+
+def _step_command(step):
+    def command(params: Optional[List[Path]] = PARAMS_OPT, overrides: Optional[List[str]] = OVERRIDES_ARG):
+        import importlib
+        import logging
+        from .params import ParamsError, load_params
+        from .report import write_report
+        cls = step.params_class()
+        try:
+            P = load_params(cls, params or [], overrides or [])
+        except ParamsError as e:
+            typer.echo(f"ERROR: {e}", err=True)
+            raise typer.Exit(2)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        mod = importlib.import_module(f"cdkit.steps.{step.module}")
+        result = mod.run(P)
+        if hasattr(mod, "record") and hasattr(P, "run_dir"):
+            mod.record(P.run_dir, result)
+            write_report(P.run_dir)
+        _show(result)
+    command.__doc__ = f"step {step.notebook[:2]}: {step.params_class().__doc__}"
+    return command
+
+
+def _register():
+    from .pipeline import STEPS
+    for s in STEPS:
+        if s.module == "train" and s.command != "train":
+            continue  # `cdkit train arch=...` trains any backbone; 04/05 differ only in defaults
+        app.command(s.command)(_step_command(s))
+
+
+@app.command()
+def synth(out_dir: Path, preset: str = typer.Option("demo", help="tiny, demo or bench"), seed: int = 0):
+    "Write a synthetic data set in the competition's format (train.bson, test.bson, csv files)"
     from .synth import write_dataset
-    summary = write_dataset(a.out_dir, preset=a.preset, seed=a.seed)
-    print(f"wrote {a.out_dir}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+    summary = write_dataset(out_dir, preset=preset, seed=seed)
+    typer.echo(f"wrote {out_dir}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
 
 
-def _index(a):
-    from pathlib import Path
+@app.command()
+def index(bson: Path, out: Path = typer.Option(..., help="Parquet path of the index (never inside the raw data folder)")):
+    "Index one competition BSON file (Parquet) and print its summary"
     from .bsonfile import build_index
-    out = a.out or str(Path(a.bson).with_suffix("")) + "_index.parquet"
-    _, stats = build_index(a.bson, out=out, return_stats=True)
-    print(stats.summary())
-    print(f"index written to {out}")
+    if out.resolve().parent == bson.resolve().parent:
+        typer.echo(f"ERROR: --out {out} is in the raw data folder {bson.parent}; the raw data stays read-only", err=True)
+        raise typer.Exit(2)
+    _, stats = build_index(bson, out=out, return_stats=True)
+    typer.echo(stats.summary())
+    typer.echo(f"index written to {out}")
 
 
-def _prepare(a):
-    from .prepare import prepare_data, summary_table
-    prep = prepare_data(a.data_dir, a.work_dir, valid_frac=a.valid_frac, seed=a.seed, force=a.force)
-    print(summary_table(prep).to_string())
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo(ctx: typer.Context):
+    "Run every notebook on the synthetic demo data (make demo): [--run-dir D] [--only 06,07] [key=value ...]"
+    from .pipeline import main as pipeline_main
+    raise typer.Exit(pipeline_main(ctx.args))
 
 
-# commands implemented by a module's own main(argv), which parses its own arguments
-PASSTHROUGH = {
-    "train": ("train", "train one model: --params FILE [key=value ...]"),
-    "predict": ("predict", "streaming TTA prediction into a prediction store"),
-    "pseudo": ("pseudo", "pseudo-label fine-tuning"),
-    "submit": ("submission", "validate and submit a submission file to Kaggle"),
-    "demo": ("pipeline", "run every notebook on the synthetic demo data (make demo)"),
-    "pipeline": ("pipeline", "run the notebooks of the pipeline with papermill"),
-}
+_register()
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:
-        module, _ = PASSTHROUGH[argv[0]]
-        import importlib
-        mod = importlib.import_module(f"cdkit.{module}")
-        fn = getattr(mod, f"{argv[0]}_main", None) or mod.main
-        return fn(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m cdkit", description=__doc__,
-                                epilog="more: " + "; ".join(f"{k}: {h}" for k, (_, h) in PASSTHROUGH.items()))
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic data set in the competition's format")
-    s.add_argument("out_dir")
-    s.add_argument("--preset", default="demo", choices=["tiny", "demo", "bench"])
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=_synth)
-    s = sub.add_parser("index", help="index a competition BSON file (Parquet) and print its summary")
-    s.add_argument("bson")
-    s.add_argument("--out", help="Parquet path (default: next to the BSON file, <name>_index.parquet)")
-    s.set_defaults(fn=_index)
-    s = sub.add_parser("prepare", help="index train/test, make the validation split (step 02)")
-    s.add_argument("data_dir")
-    s.add_argument("work_dir")
-    s.add_argument("--valid-frac", type=float, default=0.02)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--force", action="store_true")
-    s.set_defaults(fn=_prepare)
-    for name, (_, h) in PASSTHROUGH.items():
-        sub.add_parser(name, help=h)
-    a = p.parse_args(argv)
-    return a.fn(a)
+    try:
+        return app(args=list(sys.argv[1:] if argv is None else argv), standalone_mode=False) or 0
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click's usage errors print themselves
+        import click
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
 
 
 if __name__ == "__main__":

@@ -373,3 +373,44 @@ def accuracy_by_level(pred_class, true_class, level1, level2):
             ("level2", product_accuracy(level2[pred_class], level2[true_class])),
             ("level1", product_accuracy(level1[pred_class], level1[true_class]))]
     return pd.DataFrame(rows, columns=["level", "accuracy"])
+
+
+def blend_products(pp: ProductPredictions, product_id, cls, prob, alpha=1.0):
+    """Blend each listed product's distribution (cls, prob: (n, k), -1 / 0 pads, one row per product)
+    into `pp`: alpha * given + (1 - alpha) * pp's own scores normalized to sum to 1 over its kept
+    candidates (alpha=1: the given distribution decides). Products of `pp` not listed are unchanged.
+    Returns (new ProductPredictions, changed: (P,) bool where the winning class moved)."""
+    if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    product_id, cls, prob = np.asarray(product_id, np.int64), np.asarray(cls, np.int64), np.asarray(prob, np.float64)
+    pos = np.searchsorted(pp.product_id, product_id)
+    ok = (pos < len(pp.product_id)) & (pp.product_id[np.minimum(pos, len(pp.product_id) - 1)] == product_id) \
+        if len(pp.product_id) else np.zeros(len(product_id), bool)
+    pos, cls, prob = pos[ok], cls[ok], prob[ok]
+    new = ProductPredictions(pp.product_id, pp.n_preds, pp.pred_class.copy(), pp.cls.copy(), pp.score.copy(),
+                             pp.excluded)
+    changed = np.zeros(len(pp.product_id), bool)
+    if not len(pos):
+        return new, changed
+    own_c, own_s = pp.cls[pos], np.where(np.isfinite(pp.score[pos]) & (pp.cls[pos] >= 0), pp.score[pos], 0.0)
+    tot = own_s.sum(1, keepdims=True)
+    own_s = np.divide(own_s, tot, out=np.zeros_like(own_s), where=tot > 0)
+    r = np.arange(len(pos))
+    long = pd.DataFrame({"r": np.r_[np.repeat(r, cls.shape[1]), np.repeat(r, own_c.shape[1])],
+                         "c": np.r_[cls.ravel(), own_c.ravel()],
+                         "v": np.r_[alpha * prob.ravel(), (1 - alpha) * own_s.ravel()]})
+    long = long[long["c"] >= 0].groupby(["r", "c"], sort=False)["v"].sum().reset_index()
+    # best first; ties to the class the product's own ranking put first, then the lower class
+    own = pd.DataFrame({"r": np.repeat(r, own_c.shape[1]), "c": own_c.ravel(),
+                        "own": np.tile(np.arange(own_c.shape[1]), len(r))})
+    long = long.merge(own[own["c"] >= 0], on=["r", "c"], how="left").fillna({"own": 1 << 30})
+    long = long.sort_values(["r", "v", "own", "c"], ascending=[True, False, True, True])
+    long["j"] = long.groupby("r").cumcount()
+    k_out = pp.cls.shape[1]
+    long = long[long["j"] < k_out]
+    cls_out, score_out = np.full((len(pos), k_out), -1, np.int64), np.full((len(pos), k_out), -np.inf)
+    cls_out[long["r"].to_numpy(), long["j"].to_numpy()] = long["c"].to_numpy()
+    score_out[long["r"].to_numpy(), long["j"].to_numpy()] = long["v"].to_numpy()
+    new.cls[pos], new.score[pos] = cls_out, score_out
+    new.pred_class[pos] = cls_out[:, 0]
+    changed[pos] = new.pred_class[pos] != pp.pred_class[pos]
+    return new, changed

@@ -127,3 +127,78 @@ def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None
                            **_timm_kwargs(pretrained_file), **_head_args(head_hidden, head_dropout), **learner_kw)
     learn.unfreeze()  # 12M pictures: the whole network is fine-tuned from the first step
     return learn
+
+
+# ---- a trained model on disk: weights + the card that says how to rebuild and feed it ----
+
+@dataclass
+class ModelCard:
+    "What `load_trained` needs to rebuild a model and what its inputs must look like (model.json)"
+    arch: str
+    n_classes: int
+    size: int                             # model input side
+    item_size: int                        # centre crop of the 180x180 picture before resizing to `size`
+    mean: tuple
+    std: tuple
+    head_hidden: int = 0
+    head_dropout: float = 0.25
+    label_smoothing: float = 0.0          # caps the model's top probability at 1 - eps + eps / n_classes
+    epochs_done: int = 0
+    base_model: str = ""                  # a fine-tuned model: the model it started from
+
+    @property
+    def max_prob(self) -> float:
+        "The highest probability this model can give a class (label smoothing keeps it below 1)"
+        return 1.0 - self.label_smoothing + self.label_smoothing / self.n_classes
+
+
+@dataclass
+class Trained:
+    "A trained model ready for inference, with its card"
+    model: nn.Module                      # eval mode, ends with logits over classes
+    card: ModelCard
+    model_dir: object
+
+    def __getattr__(self, name):  # trained.size, trained.mean, ... read the card
+        if name in ModelCard.__dataclass_fields__ or name == "max_prob":
+            return getattr(self.card, name)
+        raise AttributeError(name)
+
+
+def save_trained(model: nn.Module, model_dir, card: ModelCard):
+    "model.pth (state dict, DDP unwrapped) and model.json (the card), each written atomically"
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+    from .io import atomic_write
+    model_dir = Path(model_dir)
+    state = getattr(model, "module", model).state_dict()
+    atomic_write(model_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    card_json = json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(card).items()}, indent=1)
+    atomic_write(model_dir / "model.json", lambda tmp: Path(tmp).write_text(card_json))
+    return model_dir
+
+
+def read_card(model_dir) -> ModelCard:
+    import json
+    from pathlib import Path
+    path = Path(model_dir) / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the model first (step 03-05 writes model.json beside "
+                                "model.pth)")
+    meta = json.loads(path.read_text())
+    known = set(ModelCard.__dataclass_fields__)
+    card = ModelCard(**{k: v for k, v in meta.items() if k in known})
+    card.mean, card.std = tuple(card.mean), tuple(card.std)
+    return card
+
+
+def load_trained(model_dir, device="cpu") -> Trained:
+    "The model saved by `save_trained` in `model_dir`, in eval mode on `device`"
+    from pathlib import Path
+    card = read_card(model_dir)
+    model = create_model(card.arch, card.n_classes, head_hidden=card.head_hidden, head_dropout=card.head_dropout)
+    state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Trained(model, card, Path(model_dir))

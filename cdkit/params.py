@@ -1,79 +1,141 @@
-"""Parameters: defaults in code -> params/*.yaml -> command line / papermill, validated before work.
+"""One parameter system for notebooks, params files and the command line.
 
-Each step (train, predict, ...) declares a dataclass of flat scalar defaults. A notebook's
-`parameters` cell repeats those literals; `take_params(Cls, globals())` right after it collects what
-papermill injected and fails on an unknown key or a wrong type, naming it (papermill itself only
-warns). `load_params` does the same for a YAML file and command-line overrides. The effective values
-are saved beside a run's outputs with `save_params`."""
+Each step declares a `Params` class (pydantic, `extra="forbid"`, strict types, ranges and `Literal`
+choices) whose defaults are the demo's. The same values reach it three ways, validated the same way
+before any work starts or any file is written:
+
+- a notebook's cell tagged `parameters` repeats the defaults; `take_params(Cls, globals())` right
+  after it collects what papermill injected (papermill itself only warns on unknown keys);
+- params/*.yaml files hold only the differences, layered left to right (`-f a.yaml -f b.yaml` in
+  papermill, `--params a.yaml --params b.yaml` on the command line); a duplicate key is an error;
+- `key=value` overrides on the command line, parsed as YAML scalars.
+
+Two settings that contradict each other are refused by the class's validators, naming both."""
 from __future__ import annotations
 
 import ast
-import dataclasses
+import difflib
 import json
-import typing
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit"}
 _LITERALS = (bool, int, float, str, type(None), list, tuple, dict)
 
 
 class ParamsError(ValueError):
-    "An unknown parameter, or a value of the wrong type; the message names it"
+    "An unknown parameter, a value of the wrong type or out of range, or two that contradict each other"
 
 
-def _check_type(name, value, hint, where):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union:
-        errs = []
-        for h in args:
-            try:
-                return _check_type(name, value, h, where)
-            except ParamsError as e:
-                errs.append(e)
-        raise ParamsError(f"{where}: parameter '{name}' = {value!r} is not of type {_hint_name(hint)}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint in (str, bool):
-        if isinstance(value, hint):
-            return value
-    elif origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            inner = args[0] if args else None
-            return [(_check_type(f"{name}[{i}]", v, inner, where) if inner else v) for i, v in enumerate(value)]
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif hint is typing.Any:
-        return value
-    raise ParamsError(f"{where}: parameter '{name}' = {value!r} is not of type {_hint_name(hint)}")
+class Params(BaseModel):
+    "Base of every step's parameters: unknown keys and wrong types are errors, assignments are checked"
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, validate_default=True)
+
+    def replace(self, **changes):
+        "A validated copy with `changes`"
+        return make_params(type(self), {**self.model_dump(), **changes}, where=f"{type(self).__name__}.replace")
+
+    def as_dict(self) -> dict:
+        return self.model_dump()
 
 
-def _hint_name(hint):
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+class DataParams(Params):
+    "Where the data set and its derived files are (every step after 01 reads both)"
+    data_dir: str = "data/demo"           # train.bson, test.bson, category_names.csv (synthetic or Kaggle)
+    work_dir: str = "data/demo_prepared"  # indices and the split of that data (step 02); the raw folder stays read-only
+
+
+class RunParams(DataParams):
+    "A step that reads or writes the pipeline's run folder (models, stores, products, results)"
+    run_dir: str = "runs/demo"            # the run folder: models/, preds/, products/, results.json, report.md
+
+
+def _describe(cls, err: dict, values: dict) -> str:
+    loc = ".".join(str(x) for x in err.get("loc", ())) or "(parameters)"
+    name = str(err["loc"][0]) if err.get("loc") else None
+    msg = err.get("msg", "invalid")
+    if name is not None and name in values:
+        return f"parameter '{loc}' = {values[name]!r}: {msg}"
+    return f"{msg}" if loc == "(parameters)" else f"parameter '{loc}': {msg}"
 
 
 def make_params(cls, values: dict, where="params"):
-    "An instance of the dataclass `cls` from `values`, refusing unknown keys and wrong types"
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    "An instance of the Params class `cls` from `values`; ParamsError naming every bad parameter"
+    known = set(cls.model_fields)
     unknown = sorted(set(values) - known)
     if unknown:
-        import difflib
         hint = "; ".join(f"'{k}' (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else f"'{k}'"
                          for k in unknown)
         raise ParamsError(f"{where}: unknown parameter(s) {hint} for {cls.__name__}; known: {sorted(known)}")
-    checked = {k: _check_type(k, v, hints[k], where) for k, v in values.items()}
-    return cls(**checked)
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        problems = "; ".join(_describe(cls, err, values) for err in e.errors(include_url=False))
+        raise ParamsError(f"{where}: {problems}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    "YAML that refuses a key given twice in one mapping (plain PyYAML keeps the last silently)"
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key] + 1}, again on line "
+                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_params_file(path) -> dict:
+    "The mapping in a params YAML file; ParamsError naming the file for anything else"
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read params file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not a text file (params files are UTF-8 YAML)") from None
+    if "\x00" in text:
+        raise ParamsError(f"{path}: not a text file (params files are UTF-8 YAML)")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
+    return data
+
+
+def load_params(cls, files=None, overrides=None, where=None):
+    """Defaults of `cls`, then each YAML file of `files` (only the differences, later files win), then
+    `overrides` (a dict, or ['key=value', ...]); validated as a whole"""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    values, sources = {}, []
+    for f in files or []:
+        values.update(read_params_file(f))
+        sources.append(str(f))
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    if overrides:
+        sources.append("command line")
+    return make_params(cls, values, where=where or (" + ".join(sources) if sources else cls.__name__))
 
 
 def take_params(cls, namespace: dict, where="notebook parameters"):
@@ -86,38 +148,36 @@ def take_params(cls, namespace: dict, where="notebook parameters"):
     return make_params(cls, values, where)
 
 
-def load_params(cls, path=None, **overrides):
-    "Defaults of `cls`, then the YAML file at `path` (only the differences), then `overrides`"
-    values = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ParamsError(f"{path}: expected a mapping of parameter: value, got {type(data).__name__}")
-        values.update(data)
-    values.update(overrides)
-    return make_params(cls, values, where=str(path) if path else "params")
-
-
-def parse_overrides(pairs):
+def parse_overrides(pairs) -> dict:
     "['lr=0.01', 'arch=resnet18'] -> {'lr': 0.01, 'arch': 'resnet18'} (values parsed as YAML scalars)"
     out = {}
     for p in pairs or []:
         if "=" not in p:
             raise ParamsError(f"override '{p}' is not of the form key=value")
         k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"override '{p}': invalid value ({' '.join(str(e).split())})") from None
     return out
 
 
-def as_dict(params):
-    return dataclasses.asdict(params)
-
-
-def save_params(params, path):
+def save_params(params: Params, path):
     "Write the effective parameters as YAML, atomically"
     from .io import atomic_write
-    text = yaml.safe_dump(as_dict(params), sort_keys=False)
+    text = yaml.safe_dump(params.model_dump(), sort_keys=False)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def changed_params(saved: dict, now: Params, keys) -> dict:
+    "{key: (saved, now)} for the `keys` whose value differs between a saved run and `now`"
+    cur = now.model_dump()
+    return {k: (saved.get(k), cur.get(k)) for k in keys if k in cur and saved.get(k) != cur.get(k)}
+
+
+def defaults(cls) -> dict[str, Any]:
+    "The default of every field of a Params class"
+    return {k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()}
 
 
 def notebook_parameters(notebook_path):

@@ -1,109 +1,107 @@
 """Run the numbered notebooks in order with papermill: `make demo` / `python -m cdkit demo`.
 
-Each notebook runs with the defaults of its parameters cell, updated by the step's params file and
-by the pipeline-wide overrides (only those keys the notebook declares), and its executed copy goes to
-runs/<run_name>/. One progress line per notebook; a failing notebook stops the run with the
-notebook, the cell and the executed copy to open."""
+One registry (`STEPS`) ties each notebook to its step module and Params class; the command line
+and the tests read it too. Each notebook runs with the defaults of its parameters cell, updated by
+the pipeline-wide values (`data_dir`, `work_dir`, `run_dir` and any key=value given) for the keys it
+declares. Its executed copy goes to run_dir/notebooks/. One progress line per notebook; a failing
+notebook stops the run with the notebook, the cell and the executed copy to open."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .params import ParamsError, notebook_parameters, parse_overrides
+from .params import ParamsError, notebook_parameters, parse_overrides, read_params_file
 from .paths import NOTEBOOKS, resolve
 
-# (notebook, params file holding what differs from its defaults for the demo, step-specific values).
-# "{run}" in a value is the pipeline's run name: model runs live inside the pipeline's folder.
-MODELS = ["resnet", "inception", "xception"]
-DEMO_STEPS = [
-    ("01_explore_data", None, {}),
-    ("02_prepare_data", None, {}),
-    ("03_train_resnet", None, {"run_name": "{run}/resnet"}),
-    ("04_train_inception", None, {"run_name": "{run}/inception"}),
-    ("05_train_xception", None, {"run_name": "{run}/xception"}),
-    ("06_predict_tta", None, {"models": ["{run}/" + m for m in MODELS]}),
-    ("07_ensemble", None, {"models": ["{run}/" + m for m in MODELS]}),
-    ("08_belief_aggregation", None, {"models": ["{run}/" + m for m in MODELS]}),
-    ("09_pseudo_label_finetune", None,
-     {"from_run": "{run}/resnet", "run_name": "{run}/pseudo", "models": ["{run}/" + m for m in MODELS]}),
-    ("10_submit", None, {}),
+
+@dataclass(frozen=True)
+class Step:
+    notebook: str                         # notebooks/<notebook>.ipynb
+    module: str                           # cdkit.steps.<module>
+    params: str                           # its Params class
+    command: str                          # `cdkit <command>`
+    prefixes: tuple = ()                  # params/<prefix>*.yaml files are for this notebook
+
+    def params_class(self):
+        return getattr(importlib.import_module(f"cdkit.steps.{self.module}"), self.params)
+
+    @property
+    def path(self) -> Path:
+        return NOTEBOOKS / f"{self.notebook}.ipynb"
+
+
+STEPS = [
+    Step("01_explore_data", "explore", "ExploreParams", "explore"),
+    Step("02_prepare_data", "prepare", "PrepareParams", "prepare", ("prepare",)),
+    Step("03_train_resnet", "train", "TrainParams", "train", ("resnet", "seresnet")),
+    Step("04_train_inception", "train", "InceptionTrainParams", "train-inception", ("inception",)),
+    Step("05_train_xception", "train", "XceptionTrainParams", "train-xception", ("xception",)),
+    Step("06_predict_tta", "predict", "PredictParams", "predict", ("predict",)),
+    Step("07_ensemble", "ensemble", "EnsembleParams", "ensemble", ("ensemble",)),
+    Step("08_belief_aggregation", "aggregate", "AggregateParams", "aggregate", ("aggregate",)),
+    Step("09_pseudo_label_finetune", "pseudo", "PseudoParams", "pseudo", ("pseudo",)),
+    Step("10_submit", "submit", "SubmitParams", "submit", ("submit",)),
 ]
+SHARED_FILES = ("cdiscount",)  # params/cdiscount.yaml: what every *_full.yaml would repeat (data and run folders)
 
 
-def _fill(value, run):
-    if isinstance(value, str):
-        return value.replace("{run}", run)
-    if isinstance(value, list):
-        return [_fill(v, run) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, run) for k, v in value.items()}
-    return value
-
-
-# Each notebook's parameters dataclass: its parameters cell repeats these defaults.
-NOTEBOOK_PARAMS = {
-    "01_explore_data": "cdkit.explore:ExploreParams",
-    "02_prepare_data": "cdkit.prepare:PrepareParams",
-    "03_train_resnet": "cdkit.train:TrainParams",
-    "04_train_inception": "cdkit.train:InceptionTrainParams",
-    "05_train_xception": "cdkit.train:XceptionTrainParams",
-    "06_predict_tta": "cdkit.evaluate:PredictParams",
-    "07_ensemble": "cdkit.evaluate:EnsembleParams",
-    "08_belief_aggregation": "cdkit.evaluate:AggregateParams",
-    "09_pseudo_label_finetune": "cdkit.pseudo:PseudoParams",
-    "10_submit": "cdkit.evaluate:SubmitParams",
-}
-# params/<prefix>*.yaml belongs to this notebook
-PARAMS_FILES = {"prepare": "02_prepare_data", "resnet": "03_train_resnet", "seresnet": "03_train_resnet",
-                "inception": "04_train_inception", "xception": "05_train_xception",
-                "pseudo": "09_pseudo_label_finetune"}
+def step_of(notebook) -> Step:
+    stem = Path(notebook).stem
+    for s in STEPS:
+        if s.notebook == stem or s.notebook[:2] == stem:
+            return s
+    raise KeyError(f"no step for notebook {notebook!r}")
 
 
 def params_class(notebook):
-    "The parameters dataclass of a notebook (by name, e.g. '03_train_resnet')"
-    import importlib
-    module, name = NOTEBOOK_PARAMS[Path(notebook).stem].split(":")
-    return getattr(importlib.import_module(module), name)
+    "The Params class of a notebook (by name, e.g. '03_train_resnet')"
+    return step_of(notebook).params_class()
 
 
 def notebook_for_params(path):
     "The notebook a params file is for, from its file name (params/resnet101_full.yaml -> 03_train_resnet)"
     stem = Path(path).stem
-    for prefix in sorted(PARAMS_FILES, key=len, reverse=True):
-        if stem.startswith(prefix):
-            return PARAMS_FILES[prefix]
-    raise ParamsError(f"{path}: no notebook takes params files named like this (prefixes: {sorted(PARAMS_FILES)})")
+    best = None
+    for s in STEPS:
+        for prefix in s.prefixes:
+            if stem.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, s.notebook)
+    if best is None:
+        raise ParamsError(f"{path}: no notebook takes params files named like this "
+                          f"(prefixes: {sorted(p for s in STEPS for p in s.prefixes)})")
+    return best[1]
 
 
 class NotebookFailed(RuntimeError):
     "A notebook of the pipeline raised; the message names the notebook, the cell and the executed copy"
 
 
-def step_parameters(notebook, params_file=None, overrides=None, step_values=None):
-    """The parameters to inject into `notebook`: its params file, the step's own values, then the
-    pipeline-wide overrides that it declares. A key the notebook does not declare is an error."""
+def step_parameters(notebook, params_files=(), overrides=None):
+    """The parameters to inject into `notebook`: its params files (later files win), then the
+    pipeline-wide overrides that it declares. A key in a file that the notebook does not declare is
+    an error; the result is validated by the notebook's Params class before anything runs."""
+    from .params import make_params
+    if isinstance(params_files, (str, Path)):
+        params_files = [params_files]
     declared = notebook_parameters(notebook)
     values = {}
-    if params_file:
-        data = yaml.safe_load(resolve(params_file).read_text()) or {}
+    for f in params_files or ():
+        data = read_params_file(resolve(f))
         unknown = sorted(set(data) - set(declared))
         if unknown:
-            raise ParamsError(f"{params_file}: unknown parameter(s) {unknown} for {Path(notebook).name}; "
+            raise ParamsError(f"{f}: unknown parameter(s) {unknown} for {Path(notebook).name}; "
                               f"its parameters cell declares {sorted(declared)}")
         values.update(data)
-    unknown = sorted(set(step_values or {}) - set(declared))
-    if unknown:
-        raise ParamsError(f"pipeline step values {unknown} are not parameters of {Path(notebook).name}")
-    values.update(step_values or {})
     values.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    make_params(params_class(notebook), {**declared, **values}, where=f"{Path(notebook).name} parameters")
     return values
 
 
-def run_notebook(notebook, out_path, parameters, log=print):
+def run_notebook(notebook, out_path, parameters):
     "Execute one notebook with papermill; on failure raise NotebookFailed naming the cell"
     import papermill as pm
     out_path = Path(out_path)
@@ -114,48 +112,50 @@ def run_notebook(notebook, out_path, parameters, log=print):
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{Path(notebook).name} failed in cell {e.exec_count} "
                              f"({e.ename}: {e.evalue}); open the executed copy {out_path}") from None
+    except Exception as e:  # a dead kernel, a timeout: still name the notebook and its copy
+        raise NotebookFailed(f"{Path(notebook).name} stopped: {type(e).__name__}: {e}; open the executed copy "
+                             f"{out_path}") from None
 
 
-def run_pipeline(run_name="demo", steps=None, overrides=None, only=None, runs_dir="runs", log=print):
-    """Run `steps` (default DEMO_STEPS) into <runs_dir>/<run_name>/; returns seconds per notebook.
+def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log=print):
+    """Run the notebooks of `steps` (default: all) into `run_dir`; returns seconds per notebook.
 
-    `overrides` apply to every notebook that declares the key (e.g. data_dir, work_dir, run_dir).
-    `only`: names (or number prefixes) of the steps to run, for resuming after a failure."""
+    `overrides` apply to every notebook that declares the key (e.g. data_dir, work_dir, epochs).
+    `only`: names or number prefixes of the steps to run, e.g. to resume after a failure."""
+    from .io import folder_lock
     from .report import record, write_report
-    run_dir = resolve(runs_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = {"run_dir": str(run_dir), "runs_dir": str(resolve(runs_dir)), **(overrides or {})}
-    steps = steps or DEMO_STEPS
-    # every params file is checked against its notebook before anything runs
-    plan = [(nb, step_parameters(NOTEBOOKS / f"{nb}.ipynb", pf, overrides, _fill(extra, run_name)))
-            for nb, pf, extra in steps]
+    run_dir = resolve(run_dir)
+    overrides = {"run_dir": str(run_dir), **(overrides or {})}
+    steps = steps or STEPS
+    # every notebook's parameters are validated before anything runs
+    plan = [(s, step_parameters(s.path, (), overrides)) for s in steps]
     timings = {}
     t_all = time.perf_counter()
-    for i, (nb, params) in enumerate(plan, 1):
-        if only and not any(nb.startswith(o) for o in only):
-            continue
-        out = run_dir / f"{nb}.ipynb"
-        log(f"[{i}/{len(plan)}] {nb} ...")
-        t0 = time.perf_counter()
-        run_notebook(NOTEBOOKS / f"{nb}.ipynb", out, params, log)
-        timings[nb] = time.perf_counter() - t0
-        record(run_dir, "time per notebook (s)", nb, round(timings[nb], 1))
-        log(f"[{i}/{len(plan)}] {nb} done in {timings[nb]:.0f} s -> {out}")
-    report = write_report(run_dir)
+    with folder_lock(run_dir, "run folder"):
+        for i, (s, params) in enumerate(plan, 1):
+            if only and not any(s.notebook.startswith(o) for o in only):
+                continue
+            out = run_dir / "notebooks" / f"{s.notebook}.ipynb"
+            log(f"[{i}/{len(plan)}] {s.notebook} ...")
+            t0 = time.perf_counter()
+            run_notebook(s.path, out, params)
+            timings[s.notebook] = time.perf_counter() - t0
+            record(run_dir, "time per notebook (s)", s.notebook, round(timings[s.notebook], 1))
+            log(f"[{i}/{len(plan)}] {s.notebook} done in {timings[s.notebook]:.0f} s -> {out}")
+        report = write_report(run_dir)
     log(f"done in {time.perf_counter() - t_all:.0f} s; report: {report}")
     return timings
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cdkit demo", description=__doc__)
-    ap.add_argument("--run-name", default="demo")
-    ap.add_argument("--runs-dir", default="runs", help="where run folders go")
+    ap.add_argument("--run-dir", default="runs/demo", help="the run folder")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
                     help="run only these steps, comma-separated (e.g. 06,07,08), to resume after a failure")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every notebook that declares key")
     a = ap.parse_args(argv)
     try:
-        run_pipeline(a.run_name, overrides=parse_overrides(a.overrides), only=a.only, runs_dir=a.runs_dir)
+        run_pipeline(a.run_dir, overrides=parse_overrides(a.overrides), only=a.only)
     except (NotebookFailed, ParamsError) as e:
         print(f"\nERROR: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
-"""Step 02: index both BSON files, fix the validation split and the class map, once for every model.
+"""The prepared data set: indices of both BSON files, the validation split and the class map.
 
-Raw data (the Kaggle download or `cdkit synth` output) is read-only; everything derived goes to a
-separate work folder:
+Step 02 (`cdkit.steps.prepare`) creates them once (`create_prepared`); every later step loads them
+(`load_prepared`), which refuses to run without a split and names step 02. Raw data (the Kaggle
+download or `cdkit synth` output) is read-only; everything derived goes to a separate work folder:
 
     work_dir/train_index.parquet   product index of train.bson
     work_dir/test_index.parquet    product index of test.bson
@@ -19,18 +20,8 @@ import pandas as pd
 from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
-from .split import attach_split, load_split, make_split, save_split
-
-
-@dataclass
-class PrepareParams:
-    "Parameters of notebooks/02_prepare_data.ipynb"
-    data_dir: str = "data/demo"           # train.bson, test.bson, category_names.csv
-    work_dir: str = "data/demo_prepared"  # where indices and the split go (raw data stays read-only)
-    valid_frac: float = 0.1               # share of products held out (demo: 10%; the study held out about 2%)
-    seed: int = 0                         # split seed: fixed once, reused by every model
-    n_folds: Optional[int] = None         # K folds instead of one hold-out (None: hold-out)
-    force: bool = False                   # rebuild indices and split even when they exist
+from .aggregate import product_accuracy
+from .split import VALID_FOLD, attach_split, load_split, make_split, save_split
 
 
 @dataclass
@@ -62,6 +53,39 @@ class Prepared:
     def test_images(self):
         return image_table(self.test_index)
 
+    def valid_mask(self, table) -> np.ndarray:
+        "Rows of a product index or image table of train.bson that are validation products"
+        return attach_split(table, self.split) == VALID_FOLD
+
+    def images(self, split):
+        "(image table, bson path) of the validation pictures ('valid') or of the test pictures ('test')"
+        if split == "valid":
+            t = self.train_images()
+            return t[t["fold"] == VALID_FOLD].reset_index(drop=True), self.train_bson
+        if split == "test":
+            return self.test_images(), self.test_bson
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def truth(self, split) -> Optional[pd.Series]:
+        """True class per product_id: validation products from train.bson and the split; test products
+        from test_truth.csv (synthetic data only, else None)"""
+        if split == "valid":
+            idx = self.train_index
+            valid = self.split["fold"].to_numpy() == VALID_FOLD
+            return pd.Series(self.catalog.to_class(idx["category_id"].to_numpy()[valid]),
+                             index=idx["product_id"].to_numpy()[valid])
+        t = self.test_truth()
+        if t is None:
+            return None
+        return pd.Series(self.catalog.to_class(t["category_id"].to_numpy()), index=t["_id"].to_numpy(np.int64))
+
+    def accuracy(self, product_id, pred_class, split) -> float:
+        "Product accuracy of predictions against the split's truth (NaN where the truth is unknown)"
+        true = self.truth(split)
+        if true is None:
+            return float("nan")
+        return product_accuracy(np.asarray(pred_class), true.reindex(np.asarray(product_id)).to_numpy())
+
     def reader(self, which="train"):
         return BsonReader(self.train_bson if which == "train" else self.test_bson)
 
@@ -71,44 +95,83 @@ class Prepared:
         return pd.read_csv(p) if p.exists() else None
 
 
-def prepare_data(data_dir, work_dir, valid_frac=0.02, seed=0, n_folds=None, force=False, log=print):
-    """Build (or reuse) the indices and the split of the data set in `data_dir`.
+class SplitMissingError(FileNotFoundError):
+    "The work folder has no split: step 02 has not run on this data"
 
-    An existing split is never recomputed unless `force`: every model must see the same validation
-    products."""
-    data_dir, work_dir = resolve(data_dir), resolve(work_dir)
-    if not (data_dir / "train.bson").exists():
-        raise FileNotFoundError(f"{data_dir / 'train.bson'} not found: generate the demo data with "
-                                f"`python -m cdkit synth {data_dir}` or download the competition files there")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog.from_csv(data_dir / "category_names.csv")
+
+def _indices(data_dir, work_dir, force, log):
+    "Build or reuse the index of each BSON file; an index is reused only if it matches its source"
+    from .bsonfile import index_matches
     indices = {}
     for name in ("train", "test"):
         bson_path, idx_path = data_dir / f"{name}.bson", work_dir / f"{name}_index.parquet"
         if not bson_path.exists():
             indices[name] = None
             continue
-        if idx_path.exists() and not force and idx_path.stat().st_mtime >= bson_path.stat().st_mtime:
+        ok, why = index_matches(idx_path, bson_path) if idx_path.exists() and not force else (False, "")
+        if ok:
             indices[name] = load_index(idx_path)
             log(f"reusing {idx_path} ({len(indices[name]):,} products)")
         else:
+            if why:
+                log(f"rebuilding {idx_path}: {why}")
             indices[name], stats = build_index(bson_path, out=idx_path, return_stats=True)
             log(stats.summary())
+    return indices
+
+
+def _check_data_dir(data_dir):
+    from .io import check_complete
+    if not (data_dir / "train.bson").exists():
+        raise FileNotFoundError(f"{data_dir / 'train.bson'} not found: generate the demo data with "
+                                f"`python -m cdkit synth {data_dir}` or download the competition files there")
+    check_complete(data_dir)
+
+
+def _prepared(data_dir, work_dir, split, indices):
     train = indices["train"]
+    catalog = Catalog.from_csv(data_dir / "category_names.csv")
     labelled = train["category_id"].to_numpy() != NO_LABEL
     if not labelled.all():
         raise ValueError(f"{data_dir / 'train.bson'}: {int((~labelled).sum())} products have no category_id")
     catalog.to_class(train["category_id"].to_numpy())  # every category must be in the catalog
+    if len(split) != len(train) or not np.array_equal(split["product_id"].to_numpy(), train["product_id"].to_numpy()):
+        raise ValueError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
+                         "with force=True (every model must then be retrained on the new split)")
+    return Prepared(data_dir, work_dir, train, indices["test"], split, catalog)
+
+
+def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, force=False, log=print) -> Prepared:
+    """Step 02: build (or reuse) the indices and make the split of the data set in `data_dir`.
+
+    An existing split is never recomputed unless `force`: every model must see the same validation
+    products."""
+    data_dir, work_dir = resolve(data_dir), resolve(work_dir)
+    _check_data_dir(data_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    indices = _indices(data_dir, work_dir, force, log)
     split_path = work_dir / "split.parquet"
     if split_path.exists() and not force:
         split = load_split(split_path)
-        if len(split) != len(train) or not np.array_equal(split["product_id"].to_numpy(), train["product_id"].to_numpy()):
-            raise ValueError(f"{split_path} was made for another train index; delete it or pass force=True")
         log(f"reusing {split_path}")
     else:
-        split = make_split(train, valid_frac=valid_frac, seed=seed, n_folds=n_folds)
+        split = make_split(indices["train"], valid_frac=valid_frac, seed=seed, n_folds=n_folds)
         save_split(split, split_path)
-    return Prepared(data_dir, work_dir, train, indices["test"], split, catalog)
+    return _prepared(data_dir, work_dir, split, indices)
+
+
+def load_prepared(data_dir, work_dir, log=None) -> Prepared:
+    """What step 02 made, for every later step: indices (rebuilt if their BSON file changed) and the
+    split, which only step 02 creates"""
+    data_dir, work_dir = resolve(data_dir), resolve(work_dir)
+    _check_data_dir(data_dir)
+    split_path = work_dir / "split.parquet"
+    if not split_path.exists():
+        raise SplitMissingError(f"{split_path} not found: run step 02 first (notebooks/02_prepare_data.ipynb or "
+                                f"`python -m cdkit prepare data_dir={data_dir} work_dir={work_dir}`); only step 02 "
+                                "makes the validation split, so that every model shares it")
+    indices = _indices(data_dir, work_dir, False, log or (lambda *a: None))
+    return _prepared(data_dir, work_dir, load_split(split_path), indices)
 
 
 def summary_table(prep: Prepared) -> pd.DataFrame:

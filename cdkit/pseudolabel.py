@@ -325,3 +325,23 @@ class AlphaRamp(Callback):
         self.history.append(row)
 
     def frame(self): return pd.DataFrame(self.history)
+
+
+# ---- fine-tuning ----
+
+def finetune_learner(model, dls, wd=0.01, path=None, cbs=()):
+    """A fastai Learner over mixed loaders with `PseudoLabelLoss`, every layer trainable, mixed
+    precision on a GPU"""
+    import fastai.callback.schedule  # noqa: F401  (gives Learner its fit_one_cycle)
+    from fastai.learner import Learner
+    from .callbacks import precision_callbacks
+    precision, _ = precision_callbacks("bf16", True, dls.device)
+    return Learner(dls, model, loss_func=PseudoLabelLoss(), wd=wd, path=path or ".", cbs=[*precision, *cbs])
+
+
+def finetune(learn, epochs=2, lr=1e-3, pct_start=0.25, T1=0.0, T2=1.0, alpha_final=0.3, alpha_unit="epoch", cbs=()):
+    """One-cycle fine-tune of `learn` (see `finetune_learner`) with alpha(t) applied by `AlphaRamp`.
+    Returns the per-step history (iter, epoch, t, alpha, n_labeled, n_pseudo, part losses)."""
+    ramp = AlphaRamp(T1, T2, alpha_final, alpha_unit)
+    learn.fit_one_cycle(epochs, lr, pct_start=pct_start, cbs=[ramp, *cbs])
+    return ramp.frame()

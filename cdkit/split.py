@@ -11,9 +11,10 @@ import pandas as pd
 from .io import atomic_write
 
 TRAIN = -1
+VALID_FOLD = 0  # the hold-out fold: validation products of every step
 
 
-def make_split(index, valid_frac=0.02, seed=0, n_folds=None):
+def make_split(index, valid_frac=0.1, seed=0, n_folds=None):
     """DataFrame product_id, fold (int8). With n_folds=None, fold 0 is validation and TRAIN (-1) the
     rest; with n_folds=K every product gets a fold 0..K-1, stratified by category."""
     if n_folds is None and not 0 < valid_frac < 1:
@@ -40,7 +41,7 @@ def make_split(index, valid_frac=0.02, seed=0, n_folds=None):
     return pd.DataFrame({"product_id": index["product_id"].to_numpy(), "fold": fold})
 
 
-def valid_mask(split, fold=0):
+def valid_mask(split, fold=VALID_FOLD):
     return split["fold"].to_numpy() == fold
 
 

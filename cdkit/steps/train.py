@@ -1,20 +1,21 @@
 """Step 03-05: train one backbone on the prepared data; every training notebook and
-`python -m cdkit train --params FILE [key=value ...]` call `train(params)`.
+`python -m cdkit train --params FILE [key=value ...]` call `run(params)` (alias `train`).
 
-A run writes runs/<run_name>/:
+A model lives in run_dir/models/<name>/ (`RunLayout.model_dir`):
 
     params.yaml              the effective parameters
     metrics.csv              one line per epoch: losses, image and product accuracy, batch, lr, time
     checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume)
-    model.pth, model.json    the trained weights and what `load_trained` needs to rebuild the model
+    model.pth, model.json    the trained weights and the model card (`cdkit.models.load_trained`)
     lr_find.png              when lr_find is on
+
+The folder is locked while a process trains into it. `resume=True` continues from the checkpoint
+and refuses parameters that would change the model or the data order since the run began.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,84 +25,102 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .params import load_params, parse_overrides, save_params
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..params import ParamsError, RunParams, changed_params, load_params, save_params
+from ..runs import RunLayout, check_name
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainParams:
-    "Parameters of notebook 03 and `python -m cdkit train`: defaults train briefly on the demo data on a CPU; params/*_full.yaml hold the study's settings"
+class TrainParams(RunParams):
+    "Parameters of notebook 03 and `cdkit train`: defaults train briefly on the demo data on a CPU; params/*_full.yaml hold the full settings"
     # run
-    run_name: Optional[str] = "demo/resnet"  # output folder runs/<run_name>/; None: the params file's name, else the arch
-    runs_dir: str = "runs"                # where run folders go (relative to the repository root)
-    # data (written by step 02; the split is made once and reused by every model)
-    data_dir: str = "data/demo"           # train.bson, category_names.csv (`python -m cdkit synth data/demo`)
-    work_dir: str = "data/demo_prepared"  # indices and split of that data
-    valid_frac: float = 0.1               # share of products held out, used only if the split does not exist yet (study: 0.02)
-    max_train_images: Optional[int] = 3000  # None: all; fewer (whole products) for quick runs
-    max_valid_images: Optional[int] = None  # None: the whole validation split
+    name: str = "resnet"                  # the model's folder: run_dir/models/<name>/
+    # data (the split is made once by step 02 and reused by every model)
+    max_train_images: Optional[int] = Field(3000, ge=1)  # None: all; fewer (whole products) for quick runs
+    max_valid_images: Optional[int] = Field(None, ge=1)  # None: the whole validation split
     # model
     arch: str = "resnet18"                # demo stand-in for resnet101 (study names: resnet101, seresnet50, inception_v3, inception_v4, xception; or any timm name)
     pretrained_file: Optional[str] = None  # local ImageNet state dict for the backbone; None: random init (no internet)
-    item_size: Optional[int] = None       # side of the random crop of the 180x180 picture; None: the study's (160 ResNets, 180 Inception/Xception)
-    size: Optional[int] = 64              # model input side, the crop resized on the device; None: item_size (demo: 64 for CPU minutes)
-    mean: Optional[list] = None           # normalization; None: the backbone's pretraining statistics
-    std: Optional[list] = None            # idem
-    head_hidden: int = 0                  # 0: one linear layer after pooling; >0: fastai's head with this hidden width
-    head_dropout: float = 0.25            # dropout before the last linear layer
+    item_size: Optional[int] = Field(None, ge=16, le=180)  # side of the random crop of the 180x180 picture; None: the study's (160 ResNets, 180 Inception/Xception)
+    size: Optional[int] = Field(64, ge=16, le=1024)  # model input side, the crop resized on the device; None: item_size (demo: 64 for CPU minutes)
+    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3)  # normalization; None: the backbone's pretraining statistics
+    std: Optional[list[float]] = Field(None, min_length=3, max_length=3)   # idem
+    head_hidden: int = Field(0, ge=0)     # 0: one linear layer after pooling; >0: fastai's head with this hidden width
+    head_dropout: float = Field(0.25, ge=0, lt=1)  # dropout before the last linear layer
     # optimization
-    bs: int = 32                          # pictures per batch and process (study: 64x4 or 160x2)
-    acc_steps: int = 1                    # batches per optimizer step (gradient accumulation)
-    epochs: int = 3                       # passes over the training pictures
-    lr: float = 3e-3                      # peak learning rate (Adam)
+    bs: int = Field(32, ge=1)             # pictures per batch and process (study: 64x4 or 160x2)
+    acc_steps: int = Field(1, ge=1)       # batches per optimizer step (gradient accumulation)
+    epochs: int = Field(3, ge=1)          # passes over the training pictures
+    lr: float = Field(3e-3, gt=0, le=10)  # peak learning rate (Adam)
     one_cycle: bool = True                # one-cycle schedule; False: flat lr (with batch growth in place of decay)
-    pct_start: float = 0.25               # share of the one cycle spent warming up
-    wd: float = 0.01                      # decoupled weight decay
-    label_smoothing: float = 0.1          # 0: plain cross-entropy
-    batch_growth_epochs: list = field(default_factory=list)  # epochs at which the effective batch grows (Smith et al. 2017)
-    batch_growth_factor: int = 2          # growth factor at each of those epochs
-    max_bs: Optional[int] = None          # most pictures per batch that fit in memory; growth beyond goes to accumulation
+    pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
+    wd: float = Field(0.01, ge=0)         # decoupled weight decay
+    label_smoothing: float = Field(0.1, ge=0, lt=1)  # 0: plain cross-entropy
+    batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017); needs one_cycle=False
+    batch_growth_factor: int = Field(2, ge=2)  # growth factor at each of those epochs
+    max_bs: Optional[int] = Field(None, ge=1)  # most pictures per batch that fit in memory; growth beyond goes to accumulation
     # augmentation (the random crop is the shift)
     flip: bool = True                     # random horizontal flip
-    max_rotate: float = 10.0              # degrees
-    max_zoom: float = 1.1                 # zoom in up to this factor
+    max_rotate: float = Field(10.0, ge=0, le=180)  # degrees
+    max_zoom: float = Field(1.1, ge=1, le=4)  # zoom in up to this factor
     # hardware
-    mixed_precision: str = "bf16"         # bf16, fp16 or none; GPU only
+    mixed_precision: Literal["bf16", "fp16", "none"] = "bf16"  # GPU only
     channels_last: bool = True            # GPU only
     sync_bn: bool = True                  # synchronized BatchNorm across GPUs in data-parallel runs
-    num_workers: int = 2                  # decoding processes per training process
+    num_workers: int = Field(2, ge=0)     # decoding processes per training process
     # control
-    seed: int = 0                         # weights, shuffling, augmentation
-    resume: bool = False                  # continue from runs/<run_name>/checkpoints/last.pth if it exists
-    stop_after: Optional[int] = None      # stop after this many epochs as an interruption would; resume continues
+    seed: int = Field(0, ge=0)            # weights, shuffling, augmentation
+    resume: bool = False                  # continue from models/<name>/checkpoints/last.pth if it exists
+    stop_after: Optional[int] = Field(None, ge=1)  # stop after this many epochs as an interruption would; resume continues
     lr_find: bool = False                 # run fastai's lr_find first and save lr_find.png
-    lr_find_iters: int = 100              # mini-batches lr_find tries
+    lr_find_iters: int = Field(100, ge=2)  # mini-batches lr_find tries
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        check_name(self.name, "name")
+        if self.one_cycle and self.batch_growth_epochs:
+            raise ValueError(f"one_cycle=True contradicts batch_growth_epochs={self.batch_growth_epochs}: the one-cycle "
+                             "schedule decays the lr while the batch grows; the study grows the batch instead of "
+                             "decaying the lr, so set one_cycle=False with batch growth (or drop batch_growth_epochs)")
+        bad = [e for e in self.batch_growth_epochs if not 0 < e < self.epochs]
+        if bad:
+            raise ValueError(f"batch_growth_epochs={self.batch_growth_epochs}: each must lie in 1..epochs-1={self.epochs - 1}")
+        if self.stop_after is not None and self.stop_after > self.epochs:
+            raise ValueError(f"stop_after={self.stop_after} is beyond epochs={self.epochs}")
+        if self.max_bs is not None and self.max_bs < self.bs:
+            raise ValueError(f"max_bs={self.max_bs} is below bs={self.bs}")
+        return self
 
 
-@dataclass
+# what may differ when a run resumes: everything else changes the model or the data order
+RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs"}
+
+
 class InceptionTrainParams(TrainParams):
     "TrainParams of notebook 04: the same fields, Inception v3 by default (75 px: its smallest input)"
-    run_name: Optional[str] = "demo/inception"
-    arch: str = "inception_v3"
-    size: Optional[int] = 75
-    epochs: int = 2
-    max_train_images: Optional[int] = 1500
+    name: str = "inception"
+    arch: str = "inception_v3"            # Inception v3 (inception_v4: the study's other Inception)
+    size: Optional[int] = Field(75, ge=75, le=1024)  # Inception v3's smallest input is 75 px
+    epochs: int = Field(2, ge=1)
+    max_train_images: Optional[int] = Field(1500, ge=1)
 
 
-@dataclass
 class XceptionTrainParams(TrainParams):
     "TrainParams of notebook 05: the same fields, Xception by default"
-    run_name: Optional[str] = "demo/xception"
-    arch: str = "xception"
-    epochs: int = 2
-    max_train_images: Optional[int] = 1500
+    name: str = "xception"
+    arch: str = "xception"                # Chollet's Xception (timm legacy_xception), the study's
+    epochs: int = Field(2, ge=1)
+    max_train_images: Optional[int] = Field(1500, ge=1)
 
 
 @dataclass
 class TrainResult:
     "What a training run produced"
-    run_dir: Path
+    model_dir: Path
     params: TrainParams
     history: pd.DataFrame                 # metrics.csv
     epochs_done: int
@@ -114,21 +133,34 @@ class TrainResult:
 
     def summary(self) -> pd.DataFrame:
         last = self.history.iloc[-1] if len(self.history) else pd.Series(dtype=float)
-        return pd.DataFrame([{"run": self.run_dir.name, "arch": self.params.arch, "epochs": self.epochs_done,
+        return pd.DataFrame([{"model": self.model_dir.name, "arch": self.params.arch, "epochs": self.epochs_done,
                               "minutes": round(self.seconds / 60, 2),
                               **{k: last.get(k) for k in ("train_loss", "valid_loss", "accuracy", "product_accuracy")}}])
 
 
-def resolve(P: TrainParams, params_file=None) -> TrainParams:
-    "The effective parameters: run_name and input sizes filled in, the backbone checked"
-    from dataclasses import replace
-    from .models import resolve_arch
-    backbone = resolve_arch(P.arch)  # unknown names fail here, before any work
-    run_name = P.run_name or (Path(params_file).stem if params_file else P.arch)
+def effective(P: TrainParams) -> TrainParams:
+    "The effective parameters: input sizes filled in from the backbone, the backbone checked"
+    from ..models import resolve_arch
+    try:
+        backbone = resolve_arch(P.arch)  # unknown names fail here, before any work
+    except ValueError as e:
+        raise ParamsError(f"parameter 'arch' = {P.arch!r}: {e}") from None
     item_size = P.item_size or backbone.size
-    for k in ("bs", "acc_steps", "epochs", "batch_growth_factor"):
-        if getattr(P, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(P, k)}")
-    return replace(P, run_name=run_name, item_size=item_size, size=P.size or item_size)
+    return P.replace(item_size=item_size, size=P.size or item_size)
+
+
+def check_resume(P: TrainParams, model_dir: Path):
+    "Refuse to resume a run whose saved parameters differ in anything that changes the model or the data order"
+    import yaml
+    saved_path = model_dir / "params.yaml"
+    if not (P.resume and saved_path.exists() and (model_dir / "checkpoints" / "last.pth").exists()):
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diff = changed_params(saved, P, [k for k in type(P).model_fields if k not in RESUMABLE_CHANGES])
+    if diff:
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ParamsError(f"resume=True: {model_dir} was trained with other parameters ({what}); resuming would "
+                          "change the model or the data order. Use the saved values, or another name")
 
 
 def _sample_products(images, max_images, seed):
@@ -143,14 +175,15 @@ def _sample_products(images, max_images, seed):
 
 def _images(prep, P):
     images = prep.train_images()
-    train = _sample_products(images[images["fold"] != 0], P.max_train_images, P.seed)
-    valid = _sample_products(images[images["fold"] == 0], P.max_valid_images, P.seed)
+    valid_rows = prep.valid_mask(images)
+    train = _sample_products(images[~valid_rows], P.max_train_images, P.seed)
+    valid = _sample_products(images[valid_rows], P.max_valid_images, P.seed)
     return pd.concat([train, valid], ignore_index=True), np.r_[np.zeros(len(train), bool), np.ones(len(valid), bool)]
 
 
 def _effective_batch(learn):
-    from .callbacks import GradAccum, _inner_dl
-    from .distributed import world_size
+    from ..callbacks import GradAccum, _inner_dl
+    from ..distributed import world_size
     acc = learn.cbs.filter(lambda c: isinstance(c, GradAccum))
     return _inner_dl(learn.dls.train).bs * (acc[0].acc_steps if acc else 1) * world_size()
 
@@ -158,7 +191,7 @@ def _effective_batch(learn):
 def _lr(learn): return learn.opt.hypers[-1]["lr"] if learn.opt is not None else None
 
 
-def setup(P: TrainParams, params_file=None):
+def setup(P: TrainParams):
     "(effective params, learner, Prepared, validation rows, start epoch), ready to fit"
     import torch
     from fastai.learner import ValueMetric
@@ -167,24 +200,24 @@ def setup(P: TrainParams, params_file=None):
     from fastai.torch_core import set_seed
     from functools import partial
 
-    from . import callbacks as C
-    from .data import make_dataloaders
-    from .distributed import init_state, rank, world_size
-    from .models import make_learner, norm_stats
-    from .paths import resolve as resolve_path
-    from .prepare import prepare_data
+    from .. import callbacks as C
+    from ..data import make_dataloaders
+    from ..distributed import init_state, rank, world_size
+    from ..models import make_learner, norm_stats
+    from ..prepare import load_prepared
 
-    P = resolve(P, params_file)
+    P = effective(P)
     state = init_state() if world_size() > 1 else None
-    run_dir = resolve_path(P.runs_dir) / P.run_name
+    run_dir = RunLayout.of(P.run_dir).model_dir(P.name)
+    check_resume(P, run_dir)
+    if state is not None:
+        with state.main_process_first():  # one process rebuilds a stale index, the others read it
+            prep = load_prepared(P.data_dir, P.work_dir)
+    else:
+        prep = load_prepared(P.data_dir, P.work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
-    if state is not None:
-        with state.main_process_first():  # one process builds the indices and split, the others read them
-            prep = prepare_data(P.data_dir, P.work_dir, valid_frac=P.valid_frac, seed=P.seed)
-    else:
-        prep = prepare_data(P.data_dir, P.work_dir, valid_frac=P.valid_frac, seed=P.seed)
     images, valid_mask = _images(prep, P)
     mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
     device = state.device if state is not None else None
@@ -216,14 +249,14 @@ def setup(P: TrainParams, params_file=None):
     if resuming:
         saved = C.load_checkpoint(learn, ckpt)
         learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {k: saved.get(k) for k in ("scaler", "smooth_loss")}
-        log.info("resuming %s after epoch %d", P.run_name, start_epoch)
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
     return P, learn, prep, valid_images, start_epoch
 
 
 def _lr_find(learn, run_dir, iters=100):
     import matplotlib
     import matplotlib.pyplot as plt
-    from .callbacks import Checkpoint, EpochLog, StopAfter
+    from ..callbacks import Checkpoint, EpochLog, StopAfter
     # lr_find is a short fit of its own: it must not write the run's log or checkpoint
     with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter)))):
         suggestion = learn.lr_find(num_it=iters, show_plot=False)
@@ -238,24 +271,34 @@ def _lr_find(learn, run_dir, iters=100):
     return float(suggestion.valley)
 
 
-def export(learn, run_dir, P: TrainParams, n_classes, epochs_done):
-    "model.pth (state dict) + model.json (what load_trained rebuilds it from)"
-    import torch
-    from .callbacks import _unwrap
-    from .models import norm_stats
+def model_card(P: TrainParams, n_classes, epochs_done):
+    "The card saved beside the weights: how to rebuild the model and feed it"
+    from ..models import ModelCard, norm_stats
     mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
-    torch.save(_unwrap(learn.model).state_dict(), run_dir / "model.pth")
-    meta = dict(arch=P.arch, n_classes=int(n_classes), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
-                size=P.size, item_size=P.item_size, mean=list(mean), std=list(std), epochs_done=epochs_done)
-    (run_dir / "model.json").write_text(json.dumps(meta, indent=1))
+    return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
+                     std=tuple(std), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
+                     label_smoothing=P.label_smoothing, epochs_done=epochs_done)
 
 
-def train(P: TrainParams, params_file=None) -> TrainResult:
-    "Train one model as `P` says; see the module docstring for what lands in runs/<run_name>/"
-    from .callbacks import BatchGrowth, Checkpoint, EpochLog, StopAfter
-    from .distributed import distrib_ctx, rank, world_size
+def run(P: TrainParams) -> TrainResult:
+    "Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains)"
+    from ..distributed import rank
+    from ..io import folder_lock
+    if rank() != 0:  # data-parallel: rank 0 holds the folder for every process of the run
+        return _train(P)
+    with folder_lock(RunLayout.of(P.run_dir).model_dir(P.name), "model folder"):
+        return _train(P)
+
+
+train = run
+
+
+def _train(P: TrainParams) -> TrainResult:
+    from ..callbacks import BatchGrowth, Checkpoint, EpochLog, StopAfter
+    from ..distributed import distrib_ctx, rank, world_size
+    from ..models import save_trained
     t0 = time.time()
-    P, learn, prep, valid_images, start_epoch = setup(P, params_file)
+    P, learn, prep, valid_images, start_epoch = setup(P)
     run_dir = learn.path
     suggestion = None
     if P.lr_find and start_epoch == 0:
@@ -267,50 +310,16 @@ def train(P: TrainParams, params_file=None) -> TrainResult:
             if P.one_cycle: learn.fit_one_cycle(P.epochs, P.lr, pct_start=P.pct_start, start_epoch=start_epoch)
             else: learn.fit(P.epochs, P.lr, start_epoch=start_epoch)
         epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
-    if rank() == 0: export(learn, run_dir, P, prep.catalog.n_classes, epochs_done)
+    if rank() == 0: save_trained(learn.model, run_dir, model_card(P, prep.catalog.n_classes, epochs_done))
     # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
     # metrics.csv or the checkpoint when they run a validation pass
     learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter))))
     growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
     metrics = run_dir / "metrics.csv"
-    return TrainResult(run_dir=run_dir, params=P, history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
+    return TrainResult(model_dir=run_dir, params=P, history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
                        epochs_done=epochs_done, seconds=time.time() - t0, learn=learn, prep=prep,
                        valid_images=valid_images, lr_suggestion=suggestion,
                        batch_history=growth[0].history if growth else [])
-
-
-@dataclass
-class Trained:
-    "A trained model ready for inference, with what its inputs must look like"
-    model: object                         # torch module in eval mode (ends with logits over classes)
-    arch: str
-    n_classes: int
-    size: int                             # model input side
-    item_size: int                        # centre crop of the 180x180 picture before resizing to `size`
-    mean: tuple
-    std: tuple
-    run_dir: Path
-
-
-def load_trained(run_dir, device="cpu") -> Trained:
-    """The model a run exported (model.pth + model.json); a run stopped before its end has no export,
-    then the last checkpoint's weights are used"""
-    import torch
-    from .models import create_model
-    from .paths import resolve as resolve_path
-    run_dir = resolve_path(run_dir)
-    meta_path = run_dir / "model.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: train the model first (runs/<run_name>/model.json)")
-    meta = json.loads(meta_path.read_text())
-    model = create_model(meta["arch"], meta["n_classes"], head_hidden=meta["head_hidden"],
-                         head_dropout=meta["head_dropout"])
-    weights = run_dir / "model.pth"
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.to(device).eval()
-    return Trained(model, meta["arch"], meta["n_classes"], meta["size"], meta["item_size"], tuple(meta["mean"]),
-                   tuple(meta["std"]), run_dir)
 
 
 # ---- reports for the notebooks ----
@@ -365,25 +374,3 @@ def show_misclassified(result: TrainResult, n=16, cols=4):
                      f"({r['confidence']:.2f})", fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def main(argv=None):
-    "python -m cdkit train --params FILE [key=value ...]"
-    p = argparse.ArgumentParser(prog="python -m cdkit train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", help="YAML file holding the differences from TrainParams' defaults")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of single parameters")
-    a = p.parse_args(argv)
-    P = load_params(TrainParams, a.params, **parse_overrides(a.overrides))  # unknown key / wrong type: error now
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train(P, params_file=a.params)
-    from .distributed import rank
-    if rank() == 0:
-        print(result.summary().to_string(index=False))
-        print(f"outputs in {result.run_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

@@ -1,35 +1,77 @@
-"""Step 01: what the data looks like. Tables are pure functions of the index; plots return figures."""
+"""Step 01: what the data looks like. Tables are pure functions of the index; plots return figures.
+
+`run(ExploreParams) -> ExploreResult` indexes both files in memory (step 02 writes the indices) and
+computes every table the notebook shows."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from .bsonfile import NO_LABEL, decode_rgb, image_table
+from ..bsonfile import NO_LABEL, BsonReader, build_index, decode_rgb, image_table
+from ..catalog import Catalog
+from ..params import DataParams
+
+
+class ExploreParams(DataParams):
+    "Parameters of notebooks/01_explore_data.ipynb"
+    synth_preset: Literal["", "tiny", "demo", "bench"] = "demo"  # generate this synthetic preset when data_dir has no train.bson ('': never)
+    n_grid_products: int = Field(12, ge=0, le=64)         # products shown in the sample grid
+    max_hash_pictures: int = Field(200000, ge=1)          # pictures hashed for the duplicate count (sampled beyond this)
+    seed: int = Field(0, ge=0)                            # sampling seed
 
 
 @dataclass
-class ExploreParams:
-    "Parameters of notebooks/01_explore_data.ipynb"
-    data_dir: str = "data/demo"          # train.bson, test.bson, category_names.csv (synthetic or Kaggle)
-    work_dir: str = "data/demo_prepared" # derived files (indices); the raw folder stays read-only
-    synth_preset: str = "demo"           # generate this synthetic preset when data_dir has no train.bson ('': never)
-    n_grid_products: int = 12            # products shown in the sample grid
-    max_hash_pictures: int = 200000      # pictures hashed for the duplicate count (sampled beyond this)
-    seed: int = 0                        # sampling seed
+class ExploreResult:
+    "What step 01 found; the notebook shows these tables and plots"
+    data_dir: Path
+    catalog: Catalog
+    train_index: pd.DataFrame
+    test_index: pd.DataFrame | None
+    index_summary: str                    # what indexing found (products, pictures, speed), per file
+    pictures_per_product: pd.DataFrame
+    top_categories: pd.DataFrame
+    hierarchy: pd.DataFrame
+    picture_stats: pd.DataFrame           # a sample of train pictures: size, bytes, MD5
+    duplicates: pd.DataFrame
+
+    @property
+    def reader(self):
+        return BsonReader(self.data_dir / "train.bson")
+
+
+def run(P: ExploreParams, log=print) -> ExploreResult:
+    "Index train and test in memory, then the tables of step 01"
+    data = ensure_data(P.data_dir, P.synth_preset, P.seed, log)
+    from ..io import check_complete
+    check_complete(data)
+    catalog = Catalog.from_csv(data / "category_names.csv")
+    train, stats = build_index(data / "train.bson", return_stats=True)
+    summary = [stats.summary()]
+    test = None
+    if (data / "test.bson").exists():
+        test, test_stats = build_index(data / "test.bson", return_stats=True)
+        summary.append(test_stats.summary())
+    pics = picture_stats(BsonReader(data / "train.bson"), train, max_pictures=P.max_hash_pictures, seed=P.seed)
+    return ExploreResult(data, catalog, train, test, "\n".join(summary), pictures_per_product(train),
+                         category_frequencies(train, catalog).head(10), hierarchy_sizes(catalog, train), pics,
+                         duplicate_summary(pics))
 
 
 def ensure_data(data_dir, synth_preset="demo", seed=0, log=print):
     "Generate the synthetic preset in `data_dir` when it holds no train.bson (never overwrites)"
-    from .paths import resolve
+    from ..paths import resolve
     d = resolve(data_dir)
     if (d / "train.bson").exists():
         return d
     if not synth_preset:
         raise FileNotFoundError(f"{d / 'train.bson'} not found (download the competition files there)")
-    from .synth import write_dataset
+    from ..synth import write_dataset
     log(f"{d} has no train.bson: writing the synthetic '{synth_preset}' preset (seed {seed})")
     write_dataset(d, preset=synth_preset, seed=seed)
     return d

@@ -1,0 +1,103 @@
+"""The layout of a run folder: where each step writes and the next one reads.
+
+A step never builds another step's path itself; it asks the `RunLayout` of its `run_dir`:
+
+    run_dir/
+      params/<step>.yaml                  effective parameters of each step that ran (later steps reuse them)
+      models/<name>/                      a trained model (step 03-05) or a fine-tuned one (step 09):
+          model.pth, model.json           weights and the model card (cdkit.models.save_trained)
+          params.yaml, metrics.csv, checkpoints/last.pth
+      preds/<member>_<split>.store        step 06: TTA predictions of a model (split: valid, test)
+      preds/<member>_test.shard03of08.store   one machine's shard of it (merged into the store above)
+      preds/ensemble-<stage>_<split>.store    step 07: the ensemble of a stage's members
+      products/<stage>_<split>.parquet    step 08: product predictions (product_id, pred_class, category_id, score)
+      submission.csv.gz                   step 10
+      results.json, figures/, report.md   what each step measured, and the report built from it
+
+A stage is one pass of steps 06-08: `base` (the trained models) and `pseudo` (step 09 repeats them
+with the fine-tuned model in its base model's place)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import resolve
+
+SPLITS = ("valid", "test")
+STAGES = ("base", "pseudo")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(name: str, what="model name") -> str:
+    "A name that can be a file name and is not one the layout reserves"
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.startswith("ensemble") or ".shard" in name:
+        raise ValueError(f"{what} {name!r} must be letters, digits, '_', '.', '-' (not starting with 'ensemble', "
+                         "no '.shard')")
+    return name
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _check_stage(stage):
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    "Paths of one run folder (nothing is created until a step writes)"
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir) -> "RunLayout":
+        return cls(resolve(run_dir))
+
+    # models
+    def model_dir(self, name) -> Path:
+        return self.root / "models" / check_name(name)
+
+    def model_names(self) -> list:
+        d = self.root / "models"
+        return sorted(p.name for p in d.iterdir() if (p / "model.json").exists()) if d.exists() else []
+
+    # step 06
+    def store(self, member, split, shard=None, num_shards=1) -> Path:
+        _check_split(split)
+        name = f"{check_name(member)}_{split}"
+        if num_shards > 1:
+            return self.root / "preds" / f"{name}.shard{shard:02d}of{num_shards:02d}.store"
+        return self.root / "preds" / f"{name}.store"
+
+    # step 07
+    def ensemble_store(self, stage, split) -> Path:
+        _check_stage(stage), _check_split(split)
+        return self.root / "preds" / f"ensemble-{stage}_{split}.store"
+
+    # step 08
+    def products(self, stage, split) -> Path:
+        _check_stage(stage), _check_split(split)
+        return self.root / "products" / f"{stage}_{split}.parquet"
+
+    # bookkeeping
+    def step_params(self, step) -> Path:
+        return self.root / "params" / f"{step}.yaml"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv.gz"

@@ -1,0 +1,288 @@
+"""Step 08: from picture predictions to product predictions: mean vs belief aggregation, then MD5.
+
+Rows: `pictures` aggregates the stage's ensemble store (one prediction per picture, step 07); `all`
+aggregates every picture x model x view of the members' stores (the study's wording). Mean and
+belief aggregation both run; `method="auto"` keeps the one better on validation.
+
+MD5 is applied after aggregation, to whichever method won: a product with pictures byte-identical to
+train pictures takes those pictures' train labels (blended with weight `md5_alpha`; 1 = override),
+and a product whose whole set of pictures equals a train product's takes that product's label
+(`md5_products`, applied last). Applied before aggregation, as rows among the others, the train
+labels were excluded as outliers by belief aggregation (bench/md5_compose.py measures both). On
+validation the lookup uses only the train products outside the validation split, so the validation
+figure is an honest estimate of what the lookup adds on test.
+
+Writes `RunLayout.products(stage, split)`: product_id, pred_class, category_id, score, md5."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, belief_aggregate,
+                         blend_products, mean_aggregate, prediction_rows)
+from ..params import RunParams, save_params
+from ..prepare import Prepared, load_prepared
+from ..runs import SPLITS, RunLayout, check_name
+from .predict import DEMO_MODELS
+
+
+class AggregateParams(RunParams):
+    "Parameters of notebooks/08_belief_aggregation.ipynb and `cdkit aggregate`"
+    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members, for rows "all"
+    stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
+    rows: Literal["pictures", "all"] = "pictures"  # pictures: one prediction per picture, the ensemble of 07; all: every picture x model x view (the study's wording)
+    method: Literal["auto", "mean", "belief"] = "auto"  # auto: whichever is better on validation
+    m: int = Field(5, ge=1)               # candidates: union of each prediction's top-m classes
+    z: float = Field(1.96, gt=0)          # 95% Gaussian interval
+    rule: Literal["gaussian", "ratio"] = "gaussian"  # gaussian (the study) or ratio (the authors' code: 0.5x / 2x)
+    score: Literal["sum", "mean"] = "sum"  # sum of included probabilities (the study) or their mean
+    min_preds: int = Field(3, ge=2)       # below this many predictions nothing is excluded
+    md5: bool = True                      # pictures identical to train pictures take their train labels (after aggregation)
+    md5_alpha: float = Field(1.0, ge=0, le=1)  # weight of the train labels in that blend (1: override)
+    md5_products: bool = True             # a product whose set of pictures equals a train product's takes its label
+    n_grid: int = Field(8, ge=0, le=64)   # products shown where belief aggregation excluded a picture
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for m in self.models:
+            check_name(m, "model")
+        if self.md5_products and not self.md5:
+            raise ValueError("md5_products=True needs md5=True (the product-set lookup uses the same picture digests)")
+        return self
+
+
+@dataclass
+class Md5Summary:
+    "What the lookup matched on one split"
+    pictures: int = 0                     # pictures byte-identical to a (non-validation) train picture
+    products: int = 0                     # products with at least one such picture
+    product_sets: int = 0                 # products whose whole set of pictures equals a train product's
+    changed: int = 0                      # products whose prediction the lookup changed
+
+
+@dataclass
+class AggregateResult:
+    stage: str
+    chosen: str                           # mean or belief: the method the products were aggregated with
+    accuracy: pd.DataFrame                # index mean, belief, final (chosen + MD5); columns valid, test
+    products: dict                        # {split: Path} written
+    md5: dict = field(default_factory=dict)           # {split: Md5Summary}
+    by_pictures: pd.DataFrame = None      # accuracy by pictures per product, per split and method
+    by_level: pd.DataFrame = None         # accuracy at each hierarchy level, per split and method
+    predictions: dict = field(default_factory=dict)   # {(split, method): ProductPredictions} (for plots)
+    rows: dict = field(default_factory=dict)          # {split: PredRows} aggregated
+
+    @property
+    def final_name(self) -> str:
+        return f"{self.chosen} + MD5" if self.md5 else self.chosen
+
+
+def _stores(P: AggregateParams, layout: RunLayout, split):
+    from ..store import load_store
+    if P.rows == "all":
+        return [load_store(layout.store(m, split)) for m in P.models]
+    return [load_store(layout.ensemble_store(P.stage, split))]
+
+
+def picture_hashes(prep: Prepared, which, log=print):
+    "MD5 digests (n, 16) of every picture of train or test in image-table order, hashed once and cached"
+    from ..bsonfile import BsonReader
+    from ..io import atomic_write
+    from ..md5 import hash_pictures
+    images = prep.train_images() if which == "train" else prep.test_images()
+    cache = prep.work_dir / f"{which}_md5.npy"
+    if cache.exists() and cache.stat().st_mtime_ns >= (prep.work_dir / f"{which}_index.parquet").stat().st_mtime_ns:
+        hashes = np.load(cache)
+        if hashes.shape == (len(images), 16):
+            return hashes, images
+    log(f"hashing {len(images):,} {which} pictures (MD5)")
+    hashes = hash_pictures(BsonReader(prep.train_bson if which == "train" else prep.test_bson), images)
+    atomic_write(cache, lambda tmp: np.save(open(tmp, "wb"), hashes))
+    return hashes, images
+
+
+def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_sets=True, log=print):
+    """MD5 after aggregation on one split: (ProductPredictions, Md5Summary). The lookup table holds
+    the train pictures outside the validation split (all of train for test)."""
+    from ..md5 import md5_label_table, md5_lookup, product_keys, product_md5_rows
+    train_h, train_img = picture_hashes(prep, "train", log)
+    lookup = ~prep.valid_mask(train_img)
+    if split == "valid":
+        h, images = train_h[~lookup], train_img[~lookup].reset_index(drop=True)
+    else:
+        h, images = picture_hashes(prep, "test", log)
+    n_classes = prep.catalog.n_classes
+    table = md5_label_table(train_h[lookup], train_img["label"].to_numpy()[lookup], n_classes)
+    match = md5_lookup(h, table)
+    summary = Md5Summary(pictures=int(match.found.sum()))
+    pid, cls, prob = product_md5_rows(images["product_id"].to_numpy(), match)
+    out = pp
+    if len(pid):
+        votes = mean_aggregate(pid, cls, prob, np.zeros(len(pid), np.float32), n_classes,
+                               k_out=min(cls.shape[1], pp.cls.shape[1]))
+        score = np.where(np.isfinite(votes.score), votes.score, 0.0)
+        out, _ = blend_products(pp, votes.product_id, votes.cls, score, alpha)
+        summary.products = len(votes.product_id)
+    if product_sets:
+        tr_pid, tr_key = product_keys(train_h[lookup], train_img["product_id"].to_numpy()[lookup])
+        idx = prep.train_index.set_index("product_id")["category_id"]
+        tr_cls = prep.catalog.to_class(idx.reindex(tr_pid).to_numpy())
+        te_pid, te_key = product_keys(h, images["product_id"].to_numpy())
+        pmatch = md5_lookup(te_key, md5_label_table(tr_key, tr_cls, n_classes))
+        summary.product_sets = int(pmatch.found.sum())
+        if pmatch.found.any():
+            sel = pmatch.found
+            out, _ = blend_products(out, te_pid[sel], pmatch.cls[sel], pmatch.prob[sel], alpha)
+    summary.changed = int((out.pred_class != pp.pred_class).sum())
+    return out, summary
+
+
+def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None):
+    "product_id, pred_class, category_id, score (+ md5: the lookup changed it) as Parquet, atomically"
+    from ..io import atomic_write
+    df = pp.to_frame()
+    df["category_id"] = prep.catalog.to_category(np.maximum(df["pred_class"].to_numpy(), 0))
+    if md5_changed is not None:
+        df["md5"] = md5_changed
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    return path
+
+
+def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> AggregateResult:
+    "Aggregate, choose, apply MD5, write the products; `save`: record P as the step-08 settings (step 09 replays them)"
+    if save:
+        save_params(P, RunLayout.of(P.run_dir).step_params("aggregate"))
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    layout = RunLayout.of(P.run_dir)
+    belief_kw = dict(m=P.m, z=P.z, rule=P.rule, score=P.score, min_preds=P.min_preds)
+    preds, rows = {}, {}
+    for split in SPLITS:
+        r = prediction_rows(_stores(P, layout, split))
+        rows[split] = r
+        preds[(split, "mean")] = mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes)
+        preds[(split, "belief")] = belief_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, **belief_kw)
+    acc = {(split, name): prep.accuracy(pp.product_id, pp.pred_class, split) for (split, name), pp in preds.items()}
+    if P.method == "auto":
+        chosen = "belief" if acc[("valid", "belief")] > acc[("valid", "mean")] else "mean"
+    else:
+        chosen = P.method
+    md5, paths = {}, {}
+    for split in SPLITS:
+        final = preds[(split, chosen)]
+        changed = None
+        if P.md5:
+            final, md5[split] = apply_md5(final, prep, split, P.md5_alpha, P.md5_products, log)
+            changed = final.pred_class != preds[(split, chosen)].pred_class
+            log(f"MD5 ({split}): {md5[split].pictures} pictures, {md5[split].products} products matched, "
+                f"{md5[split].product_sets} whole product sets; {md5[split].changed} predictions changed")
+        preds[(split, "final")] = final
+        acc[(split, "final")] = prep.accuracy(final.product_id, final.pred_class, split)
+        paths[split] = save_products(final, prep, layout.products(P.stage, split), changed)
+    by_pictures, by_level = _breakdowns(preds, prep)
+    table = pd.Series(acc).unstack(0).reindex(["mean", "belief", "final"])[list(SPLITS)]
+    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, rows)
+
+
+def _breakdowns(preds, prep: Prepared):
+    bp, bl = [], []
+    n_pics = {"valid": prep.train_index, "test": prep.test_index}
+    for (split, name), pp in preds.items():
+        true = prep.truth(split)
+        if true is None:
+            continue
+        t = true.reindex(pp.product_id).to_numpy()
+        idx = n_pics[split]
+        npic = pd.Series(idx["n_imgs"].to_numpy(), index=idx["product_id"].to_numpy()).reindex(pp.product_id).to_numpy()
+        bp.append(accuracy_by_n_pictures(pp.pred_class, t, npic).assign(split=split, method=name))
+        bl.append(accuracy_by_level(pp.pred_class, t, prep.catalog.level1, prep.catalog.level2)
+                  .assign(split=split, method=name))
+    return (pd.concat(bp, ignore_index=True) if bp else pd.DataFrame(),
+            pd.concat(bl, ignore_index=True) if bl else pd.DataFrame())
+
+
+def record(run_dir, R: AggregateResult):
+    "The study's rows of this stage, each from its own aggregation"
+    from ..report import record as rec
+    a = R.accuracy
+    if R.stage == "base":
+        rec(run_dir, "study", "ensemble + belief aggregation",
+            {"test": a.loc["belief", "test"], "valid": a.loc["belief", "valid"],
+             "mean of the same rows": a.loc["mean", "test"]})
+        if R.md5:
+            rec(run_dir, "study", "+MD5 lookup", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
+                                                  "on": R.chosen})
+    section = f"08 aggregation ({R.stage})"
+    rec(run_dir, section, "chosen on validation", R.chosen)
+    rec(run_dir, section, "product accuracy", {R.final_name if k == "final" else k: v
+                                               for k, v in a.round(4).to_dict(orient="index").items()})
+    for split, s in R.md5.items():
+        rec(run_dir, section, f"MD5 {split}", dict(s.__dict__))
+
+
+def plot_by_pictures(R: AggregateResult):
+    "Product accuracy by number of pictures per product, one bar group per method"
+    import matplotlib.pyplot as plt
+    t = R.by_pictures
+    split = "test" if (t["split"] == "test").any() else "valid"
+    t = t[t["split"] == split]
+    piv = t.pivot_table(index="n_pictures", columns="method", values="accuracy")
+    ax = piv.plot.bar(figsize=(7, 3.5), rot=0)
+    ax.set(xlabel="pictures per product", ylabel="product accuracy",
+           title=f"{split} ({R.stage}): accuracy by pictures per product",
+           ylim=(max(0, float(np.nanmin(piv.to_numpy())) - 0.1), 1))
+    ax.legend(loc="lower left", fontsize=8)
+    ax.figure.tight_layout()
+    plt.close(ax.figure)
+    return ax.figure
+
+
+def excluded_products(rows, pp, n=8, seed=0):
+    "Product ids where belief aggregation excluded at least one prediction row for the winning class"
+    ex = pd.Series(pp.excluded, index=rows.product_id)
+    ids = np.unique(ex[ex].index.to_numpy())
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(ids, size=min(n, len(ids)), replace=False)) if len(ids) else ids
+
+
+def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0):
+    """Products in which belief aggregation excluded a picture: each picture titled with its
+    prediction's top class; pictures excluded for the winning class framed in red"""
+    import matplotlib.pyplot as plt
+    from ..bsonfile import BsonReader, decode_rgb
+    rows, pp = R.rows[split], R.predictions[(split, "belief")]
+    ids = excluded_products(rows, pp, n, seed)
+    if not len(ids):
+        return None
+    index = prep.test_index if split == "test" else prep.train_index
+    reader = BsonReader(prep.test_bson if split == "test" else prep.train_bson)
+    by_id = index.set_index("product_id")
+    winner = pd.Series(pp.pred_class, index=pp.product_id)
+    fig, axes = plt.subplots(len(ids), 4, figsize=(8, 2.2 * len(ids)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, pid in enumerate(ids):
+        row = by_id.loc[pid]
+        pics = reader.pictures(int(row["offset"]), int(row["length"]))
+        sel = rows.product_id == pid
+        for j, b in enumerate(pics[:4]):
+            ax = axes[r, j]
+            ax.imshow(decode_rgb(b))
+            here = sel & (rows.img_idx == j)
+            excl = pp.excluded[here].mean() if here.any() else 0
+            top = np.bincount(rows.cls[here, 0].clip(0)).argmax() if here.any() else -1
+            ax.set_title(f"{pid}/{j}: {prep.catalog.name(top)[:18] if top >= 0 else '?'}\nexcluded {excl:.0%}",
+                         fontsize=7, color="red" if excl > 0.5 else "black")
+            if excl > 0.5:
+                ax.axis("on"); ax.set_xticks([]); ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_edgecolor("red"); s.set_linewidth(3)
+        axes[r, 0].text(-10, 90, f"-> {prep.catalog.name(winner[pid])[:22]}", ha="right", fontsize=7, rotation=90,
+                        va="center")
+    fig.suptitle(f"{split}: products in which belief aggregation excluded a picture", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,94 @@
+"""Step 07: ensemble the models' stores (all their TTA views) into one distribution per picture.
+
+Member weights are fitted on the validation pictures (log-loss) and applied to validation and test;
+the result is `RunLayout.ensemble_store(stage, split)`. Stage `base` ensembles the trained models;
+step 09 runs this step again as stage `pseudo`, with the fine-tuned model in its base model's place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ..params import RunParams, save_params
+from ..prepare import Prepared, load_prepared
+from ..runs import SPLITS, RunLayout, check_name
+from .predict import DEMO_MODELS, store_accuracy
+
+
+class EnsembleParams(RunParams):
+    "Parameters of notebooks/07_ensemble.ipynb and `cdkit ensemble`"
+    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members: stores of step 06
+    stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
+    method: Literal["mean", "geometric", "power"] = "mean"  # how member distributions combine
+    p: float = Field(0.5, gt=0, le=4)     # exponent of the power mean (0.5: blend of square roots)
+    fit_weights: bool = True              # fit member weights on validation (log-loss); False: equal
+    k_out: int = Field(20, ge=1)          # classes kept per picture in the ensemble store
+
+    @model_validator(mode="after")
+    def _names(self):
+        for m in self.models:
+            check_name(m, "model")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models={self.models} names a model twice")
+        return self
+
+
+@dataclass
+class EnsembleResult:
+    stage: str
+    weights: pd.Series                    # per member
+    table: pd.DataFrame                   # index members + 'ensemble'; columns valid, test: product accuracy (mean aggregation)
+    stores: dict                          # {split: Path} of the ensemble stores
+
+    @property
+    def accuracy(self) -> pd.Series:
+        return self.table.loc["ensemble"]
+
+
+def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> EnsembleResult:
+    "Ensemble the members' stores; `save`: record P as the run folder's step-07 settings (step 09 replays them)"
+    if save:
+        save_params(P, RunLayout.of(P.run_dir).step_params("ensemble"))
+    from ..ensemble import combine, fit_weights
+    from ..store import load_store, save_store
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    layout = RunLayout.of(P.run_dir)
+    members = {split: [load_store(layout.store(m, split)) for m in P.models] for split in SPLITS}
+    valid = members["valid"]
+    if P.fit_weights and len(valid) > 1:
+        labels = prep.truth("valid").reindex(valid[0].product_id).to_numpy()
+        w = np.asarray(fit_weights(valid, labels, method=P.method, p=P.p), float)
+    else:
+        w = np.full(len(valid), 1 / len(valid))
+    table, stores = {}, {}
+    for split in SPLITS:
+        ens = combine(members[split], weights=w, method=P.method, p=P.p,
+                      k_out=min(P.k_out, max(s.k for s in members[split])))
+        ens.meta = dict(ens.meta or {}, members=list(P.models), weights=w.tolist(), method=P.method, stage=P.stage)
+        stores[split] = save_store(ens, layout.ensemble_store(P.stage, split), overwrite=True)
+        for m, s in zip(P.models, members[split]):
+            table.setdefault(m, {})[split] = store_accuracy(s, prep, split)
+        table.setdefault("ensemble", {})[split] = store_accuracy(load_store(stores[split]), prep, split)
+        log(f"ensemble ({P.stage}, {split}): {stores[split]}")
+    return EnsembleResult(P.stage, pd.Series(w, index=P.models, name="weight"), pd.DataFrame(table).T, stores)
+
+
+def record(run_dir, R: EnsembleResult):
+    from ..report import record as rec
+    if R.stage == "base":
+        rec(run_dir, "study", "ensemble (+TTA)", {"test": R.accuracy.get("test"), "valid": R.accuracy.get("valid"),
+                                                  "members": len(R.weights)})
+    rec(run_dir, f"07 ensemble ({R.stage})", "weights", R.weights.round(4).to_dict())
+    rec(run_dir, f"07 ensemble ({R.stage})", "product accuracy", R.table.round(4).to_dict(orient="index"))
+
+
+def plot(R: EnsembleResult):
+    import matplotlib.pyplot as plt
+    ax = R.table.plot.barh(figsize=(7, 3), title=f"members against the ensemble ({R.stage}): product accuracy")
+    ax.set(xlabel="product accuracy", xlim=(max(0, float(R.table.min().min()) - 0.1), 1))
+    ax.figure.tight_layout()
+    plt.close(ax.figure)
+    return ax.figure

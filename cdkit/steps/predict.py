@@ -1,0 +1,181 @@
+"""Step 06: streaming TTA prediction of every model into prediction stores.
+
+For each model of `models` (run_dir/models/<name>/) and each split (the validation pictures, the
+test pictures) the predictor (`cdkit.predict.predict_to_store`, the kit's only inference path: step
+09 predicts its fine-tuned model through this step too) writes `RunLayout.store(name, split)`. A
+store is reused only when it was predicted by the same model file with the same settings. With
+`num_shards > 1` each machine predicts its shard into its own store; the shard that finds every
+shard present merges them into the model's store."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ..params import RunParams, save_params
+from ..prepare import Prepared, load_prepared
+from ..runs import SPLITS, RunLayout, check_name
+
+DEMO_MODELS = ["resnet", "inception", "xception"]
+
+
+class PredictParams(RunParams):
+    "Parameters of notebooks/06_predict_tta.ipynb and `cdkit predict`"
+    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # models in run_dir/models/ (the first is the baseline)
+    n_tta: int = Field(4, ge=0, le=63)    # augmented views besides the original (0: no TTA; the study: 1)
+    k: int = Field(20, ge=1)              # classes kept per picture and view (62 bytes at uint8)
+    prob_dtype: str = Field("uint8", pattern="^(uint8|float16|float32)$")  # uint8 (sqrt-quantized), float16 or float32
+    bs: int = Field(128, ge=1)            # pictures per forward pass
+    num_workers: int = Field(2, ge=0)     # decoding processes
+    seed: int = Field(0, ge=0)            # TTA draws (the same picture always gets the same views)
+    shard: int = Field(0, ge=0)           # this machine's shard of the pictures ...
+    num_shards: int = Field(1, ge=1)      # ... out of this many (the last shard to finish merges them)
+    device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for m in self.models:
+            check_name(m, "model")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models={self.models} names a model twice")
+        if self.shard >= self.num_shards:
+            raise ValueError(f"shard={self.shard} must be below num_shards={self.num_shards}")
+        return self
+
+
+@dataclass
+class PredictResult:
+    "The stores of step 06 and each model's product accuracy with one view and with every view"
+    stores: dict                          # {(model, split): Path}; shards not yet merged are absent
+    table: pd.DataFrame                   # index model; columns '<split> 1 view', '<split> all views', views
+    complete: bool = True                 # False: this shard is done, others are still missing
+    written: list = field(default_factory=list)  # stores predicted by this call (the others were current)
+
+    @property
+    def baseline(self):
+        "The first model: one view (the study's baseline) and all views (+TTA)"
+        return self.table.iloc[0]
+
+
+def store_accuracy(store, prep: Prepared, split, views=None) -> float:
+    "Product accuracy of one store's rows (the listed views, or all) with mean aggregation"
+    from ..aggregate import mean_aggregate, prediction_rows
+    r = prediction_rows([store], views)
+    pp = mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes)
+    return prep.accuracy(pp.product_id, pp.pred_class, split)
+
+
+def _stamp(P: PredictParams, model_dir: Path, split):
+    "What a store must have been predicted with to be reused"
+    w = model_dir / "model.pth"
+    st = w.stat()
+    return dict(model=str(w), model_mtime_ns=st.st_mtime_ns, model_bytes=st.st_size, split=split,
+                n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
+                num_shards=P.num_shards)
+
+
+def store_is_current(path, stamp) -> bool:
+    "A complete store exists and its meta matches `stamp` (a retrained model or other settings invalidate it)"
+    from ..store import StoreError, read_manifest
+    try:
+        meta = read_manifest(path).get("meta", {})
+    except (StoreError, OSError, ValueError):
+        return False
+    return all(meta.get(k) == v for k, v in stamp.items())
+
+
+def _device(name):
+    import torch
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
+    """Predict one model's stores (this shard), skipping current ones; merge shards when all are there.
+    Returns {split: (path or None, written)}"""
+    from ..models import load_trained
+    from ..predict import predict_to_store
+    from ..store import merge_stores
+    layout = RunLayout.of(P.run_dir)
+    model_dir = layout.model_dir(name)
+    trained, out = None, {}
+    for split in SPLITS:
+        stamp = _stamp(P, model_dir, split)
+        path = layout.store(name, split, P.shard, P.num_shards)
+        written = False
+        if not store_is_current(path, stamp):
+            trained = trained or load_trained(model_dir, device=_device(P.device))
+            images, bson_path = prep.images(split)
+            predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
+                             k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
+                             mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
+                             prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
+                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=stamp,
+                             overwrite=True)
+            log(f"{name}: wrote {path}")
+            written = True
+        if P.num_shards > 1:
+            shards = [layout.store(name, split, i, P.num_shards) for i in range(P.num_shards)]
+            final = layout.store(name, split)
+            if all(store_is_current(s, {**stamp, "shard": i}) for i, s in enumerate(shards)):
+                merged_stamp = {**stamp, "shard": 0, "num_shards": 1}
+                if written or not store_is_current(final, merged_stamp):
+                    merge_stores(shards, final, overwrite=True, meta=merged_stamp)
+                    log(f"{name}: merged {P.num_shards} shards into {final}")
+                path = final
+            else:
+                path = None
+        out[split] = (path, written)
+    return out
+
+
+def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> PredictResult:
+    """Predict every model of P.models on validation and test; the accuracy table of the complete stores.
+    `save`: record P as this run folder's step-06 settings (step 09 replays them)"""
+    from ..store import load_store
+    if save:
+        save_params(P, RunLayout.of(P.run_dir).step_params("predict"))
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    stores, written, rows = {}, [], []
+    for name in P.models:
+        got = predict_model(P, prep, name, log)
+        row = {"model": name}
+        for split, (path, w) in got.items():
+            if w:
+                written.append((name, split))
+            if path is None:
+                continue
+            stores[(name, split)] = path
+            s = load_store(path)
+            row[f"{split} 1 view"] = store_accuracy(s, prep, split, views=[0])
+            row[f"{split} all views"] = store_accuracy(s, prep, split)
+            row["views"] = s.n_views
+        rows.append(row)
+    complete = len(stores) == len(P.models) * len(SPLITS)
+    return PredictResult(stores, pd.DataFrame(rows).set_index("model"), complete, written)
+
+
+def record(run_dir, R: PredictResult, stage="base"):
+    "The study's rows computed from the first model's own stores: one view (baseline) and all views (+TTA)"
+    from ..report import record as rec
+    if not R.complete:
+        return
+    b = R.baseline
+    rec(run_dir, "study", "baseline", {"test": b.get("test 1 view"), "valid": b.get("valid 1 view"),
+                                       "model": R.table.index[0], "stage": stage})
+    rec(run_dir, "study", "+TTA", {"test": b.get("test all views"), "valid": b.get("valid all views"),
+                                   "model": R.table.index[0], "views": int(b["views"]), "stage": stage})
+    rec(run_dir, "06 per model", "product accuracy", R.table.round(4).to_dict(orient="index"))
+
+
+def plot(R: PredictResult):
+    "Test (else validation) product accuracy per model, one view against all views"
+    import matplotlib.pyplot as plt
+    split = "test" if R.table.filter(like="test").notna().all().all() else "valid"
+    t = R.table[[f"{split} 1 view", f"{split} all views"]]
+    ax = t.plot.bar(rot=0, figsize=(7, 3.5), title=f"{split} product accuracy per model: one view vs TTA")
+    ax.set(ylabel="product accuracy", ylim=(max(0, float(t.min().min()) - 0.1), 1))
+    ax.figure.tight_layout()
+    plt.close(ax.figure)
+    return ax.figure

@@ -1,0 +1,244 @@
+"""Step 09: pseudo-label fine-tuning (Lee, 2013), fed back into the final predictions.
+
+1. Labels: by default (`labels_from="products"`) the best product predictions the kit has, step
+   08's final products of stage `base` (ensemble + TTA + aggregation + MD5), with each product's
+   confidence the mean probability of its predicted class over its pictures in the ensemble store
+   (1 for products the MD5 lookup decided); `labels_from="model"` takes the base model's own
+   predictions (its step-06 store, all views). A threshold the source cannot reach under its
+   models' label smoothing is refused before anything runs.
+2. Selection (`cdkit.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
+   labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`).
+3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
+   stage `pseudo` with the settings they ran with (run_dir/params/*.yaml), the fine-tuned model in
+   its base model's place: `RunLayout.products("pseudo", split)`, which step 10 may submit."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ..params import ParamsError, RunParams, load_params
+from ..prepare import Prepared, load_prepared
+from ..runs import RunLayout, check_name
+from . import aggregate as step08
+from . import ensemble as step07
+from . import predict as step06
+
+
+class PseudoParams(RunParams):
+    "Parameters of notebooks/09_pseudo_label_finetune.ipynb and `cdkit pseudo`"
+    name: str = "pseudo"                  # the fine-tuned model: run_dir/models/<name>/
+    base: str = "resnet"                  # the model to fine-tune; it gives its place in the ensemble to <name>
+    labels_from: Literal["products", "model"] = "products"  # products: step 08's final products (ensemble+TTA+aggregation+MD5); model: the base model alone
+    # selection
+    threshold: float = Field(0.5, ge=0, le=1)  # keep products whose confidence (mean probability of the label) is at least this
+    margin: float = Field(0.0, ge=0, le=1)     # and whose top-1 minus top-2 probability is at least this
+    rank_by: Literal["prob", "margin"] = "prob"  # confidence used by fraction and cap
+    fraction: float = Field(1.0, gt=0, le=1)   # then keep at most this share of all test products, most confident first
+    cap_per_category: int = Field(0, ge=0)     # then at most this many products per class (0: no cap)
+    # loss schedule (Lee 2013): alpha = 0 before T1, alpha_final*(t-T1)/(T2-T1) up to T2, alpha_final after
+    alpha_final: float = Field(0.3, ge=0, le=10)  # the authors' alpha
+    T1: float = Field(0.0, ge=0)          # the model is already trained: pseudo-labels count from the start
+    T2: float = Field(1.0, ge=0)          # full weight after the first epoch
+    alpha_unit: Literal["epoch", "iter"] = "epoch"  # unit of t, T1, T2: (fractional) epochs or optimizer steps
+    # batches
+    pseudo_per_labeled: float = Field(3.0, ge=0, le=64)  # pseudo-labeled pictures per labeled picture in every batch (authors: 3)
+    epoch_size: Literal["pseudo", "labeled"] = "pseudo"  # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
+    bs: int = Field(32, ge=1)             # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
+    epochs: int = Field(2, ge=1)          # fine-tuning epochs
+    lr: float = Field(1e-4, gt=0, le=1)   # peak of the one-cycle schedule: a fine-tune (1e-3 undid the demo model's training)
+    pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
+    wd: float = Field(0.01, ge=0)         # decoupled weight decay
+    max_train_images: int | None = Field(None, ge=1)  # labeled pictures drawn from (whole products); None: all
+    num_workers: int = Field(0, ge=0)     # DataLoader worker processes
+    seed: int = Field(0, ge=0)            # batch order and augmentation
+    device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        check_name(self.name, "name"), check_name(self.base, "base")
+        if self.name == self.base:
+            raise ValueError(f"name={self.name!r} equals base={self.base!r}: the fine-tuned model needs its own folder")
+        if self.T1 > self.T2:
+            raise ValueError(f"T1={self.T1} is after T2={self.T2}")
+        return self
+
+
+@dataclass
+class PseudoResult:
+    "What step 09 produced; the fine-tuned model's stages 06-08 are in predict/ensemble/aggregate"
+    labels_from: str
+    selection: pd.DataFrame               # chosen products: product_id, pred_class, prob, margin, label, rank
+    selection_table: pd.DataFrame         # per class: predicted, chosen, pictures (precision where the truth is known)
+    selection_summary: pd.DataFrame       # one row: products, chosen, share, precision, ...
+    alpha: pd.DataFrame                   # per training step: iter, epoch, t, alpha, n_labeled, n_pseudo, losses
+    predict: step06.PredictResult = None  # the fine-tuned model's stores (same settings as step 06)
+    ensemble: step07.EnsembleResult = None
+    aggregate: step08.AggregateResult = None
+    single_model: pd.DataFrame = None     # base vs fine-tuned model alone: product accuracy (1 view, all views)
+    changed: dict = field(default_factory=dict)  # {split: products whose final prediction differs from stage base}
+    seconds: float = 0.0
+
+
+def _saved(layout: RunLayout, cls, step):
+    path = layout.step_params(step)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: step 09 repeats steps 06-08 with their settings, so run them "
+                                "first in this run folder")
+    return load_params(cls, [path])
+
+
+def _confidence_from_products(prep: Prepared, layout: RunLayout, ensemble_models) -> pd.DataFrame:
+    "product_id, pred_class (step 08's final), prob (its mean probability over the product's pictures), margin"
+    from ..aggregate import mean_aggregate, prediction_rows
+    from ..pseudolabel import product_confidence
+    from ..store import load_store
+    final = pd.read_parquet(layout.products("base", "test"))
+    r = prediction_rows([load_store(layout.ensemble_store("base", "test"))])
+    mean = mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes)
+    conf = product_confidence(mean).set_index("product_id")
+    f = final.set_index("product_id")
+    # the mean probability of the final class (0 where it is outside a product's kept candidates)
+    pos = pd.Series(np.arange(len(mean.product_id)), index=mean.product_id).reindex(f.index)
+    ok = pos.notna().to_numpy()
+    p = np.zeros(len(f))
+    rows = pos.to_numpy()[ok].astype(np.int64)
+    hit = mean.cls[rows] == f["pred_class"].to_numpy()[ok][:, None]
+    p[ok] = np.where(hit, np.where(np.isfinite(mean.score[rows]), mean.score[rows], 0), 0).sum(1)
+    if "md5" in f:
+        p = np.where(f["md5"].to_numpy(bool), 1.0, p)
+    out = pd.DataFrame({"product_id": f.index.to_numpy(np.int64), "pred_class": f["pred_class"].to_numpy(np.int64),
+                        "prob": p, "margin": conf["margin"].reindex(f.index).fillna(0).to_numpy(),
+                        "n_preds": conf["n_preds"].reindex(f.index).fillna(0).to_numpy(np.int64)})
+    return out
+
+
+def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
+    from ..aggregate import mean_aggregate, prediction_rows
+    from ..pseudolabel import product_confidence
+    from ..store import load_store
+    r = prediction_rows([load_store(layout.store(base, "test"))])
+    return product_confidence(mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, k_out=2))
+
+
+def check_threshold(P: PseudoParams, layout: RunLayout, members):
+    "Refuse a threshold that the label source's models cannot reach under their label smoothing"
+    from ..models import read_card
+    names = [P.base] if P.labels_from == "model" else members
+    cards = {m: read_card(layout.model_dir(m)) for m in names}
+    reach = max(c.max_prob for c in cards.values())
+    if P.threshold > reach:
+        smooth = ", ".join(f"{m}: label_smoothing={c.label_smoothing}" for m, c in cards.items())
+        raise ParamsError(f"threshold={P.threshold} cannot be reached: with {smooth} the highest probability a "
+                          f"model gives is {reach:.5f}, so (MD5 matches aside) no product would be selected. "
+                          f"Lower threshold below {reach:.5f} or train without label smoothing")
+
+
+def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
+    from ..io import folder_lock
+    layout = RunLayout.of(P.run_dir)
+    with folder_lock(layout.model_dir(P.name), "model folder"):
+        return _run(P, prep, layout, log)
+
+
+def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
+    import torch
+    from fastai.torch_core import set_seed
+    from ..models import load_trained, save_trained
+    from ..params import save_params
+    from ..pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
+    from .train import _sample_products
+    t0 = time.time()
+    P06, P07, P08 = (_saved(layout, step06.PredictParams, "predict"), _saved(layout, step07.EnsembleParams, "ensemble"),
+                     _saved(layout, step08.AggregateParams, "aggregate"))
+    if P.base not in P07.models:
+        raise ParamsError(f"base={P.base!r} is not among the ensemble's models {P07.models} (step 07): the "
+                          "fine-tuned model takes its base model's place")
+    members = [P.name if m == P.base else m for m in P07.models]
+    check_threshold(P, layout, P07.models)
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    device = torch.device(P.device) if P.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_trained(layout.model_dir(P.base), device=device)
+    save_params(P, layout.model_dir(P.name) / "params.yaml")
+
+    conf = (_confidence_from_products(prep, layout, P07.models) if P.labels_from == "products"
+            else _confidence_from_model(layout, P.base))
+    chosen = select_pseudo(conf, P.threshold, P.margin, P.fraction, P.cap_per_category, P.rank_by)
+    test_images = prep.test_images()
+    pseudo = pseudo_images(chosen, test_images)
+    truth = prep.truth("test")
+    table, summary = selection_report(chosen, conf, truth, prep.catalog, pseudo)
+    log(f"{len(chosen)} of {len(conf)} test products pseudo-labeled ({len(pseudo)} pictures) from {P.labels_from}")
+    if not len(chosen):
+        raise ValueError(f"no test product reached threshold={P.threshold} / margin={P.margin}: nothing to "
+                         "fine-tune on; lower them")
+
+    train_images = prep.train_images()
+    valid_rows = prep.valid_mask(train_images)
+    labeled = _sample_products(train_images[~valid_rows], P.max_train_images, P.seed).reset_index(drop=True)
+    valid = train_images[valid_rows].reset_index(drop=True)
+    set_seed(P.seed)
+    dls = mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, prep.catalog.n_classes, bs=P.bs,
+                            pseudo_per_labeled=P.pseudo_per_labeled, epoch_size=P.epoch_size, size=base.size,
+                            item_size=base.item_size, mean=base.mean, std=base.std, num_workers=P.num_workers,
+                            seed=P.seed, device=device)
+    learn = finetune_learner(base.model, dls, wd=P.wd, path=layout.model_dir(P.name))
+    alpha = finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit)
+    card = base.card
+    card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
+    save_trained(base.model, layout.model_dir(P.name), card)
+    alpha.to_csv(layout.model_dir(P.name) / "alpha.csv", index=False)
+    chosen.to_parquet(layout.model_dir(P.name) / "selection.parquet", index=False)
+
+    # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
+    pred = step06.run(P06.replace(models=[P.name]), prep, log, save=False)
+    ens = step07.run(P07.replace(models=members, stage="pseudo"), prep, log, save=False)
+    agg = step08.run(P08.replace(models=members, stage="pseudo"), prep, log, save=False)
+    base_table = step06.run(P06.replace(models=[P.base]), prep, log, save=False).table
+    single = pd.concat([base_table, pred.table])
+    changed = {}
+    for split in ("valid", "test"):
+        a = pd.read_parquet(layout.products("base", split)).set_index("product_id")["pred_class"]
+        b = pd.read_parquet(layout.products("pseudo", split)).set_index("product_id")["pred_class"]
+        changed[split] = int((a.reindex(b.index).to_numpy() != b.to_numpy()).sum())
+    return PseudoResult(P.labels_from, chosen, table, summary, alpha, pred, ens, agg, single, changed, time.time() - t0)
+
+
+def record(run_dir, R: PseudoResult):
+    "The study's pseudo-label row: stage `pseudo`'s final products, computed from its own files"
+    from ..report import record as rec
+    a = R.aggregate.accuracy
+    rec(run_dir, "study", "+pseudo-labels", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
+                                             "labels from": R.labels_from, "test products changed": R.changed["test"]})
+    s = R.selection_summary.iloc[0].to_dict()
+    rec(run_dir, "09 pseudo-labels", "selection", {k: v for k, v in s.items()})
+    rec(run_dir, "09 pseudo-labels", "single model (product accuracy)", R.single_model.round(4).to_dict(orient="index"))
+    rec(run_dir, "09 pseudo-labels", "products changed against stage base", R.changed)
+    step07.record(run_dir, R.ensemble)
+    step08.record(run_dir, R.aggregate)
+
+
+def plot_alpha(alpha: pd.DataFrame):
+    "alpha(t) as applied at each training step, and the two parts' cross entropies"
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    x = np.arange(len(alpha))
+    ax.plot(x, alpha["alpha"], color="C3", label="alpha (applied)")
+    ax.set(xlabel="training step", ylabel="alpha", title="pseudo-label loss weight alpha(t) and the two losses")
+    handles = ax.get_legend_handles_labels()
+    if "loss_labeled" in alpha:
+        ax2 = ax.twinx()
+        ax2.plot(x, alpha["loss_labeled"], color="C0", alpha=0.6, lw=0.8, label="CE labeled")
+        ax2.plot(x, alpha["loss_pseudo"], color="C1", alpha=0.6, lw=0.8, label="CE pseudo")
+        ax2.set_ylabel("loss")
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    # one legend outside the axes: it never covers the curves
+    fig.legend(*handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,92 @@
+"""Step 10: the validated submission from the best product predictions, optionally sent to Kaggle.
+
+`source="auto"` takes, of the stages whose products exist (`base` from step 08, `pseudo` from step
+09), the one more accurate on the validation products: never chosen by the test set."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pandas as pd
+from pydantic import Field
+
+from ..params import RunParams
+from ..prepare import Prepared, load_prepared
+from ..runs import STAGES, RunLayout
+
+
+class SubmitParams(RunParams):
+    "Parameters of notebooks/10_submit.ipynb and `cdkit submit`"
+    source: Literal["auto", "base", "pseudo"] = "auto"  # products to submit: auto (better on validation), base (step 08) or pseudo (step 09)
+    submit: bool = False                  # True: submit to Kaggle (credentials as the kaggle package finds them)
+    message: str = Field("cdkit", min_length=1, max_length=500)  # the submission's description on Kaggle
+
+
+@dataclass
+class SubmitResult:
+    path: Path                            # run_dir/submission.csv.gz, validated
+    stage: str                            # the products submitted
+    valid_accuracy: dict                  # {stage: validation product accuracy} of the candidates
+    rows: int
+    n_filled: int                         # products without a prediction, given the most frequent category
+    test_accuracy: Optional[float]        # against the synthetic test truth (None on the real data)
+    submission: pd.DataFrame
+
+
+def choose_stage(P: SubmitParams, prep: Prepared):
+    "(stage, {stage: validation accuracy}) of the products to submit"
+    layout = RunLayout.of(P.run_dir)
+    present = [s for s in STAGES if layout.products(s, "test").exists() and layout.products(s, "valid").exists()]
+    acc = {}
+    for s in present:
+        v = pd.read_parquet(layout.products(s, "valid"))
+        acc[s] = prep.accuracy(v["product_id"], v["pred_class"], "valid")
+    if P.source != "auto":
+        if P.source not in present:
+            raise FileNotFoundError(f"source={P.source!r}: {layout.products(P.source, 'test')} not found "
+                                    f"(step {'08' if P.source == 'base' else '09'} writes it)")
+        return P.source, acc
+    if not present:
+        raise FileNotFoundError(f"no product predictions in {layout.root / 'products'}: run step 08 (and optionally 09) first")
+    # a later stage must do better on validation to be submitted
+    best = present[0]
+    for s in present[1:]:
+        if acc[s] > acc[best]:
+            best = s
+    return best, acc
+
+
+def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
+    """Write run_dir/submission.csv.gz from the chosen products, in sample_submission order, validated
+    first; products without a prediction get the most frequent train category"""
+    from ..submission import fill_missing, kaggle_submit, make_submission, write_submission
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    layout = RunLayout.of(P.run_dir)
+    stage, acc = choose_stage(P, prep)
+    products = pd.read_parquet(layout.products(stage, "test"))
+    sample = prep.data_dir / "sample_submission.csv"
+    sample_ids = pd.read_csv(sample, usecols=["_id"])["_id"].to_numpy()
+    fallback = int(prep.train_index["category_id"].mode().iloc[0])
+    pred, n_filled = fill_missing(products.set_index("product_id")["category_id"], sample_ids, fallback)
+    if n_filled:
+        log(f"{n_filled} products had no prediction and get the most frequent category {fallback}")
+    sub = make_submission(pred.index.to_numpy(), pred.to_numpy(), sample)
+    path = write_submission(sub, layout.submission, sample, prep.catalog.category_ids)
+    truth = prep.test_truth()
+    test_acc = None
+    if truth is not None:
+        t = truth.set_index("_id")["category_id"].reindex(sub["_id"].to_numpy()).to_numpy()
+        test_acc = float((sub["category_id"].to_numpy() == t).mean())
+    log(f"{path}: {len(sub):,} products from stage {stage!r} (validation accuracy {acc.get(stage, float('nan')):.4f})")
+    kaggle_submit(path, P.message, dry_run=not P.submit, sample_submission_path=sample,
+                  known_category_ids=prep.catalog.category_ids)
+    return SubmitResult(path, stage, acc, len(sub), n_filled, test_acc, sub)
+
+
+def record(run_dir, R: SubmitResult):
+    from ..report import record as rec
+    rec(run_dir, "10 submission", "stage submitted", R.stage)
+    rec(run_dir, "10 submission", "validation accuracy per stage", R.valid_accuracy)
+    rec(run_dir, "10 submission", "test accuracy (synthetic truth)", R.test_accuracy)
+    rec(run_dir, "10 submission", "file", str(R.path))
