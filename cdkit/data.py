@@ -9,11 +9,14 @@ and a `TensorCategory` label. Per batch, on the DataLoaders' device (the GPU whe
 `IntToFloatTensor`, fastai's flip / rotate / zoom (`aug_transforms`, which also resizes to `size`,
 for validation too) and `Normalize`.
 
-A picture that does not decode never stops a run: it is counted (`dls.bad_pictures()`, summed over
-worker processes through a shared counter), logged with its product id and picture index (the first
-few, then at every power of ten), and replaced by the next row's picture together with that row's
-label (training), or by a blank grey picture (prediction, where another product's picture would
-leak into this product's prediction).
+A picture that cannot be used never stops a run, whatever is wrong with it (bytes that decode as
+nothing, a header claiming a huge size, a `picture` that is no binary or is missing from its
+document): it is counted (`dls.bad_pictures()`, summed over worker processes through a shared
+counter), logged with its product id and picture index (the first few, then at every power of ten),
+and replaced. Training replaces it by another picture of the same product (same label) when the
+product has one, else by the next decodable row's picture together with that row's label;
+validation and prediction replace it by a blank grey picture and keep the row's own label, so that
+no other product's picture is scored or predicted as this product's.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
-import simplejpeg
 import torch
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import IntToFloatTensor, Normalize
@@ -79,7 +81,10 @@ class PictureDataset:
     `crop`: "random" (training: random `item_size` crop), "center" (validation, prediction view 0),
     "full" (the whole picture, for the TTA predictor that crops on the device). With `with_row`, the
     row position is appended to each item, so a consumer can map a batch back to the table whatever
-    the worker order. `on_bad`: "next" (the next decodable row's picture and label) or "blank"."""
+    the worker order. `on_bad`: what replaces a bad picture: "next" (training only, i.e. crop="random"
+    and split_idx=0, and its default there: another picture of the same product, else the next
+    decodable row's picture and label) or "blank" (the grey picture with the row's own label; the
+    default and the only choice for validation and prediction)."""
 
     def __init__(self, images: pd.DataFrame, bson_path, item_size=PICTURE_SIZE, crop="center",
                  with_labels=True, with_row=False, on_bad=None, split_idx=1):
@@ -89,8 +94,12 @@ class PictureDataset:
         self.item_size = PICTURE_SIZE if crop == "full" else int(item_size)
         crop_offset(PICTURE_SIZE, self.item_size)  # fail now on an impossible size
         self.crop, self.with_labels, self.with_row, self.split_idx = crop, with_labels, with_row, split_idx
-        self.on_bad = on_bad or ("next" if with_labels else "blank")
+        training = crop == "random" and split_idx == 0
+        self.on_bad = on_bad or ("next" if training and with_labels else "blank")
         if self.on_bad not in ("next", "blank"): raise ValueError(f"on_bad must be next or blank, got {self.on_bad!r}")
+        if self.on_bad == "next" and not training:
+            raise ValueError("on_bad='next' puts another picture in a bad one's place: training only (crop='random', "
+                             "split_idx=0); validation and prediction use 'blank'")
         # plain arrays, not the DataFrame: cheap to index per item and shared copy-on-write after fork
         self.product_id = images["product_id"].to_numpy(np.int64)
         self.img_idx = images["img_idx"].to_numpy(np.int8)
@@ -112,39 +121,56 @@ class PictureDataset:
         return self.reader.picture(self.offset[i], self.length[i], self.img_idx[i])
 
     def decode(self, i):
-        "(H, W, 3) uint8 of row i, PICTURE_SIZE square; ImageDecodeError if it does not decode"
-        data = self.jpeg(i)
-        try:
-            a = simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: corrupt data raises
-        except Exception:
-            a = decode_rgb(data)  # PIL for PNG / CMYK / grayscale; raises ImageDecodeError
+        """(H, W, 3) uint8 of row i, PICTURE_SIZE square; ImageDecodeError if it cannot be used (BadPictureError
+        when its structure in the file is unsound, see `BsonReader.slots`)"""
+        a = decode_rgb(self.jpeg(i))  # header checked first; simplejpeg, else PIL for PNG / CMYK / grayscale
         if a.shape[:2] != (PICTURE_SIZE, PICTURE_SIZE):  # not in the competition data; keep batches square
             from PIL import Image
             a = np.asarray(Image.fromarray(a).resize((PICTURE_SIZE, PICTURE_SIZE), Image.BILINEAR))
         return a
 
-    def _note_bad(self, i, err):
+    def _note_bad(self, i, err, instead):
         with self._bad.get_lock():
             self._bad.value += 1
             n = self._bad.value
         self._logged += 1
         if self._logged <= _LOG_FIRST or str(n).rstrip("0") == "1":  # then at 10, 100, 1000, ... overall
-            log.warning("picture %d of product %d (row %d of %s) does not decode (%s); substituted (%s). "
+            log.warning("picture %d of product %d (row %d of %s) cannot be used (%s); replaced by %s. "
                         "%d bad picture(s) so far", self.img_idx[i], self.product_id[i], i, self.reader.path,
-                        err, self.on_bad, n)
+                        err, instead, n)
+
+    def _substitutes(self, i):
+        "Rows that may stand in for row i in training: the same product's other pictures first, then the next rows"
+        pid, n = self.product_id[i], len(self)
+        j = i - 1
+        while j >= 0 and self.product_id[j] == pid: yield j; j -= 1
+        j = i + 1
+        while j < n and self.product_id[j] == pid: yield j; j += 1
+        for k in range(1, _MAX_SUBSTITUTES):
+            j = (i + k) % n
+            if self.product_id[j] != pid: yield j
 
     def picture(self, i):
-        "(row actually used, (H, W, 3) uint8 array) of row i, substituted when it does not decode"
-        for k in range(_MAX_SUBSTITUTES):
-            j = (i + k) % len(self)
-            try:
-                return j, self.decode(j)
-            except ImageDecodeError as e:
-                self._note_bad(j, e)
-                if self.on_bad == "blank":
-                    return i, np.full((PICTURE_SIZE, PICTURE_SIZE, 3), BLANK_VALUE, np.uint8)
-        raise ImageDecodeError(f"{self.reader.path}: {_MAX_SUBSTITUTES} consecutive pictures from row {i} "
-                               "do not decode; is this a competition BSON file?")
+        "(row actually used, (H, W, 3) uint8 array) of row i, counted and replaced when it cannot be used"
+        try:
+            return i, self.decode(i)
+        except ImageDecodeError as e:
+            err = e
+        if self.on_bad == "next":
+            for j in self._substitutes(i):
+                try:
+                    a = self.decode(j)
+                except ImageDecodeError:
+                    continue  # counted when its own row is read
+                same = self.product_id[j] == self.product_id[i]
+                self._note_bad(i, err, f"picture {self.img_idx[j]} of the same product" if same else
+                               f"row {j} (product {self.product_id[j]}) with its label")
+                return j, a
+            self._note_bad(i, err, "nothing")
+            raise ImageDecodeError(f"{self.reader.path}: {_MAX_SUBSTITUTES} consecutive pictures from row {i} "
+                                   "cannot be used; is this a competition BSON file?")
+        self._note_bad(i, err, "a blank grey picture")
+        return i, np.full((PICTURE_SIZE, PICTURE_SIZE, 3), BLANK_VALUE, np.uint8)
 
     def __getitem__(self, i):
         "(picture (s, s, 3) uint8 view[, label][, row]); `collate_pictures` makes the batch tensors"

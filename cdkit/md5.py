@@ -6,6 +6,7 @@ each row as one 16-byte value (memcmp order), so no Python loop runs per picture
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ import numpy as np
 from cdkit.aggregate import candidate_runs, row_spread, top_runs
 
 _V16 = np.dtype((np.void, 16))
+_LOG_FIRST = 10  # unsound pictures logged one by one
+log = logging.getLogger(__name__)
 
 
 def _as_void(hashes):
@@ -21,19 +24,35 @@ def _as_void(hashes):
     return h.view(_V16).ravel()
 
 
-def hash_pictures(reader, image_table):
+def hash_pictures(reader, image_table, return_bad=False):
     """(n, 16) uint8 md5 digest of every picture of `image_table` (offset, length, img_idx), read with
-    `reader`; each product document is read once, however many of its pictures follow each other"""
+    `reader`; each product document is read once, however many of its pictures follow each other.
+
+    A picture whose structure is unsound (see `BsonReader.slots`), an empty one, or one that the
+    product does not have never stops the hashing: it is counted, logged, and given a digest of its own file,
+    offset and position, which matches no picture's. With `return_bad`, also the (n,) bool mask of them."""
+    from .bsonfile import BadPictureError
     out = np.empty((len(image_table), 16), np.uint8)
-    last, pics = None, None
+    bad = np.zeros(len(image_table), bool)
+    last, pics, n_bad = None, None, 0
+    read = getattr(reader, "slots", reader.pictures)  # slots: a BsonReader's, with the reason of each unsound picture
     cols = (np.asarray(image_table["offset"]), np.asarray(image_table["length"]), np.asarray(image_table["img_idx"]))
     for row, (o, n, i) in enumerate(zip(*cols)):
         if o != last:
-            last, pics = o, reader.pictures(int(o), int(n))
-        if not 0 <= i < len(pics):
-            raise IndexError(f"{reader.path}: product at byte offset {o} has {len(pics)} pictures, no picture {i}")
-        out[row] = np.frombuffer(hashlib.md5(pics[i]).digest(), np.uint8)
-    return out
+            last, pics = o, read(int(o), int(n))
+        pic = pics[i] if 0 <= i < len(pics) else BadPictureError(
+            f"{reader.path}: product at byte offset {o} has {len(pics)} pictures, no picture {i}")
+        if not pic:  # an empty picture is no picture either: all of them would share one digest
+            pic = BadPictureError(f"{reader.path}: product at byte offset {o}, picture {i}: 0 bytes")
+        if not isinstance(pic, bytes):
+            bad[row] = True
+            n_bad += 1
+            if n_bad <= _LOG_FIRST: log.warning("md5: %s; given a digest that matches nothing", pic)
+            pic = f"cdkit: no picture {i} at byte offset {o} of {reader.path}".encode()
+        out[row] = np.frombuffer(hashlib.md5(pic).digest(), np.uint8)
+    if n_bad:
+        log.warning("md5: %d unsound picture(s) in %s were counted and match nothing", n_bad, reader.path)
+    return (out, bad) if return_bad else out
 
 
 @dataclass
@@ -119,3 +138,30 @@ def apply_md5(cls, prob, rest, match: Md5Match, n_classes, alpha=1.0, min_count=
     cls[sel], prob[sel] = top_cls, top_val
     rest[sel] = np.maximum(1 - top_val.sum(1), 0)
     return cls, prob, rest
+
+
+# ---- product level: MD5 applied after aggregation, and the product-set lookup ----
+
+def product_keys(hashes, product_id):
+    """(product ids (P,) sorted, keys (P, 16) uint8): each product's key is the MD5 of its pictures'
+    digests in sorted order, so two products with the same set of pictures share a key whatever the
+    order of their pictures"""
+    h = np.ascontiguousarray(np.asarray(hashes, np.uint8))
+    pid = np.asarray(product_id, np.int64)
+    if len(h) != len(pid): raise ValueError(f"{len(h)} hashes but {len(pid)} product ids")
+    if not len(pid):
+        return np.zeros(0, np.int64), np.zeros((0, 16), np.uint8)
+    order = np.lexsort([h[:, j] for j in range(15, -1, -1)] + [pid])
+    h, pid = h[order], pid[order]
+    starts = np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]])
+    ends = np.r_[starts[1:], len(pid)]
+    buf = h.tobytes()
+    keys = np.frombuffer(b"".join(hashlib.md5(buf[a * 16:b * 16]).digest() for a, b in zip(starts, ends)),
+                         np.uint8).reshape(-1, 16)
+    return pid[starts], keys
+
+
+def product_md5_rows(product_id, match: Md5Match):
+    "(product_id, cls, prob) of the pictures that matched, for aggregation into a product distribution"
+    sel = np.flatnonzero(match.found)
+    return np.asarray(product_id, np.int64)[sel], match.cls[sel], match.prob[sel]

@@ -121,17 +121,21 @@ def test_same_seed_same_order(small):
 
 def test_corrupt_picture_is_counted_logged_and_substituted(small, caplog):
     path, t = small
-    ds = PictureDataset(t, path, 180, crop="center")
+    ds = PictureDataset(t, path, 180, crop="random", split_idx=0)
     row = int(np.flatnonzero((t["product_id"] == CORRUPT[0]) & (t["img_idx"] == CORRUPT[1]))[0])
     with caplog.at_level(logging.WARNING, logger="cdkit.data"):
         x, y = ds[row]
     assert ds.bad_pictures == 1
     assert f"picture {CORRUPT[1]} of product {CORRUPT[0]}" in caplog.text
-    # replaced by the next row's picture, with that row's label
-    assert y == t["label"].iloc[row + 1] and x[90, 90, 0] == pytest.approx(colour(y, 0)[0], abs=3)
-    blank = PictureDataset(t, path, 180, crop="center", with_labels=False)
-    (xb,) = blank[row]
-    assert blank.bad_pictures == 1 and (xb == 128).all()
+    # training: replaced by another picture of the same product (its label, the colour of picture 0 or 2)
+    label = t["label"].iloc[row]
+    assert y == label and x[90, 90, 0] == pytest.approx(colour(label, 0)[0], abs=3)
+    assert x[90, 90, 1] != pytest.approx(colour(label, CORRUPT[1])[1], abs=10)
+    for kw in (dict(with_labels=False), dict()):  # prediction and validation: grey, the row's own label
+        blank = PictureDataset(t, path, 180, crop="center", **kw)
+        item = blank[row]
+        assert blank.bad_pictures == 1 and (item[0] == 128).all()
+        assert item[1:] == ((label,) if kw == {} else ())
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
