@@ -5,19 +5,26 @@ Each is a small class doing one thing; `train.py` puts them together.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import (Callback, CancelBatchException, CancelFitException,
-                                  CancelStepException)
+from fastai.callback.core import (
+    Callback,
+    CancelBatchException,
+    CancelFitException,
+    CancelStepException,
+)
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger
 from fastai.learner import Metric
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
+
+from .io import atomic_write, process_alive, sweep_temps
 
 
 def _unwrap(model):
@@ -243,7 +250,8 @@ class Checkpoint(Callback):
     def __init__(self, path, start_epoch=0, resumed=None): store_attr()
 
     def before_fit(self):
-        "Put back what other callbacks' before_fit just reset (they run first)"
+        "Sweep what an interrupted checkpoint write left; put back what other callbacks' before_fit just reset"
+        if not rank_distrib(): sweep_checkpoint_temps(self.path)
         if self.resumed is None: return
         if self.resumed.get("scaler") is not None and getattr(self.learn, "scaler", None) is not None:
             self.learn.scaler.load_state_dict(self.resumed["scaler"])  # MixedPrecision made a new one
@@ -269,8 +277,22 @@ class StopAfter(Callback):
         if self.epoch + 1 >= self.n_epochs: raise CancelFitException()
 
 
+def sweep_checkpoint_temps(path):
+    """Remove the temp files that killed or failed checkpoint writes left beside `path` (those of
+    processes no longer running; also the `<name>.tmp<pid>` files of older versions)"""
+    path = Path(path)
+    removed = sweep_temps(path.parent)
+    for p in path.parent.glob(f"{glob.escape(path.name)}.tmp*") if path.parent.is_dir() else []:
+        pid = p.name[len(path.name) + 4:]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def save_checkpoint(learn, path, epochs_done):
-    "Atomically write the state after `epochs_done` epochs to `path`"
+    """Atomically write the state after `epochs_done` epochs to `path` (through cdkit.io: a failed
+    write leaves no temp file, a full disk raises DiskFullError naming `path`)"""
     cb_states = {type(cb).__name__: cb.state_dict() for cb in learn.cbs
                  if hasattr(cb, "state_dict") and callable(cb.state_dict)}
     state = dict(epoch=epochs_done, model=_unwrap(learn.model).state_dict(), opt=learn.opt.state_dict(),
@@ -279,11 +301,7 @@ def save_checkpoint(learn, path, epochs_done):
                  smooth_loss=(learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val)
                  if hasattr(learn, "recorder") else None,
                  scaler=learn.scaler.state_dict() if getattr(learn, "scaler", None) is not None else None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(learn, path):

@@ -20,7 +20,7 @@ TMP_MARK = ".tmp-"
 
 
 class DiskFullError(OSError):
-    "No space left on the device while writing a named path"
+    "No space left on the device (or past the file size limit, EFBIG) while writing a named path"
 
 
 def tmp_path(path: Path) -> Path:
@@ -36,16 +36,26 @@ def _remove(p: Path):
             p.unlink()
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# how torch.save (inline_container.cc), pyarrow and numpy report a full disk in their own words
+_FULL_WORDS = ("no space left", "unexpected pos", "disk quota", "file write failed", "file too large")
+
+
 def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save and pyarrow report a full disk in their own words
-    text = str(e).lower()
-    return any(s in text for s in ("no space left", "unexpected pos", "disk quota", "file write failed"))
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(s in text for s in _FULL_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @contextlib.contextmanager
-def _words_on_disk_full(path):
+def disk_full_as_error(path):
+    """Turn whatever a full disk raises inside the block (ENOSPC, EDQUOT, EFBIG, torch's
+    `unexpected pos`, pyarrow's and numpy's words for it) into DiskFullError naming `path`"""
     try:
         yield
     except DiskFullError:
@@ -54,6 +64,9 @@ def _words_on_disk_full(path):
         if _is_disk_full(e):
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}") from e
         raise
+
+
+_words_on_disk_full = disk_full_as_error
 
 
 def atomic_write(path, write):
@@ -116,7 +129,8 @@ def replace_dir(tmp, path):
         os.replace(tmp, path)
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` is running (this process counts as running)"
     if pid == os.getpid():
         return True
     try:
@@ -128,6 +142,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_pid_alive = process_alive
+
+
 def sweep_temps(folder, recursive=False) -> list:
     """Remove the temp files and folders that a killed or failed write left in `folder` (those of
     processes that are no longer running); returns what was removed"""
@@ -137,7 +154,7 @@ def sweep_temps(folder, recursive=False) -> list:
     removed = []
     for p in (folder.rglob(f".*{TMP_MARK}*") if recursive else folder.glob(f".*{TMP_MARK}*")):
         owner = p.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-        if owner.isdigit() and _pid_alive(int(owner)):
+        if owner.isdigit() and process_alive(int(owner)):
             continue
         _remove(p)
         removed.append(p)

@@ -27,19 +27,26 @@ plus 9 bytes per picture (product_id, img_idx); see `nominal_bytes_per_view` and
 
 `StoreWriter` appends chunks to a temporary folder next to the target and moves it into place in
 `close` with ``os.replace``; a writer that never closed leaves only that temporary folder, which
-`load_store` refuses.
+`load_store` refuses and the next writer beside it sweeps away. The manifest holds the sha256 of
+each chunk file, checked at load: a damaged chunk, or one copied in from another store, is a
+StoreError naming the store and the chunk (stores written before the checksums load unchecked).
+NaN or infinite probabilities are refused when added, naming the first bad row's product.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .io import replace_dir, tmp_path
+from .io import disk_full_as_error, replace_dir, sweep_temps, tmp_path
 
 FORMAT = "cdkit-predstore"
 VERSION = 1
@@ -163,6 +170,7 @@ class StoreWriter:
         self.prob_dtype, self.meta, self.chunk_rows, self.overwrite = prob_dtype, dict(meta or {}), chunk_rows, overwrite
         if self.path.exists() and not overwrite: raise StoreError(f"{self.path} exists (pass overwrite=True to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_temps(self.path.parent)  # stores whose writers were killed
         self.tmp = tmp_path(self.path)
         self.tmp.mkdir()
         self.chunks, self.buf, self.n_buf, self.n_rows, self.closed = [], [], 0, 0, False
@@ -178,6 +186,7 @@ class StoreWriter:
         pid, img = np.asarray(_cpu(product_id), np.int64).reshape(-1), np.asarray(_cpu(img_idx)).reshape(-1)
         if len(pid) != shape[0] or len(img) != shape[0]:
             raise ValueError(f"product_id ({len(pid)}), img_idx ({len(img)}) and probs ({shape[0]}) lengths differ")
+        self._refuse_non_finite(probs, pid, "probabilities")
         cls, val, rest = topk(probs, self.k)
         self.buf.append(dict(product_id=pid, img_idx=img.astype(np.int8), cls=cls.astype(np.uint16),
                              prob=quantize(val, self.prob_dtype), rest=rest.astype(_rest_dtype(self.prob_dtype))))
@@ -191,19 +200,40 @@ class StoreWriter:
         if cls.shape[1:] != (self.n_views, self.k):
             raise ValueError(f"cls must be (batch, {self.n_views}, {self.k}), got {cls.shape}")
         q = np.asarray(prob)
+        pid = np.asarray(product_id, np.int64).reshape(-1)
+        self._refuse_non_finite(q, pid, "probabilities")
+        self._refuse_non_finite(np.asarray(rest), pid, "rest")
         if q.dtype != np.dtype(self.prob_dtype): q = quantize(q, self.prob_dtype)
         self.buf.append(dict(product_id=np.asarray(product_id, np.int64), img_idx=np.asarray(img_idx).astype(np.int8),
                              cls=cls.astype(np.uint16), prob=q, rest=np.asarray(rest).astype(_rest_dtype(self.prob_dtype))))
         self.n_buf += len(cls)
         if self.n_buf >= self.chunk_rows: self.flush()
 
+    def _refuse_non_finite(self, values, product_id, what):
+        "StoreError naming the store and the first row's product when `values` (b, ...) hold NaN or inf"
+        if hasattr(values, "detach"):
+            import torch
+            bad = ~torch.isfinite(values.detach()).reshape(len(values), -1).all(1)
+            if not bool(bad.any()): return
+            row = int(bad.nonzero()[0, 0])
+        else:
+            if not np.issubdtype(values.dtype, np.floating): return
+            bad = ~np.isfinite(values).reshape(len(values), -1).all(1)
+            if not bad.any(): return
+            row = int(np.flatnonzero(bad)[0])
+        raise StoreError(f"{self.path}: {what} of {int(bad.sum())} row(s) are NaN or infinite, first at row {row} "
+                         f"(product_id {int(product_id[row])}); nothing of this batch was stored")
+
     def flush(self):
-        "Write the buffered rows as one chunk file"
+        "Write the buffered rows as one chunk file (its sha256 goes into the manifest)"
         if not self.buf: return
         arrays = {key: np.concatenate([b[key] for b in self.buf]) for key in self.buf[0]}
         name = f"chunk_{len(self.chunks):05d}.npz"
-        with open(self.tmp / name, "wb") as f: np.savez(f, **arrays)
-        self.chunks.append(dict(file=name, rows=self.n_buf))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        with disk_full_as_error(self.path), open(self.tmp / name, "wb") as f: f.write(data)
+        self.chunks.append(dict(file=name, rows=self.n_buf, sha256=hashlib.sha256(data).hexdigest()))
         self.n_rows += self.n_buf
         self.buf, self.n_buf = [], 0
 
@@ -213,7 +243,7 @@ class StoreWriter:
         self.flush()
         manifest = dict(format=FORMAT, version=VERSION, n_classes=self.n_classes, k=self.k, n_views=self.n_views,
                         prob_dtype=self.prob_dtype, n_rows=self.n_rows, chunks=self.chunks, meta=self.meta)
-        with open(self.tmp / MANIFEST, "w") as f:
+        with disk_full_as_error(self.path), open(self.tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, default=_json_default)
             f.flush(); os.fsync(f.fileno())
         self.tmp.joinpath("WRITING").unlink()
@@ -253,12 +283,45 @@ def read_manifest(path):
     mf = path / MANIFEST
     if not mf.exists():
         raise StoreError(f"{path} is not a complete prediction store: no {MANIFEST} (its writer's close() never ran)")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("format") != FORMAT: raise StoreError(f"{mf} is not a {FORMAT} manifest")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{mf} is corrupt (not JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{mf} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION: raise StoreError(f"{mf}: unsupported version {manifest.get('version')}")
+    missing = [key for key in ("n_classes", "k", "n_views", "prob_dtype", "n_rows", "chunks", "meta") if key not in manifest]
+    if missing: raise StoreError(f"{mf} is corrupt: no {', '.join(missing)}")
+    if manifest["prob_dtype"] not in PROB_DTYPES: raise StoreError(f"{mf}: unknown prob_dtype {manifest['prob_dtype']!r}")
     for c in manifest["chunks"]:
+        if not isinstance(c, dict) or "file" not in c or "rows" not in c:
+            raise StoreError(f"{mf} is corrupt: chunk entry {c!r}")
         if not (path / c["file"]).exists(): raise StoreError(f"{path}: chunk {c['file']} is missing")
     return manifest
+
+
+_CHUNK_ARRAYS = {"product_id": 1, "img_idx": 1, "cls": 3, "prob": 3, "rest": 2}  # name: ndim
+
+
+def _read_chunk(path, c, views, k):
+    "The arrays of one chunk, checked against the manifest entry `c` (checksum, rows, shapes)"
+    where = f"{path}: chunk {c['file']}"
+    data = (path / c["file"]).read_bytes()
+    if "sha256" in c and hashlib.sha256(data).hexdigest() != c["sha256"]:
+        raise StoreError(f"{where} does not match the checksum in the manifest (damaged, or copied in from "
+                         "another store)")
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            arrays = {key: z[key] for key in _CHUNK_ARRAYS}
+    except (zipfile.BadZipFile, zlib.error, ValueError, KeyError, OSError, EOFError) as e:
+        raise StoreError(f"{where} is unreadable ({type(e).__name__}: {e})") from None
+    n = len(arrays["product_id"])
+    if n != c["rows"]: raise StoreError(f"{where}: row count differs from the manifest")
+    for key, ndim in _CHUNK_ARRAYS.items():
+        a = arrays[key]
+        want = (n, views, k)[:ndim]
+        if a.shape != want: raise StoreError(f"{where}: {key} has shape {a.shape}, the manifest says {want}")
+    return arrays
 
 
 def _load_raw(path):
@@ -270,9 +333,8 @@ def _load_raw(path):
                  prob=np.zeros((0, views, k), manifest["prob_dtype"]), rest=np.zeros((0, views), rdt))
     parts = {key: [v] for key, v in empty.items()}
     for c in manifest["chunks"]:
-        with np.load(path / c["file"]) as z:
-            if len(z["product_id"]) != c["rows"]: raise StoreError(f"{path}/{c['file']}: row count differs from the manifest")
-            for key in parts: parts[key].append(z[key])
+        arrays = _read_chunk(path, c, views, k)
+        for key in parts: parts[key].append(arrays[key])
     return manifest, {key: np.concatenate(v) for key, v in parts.items()}
 
 
@@ -304,8 +366,9 @@ def save_store(store: PredStore, path, prob_dtype=None, overwrite=False, chunk_r
         w.abort(); raise
 
 
-def merge_stores(paths, out, overwrite=False):
-    "Concatenate shard stores (in the given order) into one store at `out`, without requantizing"
+def merge_stores(paths, out, overwrite=False, meta=None):
+    """Concatenate shard stores (in the given order) into one store at `out`, without requantizing;
+    `meta` updates the first shard's meta in the merged store"""
     paths = [Path(p) for p in paths]
     if not paths: raise ValueError("merge_stores needs at least one store")
     loaded = [_load_raw(p) for p in paths]
@@ -320,7 +383,7 @@ def merge_stores(paths, out, overwrite=False):
     if len(dup):
         ex = ", ".join(f"product_id {d // 256} img_idx {d % 256}" for d in np.unique(dup)[:5])
         raise StoreError(f"{len(np.unique(dup))} picture(s) appear in more than one shard, e.g. {ex}")
-    meta = dict(m0["meta"], merged_from=[str(p) for p in paths])
+    meta = dict(m0["meta"], **(meta or {}), merged_from=[str(p) for p in paths])
     w = StoreWriter(out, m0["n_classes"], m0["k"], m0["n_views"], m0["prob_dtype"], meta, overwrite=overwrite)
     try:
         for _, a in loaded:

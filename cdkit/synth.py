@@ -33,7 +33,7 @@ import bson
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import atomic_open
+from .io import atomic_open, mark_complete, mark_incomplete, sweep_temps
 
 
 @dataclass
@@ -643,6 +643,9 @@ def _write_csv(path, header, rows):
 def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
     """Write a synthetic competition data set into `out_dir`; returns a summary
 
+    Until the last file is written the folder holds the marker of `cdkit.io.mark_incomplete`, so a
+    run killed midway leaves a folder that `cdkit.io.check_complete` refuses.
+
     The summary has products, images, categories, bytes and seconds per file; synth.json holds the
     effective knobs and counts (no timings, so that the same seed gives identical files)."""
     cfg = make_config(preset, **overrides)
@@ -650,7 +653,10 @@ def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
         raise ValueError(f"seed={seed!r} must be a non-negative int")
     seed = int(seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # the marker goes in before the first byte and comes out after the last: a writer killed in
+    # between leaves a folder that io.check_complete refuses
+    mark_incomplete(out, f"synth --preset {preset} --seed {seed}")
+    sweep_temps(out)
     seconds = {}
     t0 = time.perf_counter()
     cat_ids, cat_rows, looks, freq = _catalog(cfg, seed)
@@ -695,6 +701,7 @@ def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
     meta = {"preset": preset, "seed": seed, "config": asdict(cfg), "counts": counts,
             "noise_picture_md5": [hashlib.md5(b).hexdigest() for b in pictures.noise]}
     timed("synth.json", _write_json, out / "synth.json", meta)
+    mark_complete(out)
     seconds["total"] = time.perf_counter() - t0
     return {"out_dir": str(out), "preset": preset, "seed": seed,
             "products": {"train": len(train.ids), "test": len(test.ids)},
