@@ -3,6 +3,7 @@
     .venv/bin/python bench/aggregate.py                 # 1,768,182 products, 1 view
     .venv/bin/python bench/aggregate.py --views 2       # two TTA views per picture
     .venv/bin/python bench/aggregate.py --products 100000
+    .venv/bin/python bench/aggregate.py --models 4 --views 2   # the study's wording: 24.8 M picture x model x view rows
 
 Pictures per product follow the train set's distribution (1: 4,369,441, 2: 1,128,588, 3: 542,792,
 4: 1,029,075 products of 7,069,896), scaled to the test set and adjusted so that the totals are
@@ -38,25 +39,31 @@ def picture_counts(products, pictures):
     return counts
 
 
-def make_rows(counts, views, rng):
-    "Random prediction rows: product id, cls (rows, K) uint16, prob float32 sorted descending, rest"
+def make_rows(counts, views, rng, chunk=1 << 20):
+    """Random prediction rows in random order: product id, cls (rows, K) uint16, prob float32 sorted
+    descending, rest; `views` rows per picture (models x TTA views). Generated in chunks of rows, so
+    that 24.8 M rows need no more than the arrays themselves (3.3 GB)."""
     n_pics = np.repeat(np.arange(1, 5), counts)
     rng.shuffle(n_pics)
-    pid = np.repeat(np.arange(len(n_pics)) * 10 + 1_000_000, n_pics * views)
-    true = np.repeat(rng.integers(0, N_CLASSES, len(n_pics)), n_pics * views)
-    N = len(pid)
-    top = np.where(rng.random(N) < 0.8, true, rng.integers(0, N_CLASSES, N))
+    true = rng.integers(0, N_CLASSES, len(n_pics))
+    prod = np.repeat(np.arange(len(n_pics), dtype=np.int32), n_pics * views)
+    rng.shuffle(prod)
+    N = len(prod)
+    pid = prod.astype(np.int64) * 10 + 1_000_000
     pool = np.stack([rng.permutation(N_CLASSES - 1)[:K - 1] + 1 for _ in range(256)])  # distinct nonzero offsets
-    cls = np.empty((N, K), np.uint16)
-    cls[:, 0] = top
-    cls[:, 1:] = (top[:, None] + pool[rng.integers(0, 256, N)]) % N_CLASSES
-    w = rng.gamma(0.3, size=(N, K + 1)).astype(np.float32)
-    w[:, 0] += 1.0  # the top class is the clear favourite
-    w /= w.sum(1, keepdims=True)
-    prob = -np.sort(-w[:, :K], 1)
-    rest = 1 - prob.sum(1)
-    order = rng.permutation(N)
-    return pid[order], cls[order], prob[order], rest[order].astype(np.float32)
+    cls, prob, rest = np.empty((N, K), np.uint16), np.empty((N, K), np.float32), np.empty(N, np.float32)
+    for a in range(0, N, chunk):
+        n = min(chunk, N - a)
+        t = true[prod[a:a + n]]
+        top = np.where(rng.random(n) < 0.8, t, rng.integers(0, N_CLASSES, n))
+        cls[a:a + n, 0] = top
+        cls[a:a + n, 1:] = (top[:, None] + pool[rng.integers(0, 256, n)]) % N_CLASSES
+        w = rng.gamma(0.3, size=(n, K + 1)).astype(np.float32)
+        w[:, 0] += 1.0  # the top class is the clear favourite
+        w /= w.sum(1, keepdims=True)
+        prob[a:a + n] = -np.sort(-w[:, :K], 1)
+        rest[a:a + n] = 1 - prob[a:a + n].sum(1)
+    return pid, cls, prob, rest
 
 
 def loop_belief(pid, cls, prob, rest, m=5, z=1.96, min_preds=3, ddof=1, atol=0.01):
@@ -88,7 +95,8 @@ def loop_belief(pid, cls, prob, rest, m=5, z=1.96, min_preds=3, ddof=1, atol=0.0
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--products", type=int, default=TEST_PRODUCTS, help="products (pictures scale with them)")
-    ap.add_argument("--views", type=int, default=1, help="TTA views per picture (prediction rows = pictures x views)")
+    ap.add_argument("--views", type=int, default=1, help="TTA views per picture and model")
+    ap.add_argument("--models", type=int, default=1, help="models per picture (prediction rows = pictures x models x views)")
     ap.add_argument("--loop-products", type=int, default=20_000, help="subset timed with the per-product loop")
     ap.add_argument("--threads", type=int, default=None, help="threads for the vectorized run (default: cores, at most 4)")
     ap.add_argument("--seed", type=int, default=0)
@@ -96,12 +104,14 @@ def main():
 
     pictures = round(args.products * TEST_PICTURES / TEST_PRODUCTS)
     counts = picture_counts(args.products, pictures)
-    print(f"products {args.products:,}  pictures {pictures:,}  views {args.views}  k {K}  classes {N_CLASSES}")
+    per_pic = args.models * args.views
+    print(f"products {args.products:,}  pictures {pictures:,}  models {args.models}  views {args.views}  k {K}  classes {N_CLASSES}")
     print("products with 1/2/3/4 pictures: " + " / ".join(f"{c:,}" for c in counts)
           + "  (" + " / ".join(f"{c / counts.sum():.4f}" for c in counts) + ")")
     rng = np.random.default_rng(args.seed)
     t = time.perf_counter()
-    pid, cls, prob, rest = make_rows(counts, args.views, rng)
+    pid, cls, prob, rest = make_rows(counts, per_pic, rng)
+    rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     input_mb = sum(a.nbytes for a in (pid, cls, prob, rest)) / 2**20
     print(f"prediction rows {len(pid):,}, input arrays {input_mb:,.0f} MB, generated in {time.perf_counter() - t:.1f} s")
 
@@ -113,7 +123,8 @@ def main():
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"vectorized belief_aggregate: {t_vec:.2f} s wall ({c_vec:.2f} s CPU), peak allocated during the call {peak:,.0f} MB, "
-          f"process peak RSS {rss:,.0f} MB; {res.excluded.sum():,} rows excluded for the winning class")
+          f"process peak RSS {rss:,.0f} MB (after making the inputs: {rss_inputs:,.0f} MB); "
+          f"{res.excluded.sum():,} rows excluded for the winning class")
 
     sub_ids = rng.choice(res.product_id, min(args.loop_products, len(res.product_id)), replace=False)
     sel = np.flatnonzero(np.isin(pid, sub_ids))

@@ -78,8 +78,17 @@ def _blocks(stores, perms, chunk_rows):
         yield slice(a, a + chunk_rows), np.concatenate(cls, 1), np.concatenate(prob, 1), np.concatenate(spr, 1)
 
 
+def _evaluate(runs, spr, w, method, p, eps, n_classes):
+    "Combined value per run, non-candidate value and normalizer per picture, of one block"
+    val = _combine(runs.values, w, method, p, eps)
+    g0 = _combine(spr.T.astype(np.float64), w, method, p, eps)
+    counts = np.diff(runs.offsets)
+    Z = np.bincount(runs.group, val, len(counts)) + (n_classes - counts) * g0
+    return val, g0, Z
+
+
 class _Prepared:
-    "Candidate runs of every picture, computed once, so that weights can be evaluated many times"
+    "Candidate runs of every picture, computed once, so that weights can be evaluated many times (validation)"
     def __init__(self, stores, chunk_rows):
         self.n_classes = stores[0].n_classes
         self.parts = [(sl, candidate_runs(c, q, s), s) for sl, c, q, s in _blocks(stores, align_stores(stores), chunk_rows)]
@@ -87,11 +96,7 @@ class _Prepared:
     def evaluate(self, w, method, p, eps):
         "Per part: runs, combined value per run, non-candidate value and normalizer per picture"
         for sl, runs, spr in self.parts:
-            val = _combine(runs.values, w, method, p, eps)
-            g0 = _combine(spr.T.astype(np.float64), w, method, p, eps)
-            counts = np.diff(runs.offsets)
-            Z = np.bincount(runs.group, val, len(counts)) + (self.n_classes - counts) * g0
-            yield sl, runs, val, g0, Z
+            yield (sl, runs) + _evaluate(runs, spr, w, method, p, eps, self.n_classes)
 
 
 def combine(stores, weights=None, method="mean", p=0.5, k_out=None, eps=1e-7, chunk_rows=50_000):
@@ -102,7 +107,10 @@ def combine(stores, weights=None, method="mean", p=0.5, k_out=None, eps=1e-7, ch
     if not 1 <= k_out <= max(s.k for s in stores): raise ValueError(f"k_out must be in 1..{max(s.k for s in stores)}, got {k_out}")
     n = len(stores[0])
     cls, prob, rest = np.zeros((n, 1, k_out), np.uint16), np.zeros((n, 1, k_out), np.float32), np.zeros((n, 1), np.float32)
-    for sl, runs, val, g0, Z in _Prepared(stores, chunk_rows).evaluate(w, method, p, eps):
+    # block by block, keeping nothing but the output: the runs of 3 M pictures x members take GBs
+    for sl, c, q, spr in _blocks(stores, align_stores(stores), chunk_rows):
+        runs = candidate_runs(c, q, spr)
+        val, g0, Z = _evaluate(runs, spr, w, method, p, eps, stores[0].n_classes)
         top_cls, top_val, _ = top_runs(runs, val, k_out)
         cls[sl, 0], prob[sl, 0] = top_cls, top_val / Z[:, None]
         rest[sl, 0] = np.maximum(1 - prob[sl, 0].sum(1, dtype=np.float64), 0)
