@@ -17,8 +17,8 @@ STUDY_ROWS = [
     ("+TTA", "single model, test-time augmentation"),
     ("ensemble (+TTA)", "all models, TTA, mean"),
     ("ensemble + belief aggregation", "belief-based product aggregation instead of the mean"),
-    ("+MD5 lookup", "test pictures identical to train pictures take their label"),
-    ("+pseudo-labels", "fine-tuned on confident test products"),
+    ("+MD5 lookup", "after the chosen aggregation, pictures and product sets identical to train take their labels"),
+    ("+pseudo-labels", "steps 06-08 again with the model fine-tuned on pseudo-labeled test products"),
 ]
 
 
@@ -51,18 +51,18 @@ def record(run_dir, section, name, value):
     return value
 
 
-def save_figure(fig, run_dir, name):
-    "Save a matplotlib figure as run_dir/figures/<name>.png (for the report) and return the path"
+def save_figure(fig, run_dir, name, dpi=90):
+    "Save a matplotlib figure as run_dir/figures/<name>.png (for the report); returns the figure (shown in notebooks)"
     path = resolve(run_dir) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png"))
-    return path
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    return fig
 
 
-def _fmt(v):
+def _fmt(v, digits=4):
     if v is None:
         return "n/a"
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _table(rows: dict) -> str:
@@ -86,9 +86,10 @@ def write_report(run_dir) -> Path:
         v = study.get(key, {})
         if isinstance(v, dict):
             t, va = v.get("test", "n/a"), v.get("valid", "n/a")
+            notes = ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items() if k not in ("test", "valid"))
         else:
-            t, va = v, "n/a"
-        lines.append(f"| {key} | {what} | {_fmt(t)} | {_fmt(va)} |")
+            t, va, notes = v, "n/a", ""
+        lines.append(f"| {key} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | {_fmt(va)} |")
     for section, values in res.items():
         if section == "study":
             continue
@@ -97,7 +98,8 @@ def write_report(run_dir) -> Path:
             if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
                 lines += [f"{name}:", "", _table(v), ""]  # a table: rows of dicts
             else:
-                lines.append(f"- {name}: {_fmt(v) if not isinstance(v, dict) else ', '.join(f'{k} {_fmt(x)}' for k, x in v.items())}")
+                d = 1 if section.startswith("time") else 4
+                lines.append(f"- {name}: {_fmt(v, d) if not isinstance(v, dict) else ', '.join(f'{k} {_fmt(x, d)}' for k, x in v.items())}")
         if section.startswith("time"):
             lines.append(f"- total: {sum(v for v in values.values() if isinstance(v, (int, float))):.0f}")
     figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []

@@ -1,13 +1,11 @@
-from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 
-from cdkit.params import ParamsError, load_params, parse_overrides, save_params, take_params
+from cdkit.params import Params, ParamsError, load_params, parse_overrides, save_params, take_params
 
 
-@dataclass
-class P:
+class P(Params):
     arch: str = "resnet18"   # backbone
     lr: float = 1e-3         # peak learning rate
     epochs: int = 2          # passes over the data
@@ -18,7 +16,7 @@ class P:
 def test_yaml_and_overrides(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("lr: 0.01\nepochs: 3\n")
-    p = load_params(P, f, arch="resnet50")
+    p = load_params(P, [f], {"arch": "resnet50"})
     assert (p.arch, p.lr, p.epochs, p.resume) == ("resnet50", 0.01, 3, False)
     assert parse_overrides(["lr=0.1", "pretrained_file=w.pth"]) == {"lr": 0.1, "pretrained_file": "w.pth"}
 
@@ -27,7 +25,7 @@ def test_unknown_key_named_with_suggestion(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("epoch: 3\n")
     with pytest.raises(ParamsError, match=r"p.yaml.*'epoch' \(did you mean 'epochs'\?\)"):
-        load_params(P, f)
+        load_params(P, [f])
 
 
 def test_wrong_type_named(tmp_path):
@@ -35,8 +33,8 @@ def test_wrong_type_named(tmp_path):
     for text, name in (("epochs: 2.5\n", "epochs"), ("resume: 'yes'\n", "resume"), ("lr: true\n", "lr")):
         f.write_text(text)
         with pytest.raises(ParamsError, match=f"'{name}'"):
-            load_params(P, f)
-    assert load_params(P, epochs=4, lr=1).lr == 1.0  # an int is a valid float
+            load_params(P, [f])
+    assert load_params(P, overrides=dict(epochs=4, lr=1)).lr == 1.0  # an int is a valid float
 
 
 def test_take_params_catches_injected_typos():

@@ -1,60 +1,155 @@
-"""The whole method on the tiny preset, as `make demo` runs it: every notebook headless with
-papermill, each leaving its outputs, ending in a submission that validates."""
+"""The whole method on the tiny preset, as `make demo` runs it: every notebook headless with papermill,
+and every number of the report recomputed from the files of the step that claims it, so that a row
+copied from another, a step whose output never reaches the submission, or one step undoing another
+fails here."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from cdkit.pipeline import NotebookFailed, run_pipeline
+from cdkit.runs import RunLayout
 from cdkit.submission import validate_submission
 
 # small and fast: one epoch of a small backbone in each training notebook (each notebook's own
-# backbone is run by tests/test_train.py), two TTA views
-TINY = dict(epochs=1, n_tta=1, max_train_images=400, num_workers=0, bs=16, arch="resnet10t", size=32)
+# backbone is run by tests/test_train.py), two TTA views; pseudo-labels for every test product
+TINY = dict(epochs=1, n_tta=1, max_train_images=400, num_workers=0, bs=16, arch="resnet10t", size=32,
+            threshold=0.0, lr=0.003)
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_data, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
+    run = tmp_path_factory.mktemp("runs") / "tiny"
     work = tmp_path_factory.mktemp("work")
-    timings = run_pipeline("tiny", overrides=dict(TINY, data_dir=str(tiny_data), work_dir=str(work)),
-                           runs_dir=runs, log=lambda *a: None)
-    return runs / "tiny", timings, tiny_data
+    timings = run_pipeline(run, overrides=dict(TINY, data_dir=str(tiny_data), work_dir=str(work)), log=lambda *a: None)
+    from cdkit.prepare import load_prepared
+    return run, timings, load_prepared(tiny_data, work)
 
 
 def test_every_notebook_ran_and_left_its_outputs(pipeline_run):
     run, timings, _ = pipeline_run
+    layout = RunLayout(run)
     assert len(timings) == 10
     for nb in timings:
-        assert (run / f"{nb}.ipynb").exists()
+        assert (run / "notebooks" / f"{nb}.ipynb").exists()
+    assert layout.model_names() == ["inception", "pseudo", "resnet", "xception"]
     for model in ("resnet", "inception", "xception", "pseudo"):
-        assert (run / model / "model.pth").exists() and (run / model / "model.json").exists()
-    for model in ("resnet", "inception", "xception"):
-        assert (run / model / "metrics.csv").exists() and list((run / model / "checkpoints").iterdir())
-        for which in ("valid", "test"):
-            assert (run / "preds" / f"{model}_{which}.store" / "manifest.json").exists()
-    for f in ("products_valid.parquet", "products_test.parquet", "products_test_pseudo.parquet"):
-        assert len(pd.read_parquet(run / f)) > 0
+        for split in ("valid", "test"):
+            assert (layout.store(model, split) / "manifest.json").exists()
+    for stage in ("base", "pseudo"):
+        for split in ("valid", "test"):
+            assert len(pd.read_parquet(layout.products(stage, split))) > 0
 
 
-def test_submission_validates(pipeline_run):
-    run, _, data = pipeline_run
-    cats = pd.read_csv(data / "category_names.csv")["category_id"]
-    sub = validate_submission(run / "submission.csv.gz", data / "sample_submission.csv", cats)
-    assert len(sub) == len(pd.read_csv(data / "sample_submission.csv"))
+def _acc(prep, df, split):
+    return prep.accuracy(df["product_id"], df["pred_class"], split)
 
 
-def test_report_holds_the_study_table(pipeline_run):
-    run, _, _ = pipeline_run
-    results = json.loads((run / "results.json").read_text())
-    study = results["study"]
-    for row in ("baseline", "+TTA", "ensemble (+TTA)", "ensemble + belief aggregation", "+MD5 lookup", "+pseudo-labels"):
-        assert 0 <= study[row]["test"] <= 1, row
-    report = (run / "report.md").read_text()
-    assert "| baseline |" in report and "figures/" in report
+def test_each_study_row_comes_from_its_own_step(pipeline_run):
+    from cdkit.aggregate import belief_aggregate, prediction_rows
+    from cdkit.params import load_params
+    from cdkit.steps.aggregate import AggregateParams
+    from cdkit.steps.predict import store_accuracy
+    from cdkit.store import load_store
+    run, _, prep = pipeline_run
+    layout = RunLayout(run)
+    study = json.loads(layout.results.read_text())["study"]
+    resnet = load_store(layout.store("resnet", "test"))
+    assert study["baseline"]["test"] == pytest.approx(store_accuracy(resnet, prep, "test", views=[0]))
+    assert study["+TTA"]["test"] == pytest.approx(store_accuracy(resnet, prep, "test"))
+    ens = load_store(layout.ensemble_store("base", "test"))
+    assert study["ensemble (+TTA)"]["test"] == pytest.approx(store_accuracy(ens, prep, "test"))
+    A = load_params(AggregateParams, [layout.step_params("aggregate")])
+    r = prediction_rows([ens])
+    belief = belief_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, m=A.m, z=A.z, rule=A.rule,
+                              score=A.score, min_preds=A.min_preds)
+    assert study["ensemble + belief aggregation"]["test"] == pytest.approx(
+        prep.accuracy(belief.product_id, belief.pred_class, "test"))
+    base = pd.read_parquet(layout.products("base", "test"))
+    pseudo = pd.read_parquet(layout.products("pseudo", "test"))
+    assert study["+MD5 lookup"]["test"] == pytest.approx(_acc(prep, base, "test"))
+    assert study["+pseudo-labels"]["test"] == pytest.approx(_acc(prep, pseudo, "test"))
+    # planted signal: well above chance
+    assert study["+MD5 lookup"]["test"] > 3 / prep.catalog.n_classes  # chance is 1 / n_classes
+
+
+def test_pseudo_step_changes_the_final_predictions(pipeline_run):
+    import torch
+    run, _, prep = pipeline_run
+    layout = RunLayout(run)
+    a = torch.load(layout.model_dir("resnet") / "model.pth")
+    b = torch.load(layout.model_dir("pseudo") / "model.pth")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the fine-tune moved the weights
+    ens = json.loads((layout.ensemble_store("pseudo", "test") / "manifest.json").read_text())["meta"]
+    assert ens["members"] == ["pseudo", "inception", "xception"]  # in its base model's place
+    base = pd.read_parquet(layout.products("base", "test")).set_index("product_id")["pred_class"]
+    pseudo = pd.read_parquet(layout.products("pseudo", "test")).set_index("product_id")["pred_class"]
+    changed = int((base.reindex(pseudo.index) != pseudo).sum())
+    results = json.loads(layout.results.read_text())
+    assert changed > 0 and results["study"]["+pseudo-labels"]["test products changed"] == changed
+
+
+def test_submission_is_the_stage_better_on_validation(pipeline_run):
+    run, _, prep = pipeline_run
+    layout = RunLayout(run)
+    sub = validate_submission(layout.submission, prep.data_dir / "sample_submission.csv", prep.catalog.category_ids)
+    assert len(sub) == len(pd.read_csv(prep.data_dir / "sample_submission.csv"))
+    valid = {s: _acc(prep, pd.read_parquet(layout.products(s, "valid")), "valid") for s in ("base", "pseudo")}
+    stage = "pseudo" if valid["pseudo"] > valid["base"] else "base"
+    products = pd.read_parquet(layout.products(stage, "test")).set_index("product_id")["category_id"]
+    got = sub.set_index("_id")["category_id"]
+    assert (got.reindex(products.index).to_numpy() == products.to_numpy()).all()
+    results = json.loads(layout.results.read_text())["10 submission"]
+    assert results["stage submitted"] == stage
+
+
+def test_md5_labels_survive_belief_aggregation(pipeline_run):
+    "Step 08 with belief forced: every test product with a picture copied from train takes its train label"
+    from cdkit.params import load_params
+    from cdkit.steps import aggregate as step
+    run, _, prep = pipeline_run
+    layout = RunLayout(run)
+    P = load_params(step.AggregateParams, [layout.step_params("aggregate")], {"method": "belief"})
+    R = step.run(P, prep, log=lambda *a: None, save=False)
+    assert R.chosen == "belief" and R.md5["test"].pictures > 0
+    train_h, train_img = step.picture_hashes(prep, "train")
+    test_h, test_img = step.picture_hashes(prep, "test")
+    tv = train_h.view("V16").ravel()
+    label = dict(zip(tv, train_img["label"].to_numpy()))
+    final = pd.read_parquet(layout.products("base", "test")).set_index("product_id")["pred_class"]
+    checked = 0
+    for pid, g in test_img.assign(key=list(test_h.view("V16").ravel())).groupby("product_id"):
+        labels = {label[k] for k in g["key"] if k in label}
+        if len(labels) == 1:  # every matched picture of the product agrees
+            assert final[pid] == labels.pop(), pid
+            checked += 1
+    assert checked > 0
+
+
+def test_contradictions_are_refused_naming_both(pipeline_run):
+    from cdkit.params import ParamsError, make_params
+    from cdkit.steps import pseudo as step09
+    from cdkit.steps.train import TrainParams
+    run, _, prep = pipeline_run
+    with pytest.raises(ParamsError, match=r"one_cycle=True contradicts batch_growth_epochs"):
+        make_params(TrainParams, dict(batch_growth_epochs=[1]))
+    with pytest.raises(ParamsError, match="valid_frac"):  # only step 02 makes the split
+        make_params(TrainParams, dict(valid_frac=0.02))
+    P = make_params(step09.PseudoParams, dict(run_dir=str(run), data_dir=str(prep.data_dir), work_dir=str(prep.work_dir),
+                                              threshold=0.95, name="pseudo2"))
+    with pytest.raises(ParamsError, match=r"threshold=0.95 cannot be reached: .*label_smoothing=0.1"):
+        step09.run(P, prep, log=lambda *a: None)
+    assert not RunLayout(run).model_dir("pseudo2").joinpath("params.yaml").exists()
+
+
+def test_later_steps_need_step_02(tiny_data, tmp_path):
+    from cdkit.prepare import SplitMissingError, load_prepared
+    with pytest.raises(SplitMissingError, match="run step 02 first"):
+        load_prepared(tiny_data, tmp_path / "empty")
 
 
 def test_a_failing_notebook_is_named_with_its_cell_and_copy(tiny_data, tmp_path):
     with pytest.raises(NotebookFailed, match=r"07_ensemble.ipynb failed in cell \d+ .*open the executed copy .*07_ensemble.ipynb"):
-        run_pipeline("broken", only=["07"], overrides=dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "w")),
-                     runs_dir=tmp_path, log=lambda *a: None)
+        run_pipeline(tmp_path / "broken", only=["07"], overrides=dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "w")),
+                     log=lambda *a: None)

@@ -23,8 +23,8 @@ def tiny_cnn(n_classes):
 def setup(tiny_data, tmp_path_factory):
     "A Learner with cdkit loaders on the tiny synthetic train set, and the test pictures to predict"
     from fastai.learner import Learner
-    from cdkit.prepare import prepare_data
-    prep = prepare_data(tiny_data, tmp_path_factory.mktemp("work"), log=lambda *a: None)
+    from cdkit.prepare import create_prepared
+    prep = create_prepared(tiny_data, tmp_path_factory.mktemp("work"), log=lambda *a: None)
     n = prep.catalog.n_classes
     dls = make_dataloaders(prep.train_images(), prep.train_bson, n, size=SIZE, item_size=ITEM, bs=16, device="cpu")
     learn = Learner(dls, tiny_cnn(n))

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import numpy as np
@@ -6,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cdkit import pseudo as ps
+from cdkit import pseudolabel as ps
 from cdkit.params import ParamsError, load_params, notebook_parameters
 from cdkit.paths import NOTEBOOKS, PARAMS
 
@@ -123,25 +122,22 @@ def test_mix_plan_ratio_and_passes():
 
 @pytest.fixture(scope="module")
 def base_run(tiny_data, tmp_path_factory):
-    "A random-init run in the layout cdkit.train exports (model.pth + model.json): no training needed"
-    from cdkit.models import create_model
-    from cdkit.prepare import prepare_data
+    "A random-init model saved as training saves it (model.pth + its card): no training needed"
+    from cdkit.models import ModelCard, create_model, save_trained
+    from cdkit.prepare import create_prepared
     work = tmp_path_factory.mktemp("work")
-    prep = prepare_data(tiny_data, work, log=lambda *_: None)
+    prep = create_prepared(tiny_data, work, log=lambda *_: None)
     run = tmp_path_factory.mktemp("runs") / "base"
-    run.mkdir()
     torch.manual_seed(0)
     model = create_model("resnet10t", prep.catalog.n_classes)
-    torch.save(model.state_dict(), run / "model.pth")
-    (run / "model.json").write_text(json.dumps(dict(arch="resnet10t", n_classes=prep.catalog.n_classes, head_hidden=0,
-                                                    head_dropout=0.25, size=32, item_size=160, mean=[0.485, 0.456, 0.406],
-                                                    std=[0.229, 0.224, 0.225], epochs_done=1)))
+    save_trained(model, run, ModelCard(arch="resnet10t", n_classes=prep.catalog.n_classes, size=32, item_size=160,
+                                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), epochs_done=1))
     return prep, run
 
 
 def test_model_sees_the_asked_ratio(base_run):
     from fastai.callback.core import Callback
-    from cdkit.train import load_trained
+    from cdkit.models import load_trained
     prep, run = base_run
     base = load_trained(run)
     images = prep.train_images()
@@ -168,37 +164,18 @@ def test_model_sees_the_asked_ratio(base_run):
     assert hist["alpha"].iloc[0] == 0 and hist["alpha"].iloc[-1] == pytest.approx(0.3)
 
 
-def test_run_pseudo_end_to_end(base_run, tmp_path):
-    from cdkit.train import load_trained
-    prep, run = base_run
-    P = ps.PseudoParams(run_name="pseudo_tiny", from_run=str(run), data_dir=str(prep.data_dir), work_dir=str(prep.work_dir),
-                        runs_dir=str(tmp_path), threshold=0.0, epochs=1, bs=8, T1=0, T2=1, alpha_unit="iter",
-                        device="cpu", predict_bs=64)
-    res = ps.run_pseudo(P, log_fn=lambda *_: None)
-    out = tmp_path / "pseudo_tiny"
-    for name in ("params.yaml", "metrics.csv", "alpha.csv", "selection_round1.parquet", "report_round1.csv", "model.pth"):
-        assert (out / name).exists(), name
-    assert set(res.metrics["split"]) == {"valid", "test"} and set(res.metrics["stage"]) == {"before", "after"}
-    assert (res.alpha["n_pseudo"] == 24).all()
-    assert np.allclose(res.alpha["alpha"], ps.alpha_schedule(res.alpha["iter"].to_numpy(), 0, 1, 0.3))
-    assert res.reports[0][1]["chosen"].iloc[0] == len(prep.test_index)  # threshold 0 keeps everything
-    assert load_trained(out).n_classes == prep.catalog.n_classes
-    t = ps.accuracy_table(res.metrics)
-    assert list(t.columns) == ["before", "after round 1", "change"]
-
-
 # ---- parameters ----
 
 def test_params_checked_and_files_consistent():
+    from cdkit.params import defaults, make_params
+    from cdkit.steps.pseudo import PseudoParams
     with pytest.raises(ParamsError, match="alpha_unit"):
-        ps.check_params(ps.PseudoParams(alpha_unit="epochs"))
+        make_params(PseudoParams, dict(alpha_unit="epochs"))
     with pytest.raises(ParamsError, match="T1"):
-        ps.check_params(ps.PseudoParams(T1=2.0, T2=1.0))
+        make_params(PseudoParams, dict(T1=2.0, T2=1.0))
     with pytest.raises(ParamsError, match="alpha_finale"):
-        load_params(ps.PseudoParams, None, alpha_finale=0.3)
-    defaults = dataclasses.asdict(ps.PseudoParams())
+        load_params(PseudoParams, overrides=dict(alpha_finale=0.3))
     nb = NOTEBOOKS / "09_pseudo_label_finetune.ipynb"
-    if nb.exists():
-        assert notebook_parameters(nb) == defaults
+    assert notebook_parameters(nb) == defaults(PseudoParams)
     for f in PARAMS.glob("pseudo*.yaml"):
-        ps.check_params(load_params(ps.PseudoParams, f))
+        load_params(PseudoParams, [f])

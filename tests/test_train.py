@@ -1,5 +1,4 @@
 """train(): params, exact resume, export/reload, data-parallel on 2 CPU processes, the notebooks."""
-import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +9,10 @@ import pytest
 import torch
 
 from cdkit.params import ParamsError, load_params, notebook_parameters
-from cdkit.train import InceptionTrainParams, TrainParams, XceptionTrainParams, load_trained, main, train
+from cdkit.__main__ import main
+from cdkit.models import load_trained
+from cdkit.params import defaults
+from cdkit.steps.train import InceptionTrainParams, TrainParams, XceptionTrainParams, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PARAMS = ["resnet101_full", "seresnet50_full", "inception_v3_full", "inception_v4_full", "xception_full"]
@@ -20,9 +22,10 @@ NOTEBOOKS = {"03_train_resnet.ipynb": "resnet18", "04_train_inception.ipynb": "i
 
 def quick(tiny_data, tmp_path, **kw):
     "Seconds-long runs: resnet18 at 32 px on part of the tiny preset, one process, no worker processes"
-    base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), runs_dir=str(tmp_path / "runs"),
-                valid_frac=0.2, arch="resnet18", size=32, bs=16, acc_steps=2, epochs=2, max_train_images=64,
-                num_workers=0, lr=0.01)
+    from cdkit.prepare import create_prepared
+    create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)  # step 02
+    base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"),
+                arch="resnet18", size=32, bs=16, acc_steps=2, epochs=2, max_train_images=64, num_workers=0, lr=0.01)
     return TrainParams(**{**base, **kw})
 
 
@@ -30,47 +33,47 @@ def test_params_files_load_and_name_real_backbones():
     from cdkit.models import resolve_arch
     for name in TRAIN_PARAMS:
         f = ROOT / "params" / f"{name}.yaml"
-        P = load_params(TrainParams, f)
+        P = load_params(TrainParams, [ROOT / "params" / "cdiscount.yaml", f])
         resolve_arch(P.arch)
 
 
 def test_unknown_or_mistyped_key_fails_before_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")
-    with pytest.raises(ParamsError, match="epochz"):
-        main(["--params", str(bad)])
-    with pytest.raises(ParamsError, match="bs"):
-        main(["bs=big"])
-    with pytest.raises(ValueError, match="unknown backbone"):
-        main([f"runs_dir={tmp_path}", "arch=resnet1O1"])
-    assert not any(tmp_path.glob("*/params.yaml"))  # nothing written
+    assert main(["train", "--params", str(bad), f"run_dir={tmp_path}"]) == 2
+    assert main(["train", "bs=big", f"run_dir={tmp_path}"]) == 2
+    with pytest.raises(ParamsError, match="unknown backbone"):
+        main(["train", f"run_dir={tmp_path}", "arch=resnet1O1"])
+    assert not any(tmp_path.rglob("params.yaml"))  # nothing written
 
 
 @pytest.mark.parametrize("name,cls", list(zip(NOTEBOOKS, [TrainParams, InceptionTrainParams, XceptionTrainParams])))
 def test_notebook_parameters_are_the_defaults(name, cls):
     got = notebook_parameters(ROOT / "notebooks" / name)
-    assert got == dataclasses.asdict(cls())
+    assert got == defaults(cls)
     assert got["arch"] == NOTEBOOKS[name]
 
 
 def test_resume_is_exact(tiny_data, tmp_path):
     # interrupted after epoch 1, resumed: same weights and log as one uninterrupted run
-    full = train(quick(tiny_data, tmp_path, run_name="full"))
-    train(quick(tiny_data, tmp_path, run_name="cut", stop_after=1))
-    cut_dir = tmp_path / "runs" / "cut"
+    full = train(quick(tiny_data, tmp_path, name="full"))
+    train(quick(tiny_data, tmp_path, name="cut", stop_after=1))
+    cut_dir = tmp_path / "run" / "models" / "cut"
     assert len(pd.read_csv(cut_dir / "metrics.csv")) == 1
-    resumed = train(quick(tiny_data, tmp_path, run_name="cut", resume=True))
+    with pytest.raises(ParamsError, match=r"lr: 0.01 -> 0.02"):  # resuming with another lr would change the model
+        train(quick(tiny_data, tmp_path, name="cut", resume=True, lr=0.02))
+    resumed = train(quick(tiny_data, tmp_path, name="cut", resume=True))
     assert resumed.epochs_done == 2
-    a = torch.load(full.run_dir / "model.pth")
-    b = torch.load(resumed.run_dir / "model.pth")
+    a = torch.load(full.model_dir / "model.pth")
+    b = torch.load(resumed.model_dir / "model.pth")
     for k in a:  # CPU, single process, no worker processes: bit-exact in practice; allow float noise
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
-    h_full, h_res = pd.read_csv(full.run_dir / "metrics.csv"), pd.read_csv(cut_dir / "metrics.csv")
+    h_full, h_res = pd.read_csv(full.model_dir / "metrics.csv"), pd.read_csv(cut_dir / "metrics.csv")
     assert h_res["epoch"].tolist() == [0, 1]
     cols = ["train_loss", "valid_loss", "accuracy", "product_accuracy", "batch", "lr"]
     pd.testing.assert_frame_equal(h_full[cols], h_res[cols], atol=1e-5)
     # the export reloads for inference and predicts what the learner predicts
-    trained = load_trained(full.run_dir)
+    trained = load_trained(full.model_dir)
     x = torch.randn(2, 3, 32, 32)
     full.learn.model.eval()
     with torch.no_grad():
@@ -82,44 +85,49 @@ def test_distributed_two_cpu_processes(tiny_data, tmp_path):
     # the `accelerate launch` path, on 2 CPU processes over gloo (cdkit.distributed)
     launcher = Path(sys.executable).parent / "accelerate"
     args = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdkit.train",
-            f"data_dir={tiny_data}", f"work_dir={tmp_path / 'prep'}", f"runs_dir={tmp_path / 'runs'}",
-            "run_name=ddp", "arch=resnet18", "size=32", "bs=8", "acc_steps=1", "epochs=1", "num_workers=0",
-            "valid_frac=0.2", "max_train_images=64"]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdkit", "train",
+            f"data_dir={tiny_data}", f"work_dir={tmp_path / 'prep'}", f"run_dir={tmp_path / 'run'}",
+            "name=ddp", "arch=resnet18", "size=32", "bs=8", "acc_steps=1", "epochs=1", "num_workers=0",
+            "max_train_images=64"]
+    from cdkit.prepare import create_prepared
+    create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     for k in range(2):  # each process trains a DDP-wrapped model on half the batches (of 8 of ~64 pictures)
         assert f"rank {k}/2: DistributedDataParallel over gloo" in out, out[-3000:]
-    h = pd.read_csv(tmp_path / "runs" / "ddp" / "metrics.csv")
+    h = pd.read_csv(tmp_path / "run" / "models" / "ddp" / "metrics.csv")
     assert len(h) == 1
     assert h["batch"].iloc[0] == 16  # 8 per process x 2 processes
     assert 0 <= h["product_accuracy"].iloc[0] <= 1
-    assert (tmp_path / "runs" / "ddp" / "model.pth").exists()
+    assert (tmp_path / "run" / "models" / "ddp" / "model.pth").exists()
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_headless(name, tiny_data, tmp_path):
     import papermill as pm
+    from cdkit.prepare import create_prepared
+    create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     out = tmp_path / name
     pm.execute_notebook(str(ROOT / "notebooks" / name), str(out), kernel_name="python3", progress_bar=False,
                         cwd=str(ROOT / "notebooks"),
                         parameters=dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"),
-                                        runs_dir=str(tmp_path / "runs"), run_name="nb", valid_frac=0.2,
-                                        arch="resnet18", size=32, bs=16, acc_steps=1, epochs=1,
+                                        run_dir=str(tmp_path / "run"), name="nb",
+                                        size=75 if name.startswith("04") else 32, bs=16, acc_steps=1, epochs=1,
                                         max_train_images=64, num_workers=0,
                                         lr_find=name.startswith("03"), lr_find_iters=8))
-    assert (tmp_path / "runs" / "nb" / "model.json").exists()
-    assert (tmp_path / "runs" / "nb" / "lr_find.png").exists() == name.startswith("03")
+    model = tmp_path / "run" / "models" / "nb"
+    assert load_trained(model).arch == NOTEBOOKS[name]  # each notebook trains its own backbone
+    assert (model / "lr_find.png").exists() == name.startswith("03")
 
 
 def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_path):
     "Notebooks call get_preds on the returned learner; metrics.csv and the checkpoint must not change"
-    res = train(quick(tiny_data, tmp_path, run_name="after"))
-    metrics = res.run_dir / "metrics.csv"
+    res = train(quick(tiny_data, tmp_path, name="after"))
+    metrics = res.model_dir / "metrics.csv"
     before = metrics.read_text()
-    ckpt = res.run_dir / "checkpoints" / "last.pth"
+    ckpt = res.model_dir / "checkpoints" / "last.pth"
     mtime = ckpt.stat().st_mtime
     res.learn.get_preds(dl=res.learn.dls.valid)
     assert metrics.read_text() == before and len(pd.read_csv(metrics)) == 2

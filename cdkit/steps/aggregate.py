@@ -286,3 +286,16 @@ def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0)
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def what_this_shows(R: AggregateResult) -> str:
+    a = R.accuracy
+    d = a.loc["belief", "valid"] - a.loc["mean", "valid"]
+    out = (f"on validation belief aggregation is {d:+.3f} against the mean of the same rows, so {R.chosen} "
+           f"aggregation makes the products ({R.stage}).")
+    if R.md5:
+        s = R.md5.get("test")
+        out += (f" The MD5 lookup then moves validation accuracy {a.loc['final', 'valid'] - a.loc[R.chosen, 'valid']:+.3f}"
+                + (f"; on test it matched {s.pictures} pictures in {s.products} products ({s.product_sets} whole product "
+                   f"sets) and changed {s.changed} predictions." if s else "."))
+    return out

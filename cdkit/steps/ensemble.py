@@ -92,3 +92,13 @@ def plot(R: EnsembleResult):
     ax.figure.tight_layout()
     plt.close(ax.figure)
     return ax.figure
+
+
+def what_this_shows(R: EnsembleResult) -> str:
+    t = R.table
+    best = t.drop(index="ensemble")["valid"].idxmax()
+    d = t.loc["ensemble", "valid"] - t.loc[best, "valid"]
+    w = ", ".join(f"{m} {x:.2f}" for m, x in R.weights.items())
+    return (f"weights fitted on validation: {w}. The ensemble is {d:+.3f} against its best member ({best}) on "
+            "validation; " + ("it helps." if d > 0 else "it does not help here: a member much weaker than the "
+                              "others adds noise (the fitted weights show how much each was trusted)."))

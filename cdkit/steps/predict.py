@@ -83,7 +83,7 @@ def store_is_current(path, stamp) -> bool:
         meta = read_manifest(path).get("meta", {})
     except (StoreError, OSError, ValueError):
         return False
-    return all(meta.get(k) == v for k, v in stamp.items())
+    return meta.get("stamp") == stamp
 
 
 def _device(name):
@@ -111,7 +111,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
                              k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
                              mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
                              prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
-                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=stamp,
+                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=dict(stamp=stamp),
                              overwrite=True)
             log(f"{name}: wrote {path}")
             written = True
@@ -121,7 +121,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
             if all(store_is_current(s, {**stamp, "shard": i}) for i, s in enumerate(shards)):
                 merged_stamp = {**stamp, "shard": 0, "num_shards": 1}
                 if written or not store_is_current(final, merged_stamp):
-                    merge_stores(shards, final, overwrite=True, meta=merged_stamp)
+                    merge_stores(shards, final, overwrite=True, meta=dict(stamp=merged_stamp))
                     log(f"{name}: merged {P.num_shards} shards into {final}")
                 path = final
             else:
@@ -179,3 +179,14 @@ def plot(R: PredictResult):
     ax.figure.tight_layout()
     plt.close(ax.figure)
     return ax.figure
+
+
+def what_this_shows(R: PredictResult) -> str:
+    if not R.complete:
+        return "this shard is done; the merged stores (and their accuracies) appear when every shard has run."
+    split = "test" if R.table["test 1 view"].notna().all() else "valid"
+    gain = (R.table[f"{split} all views"] - R.table[f"{split} 1 view"])
+    parts = ", ".join(f"{m}: {g:+.3f}" for m, g in gain.items())
+    return (f"TTA with {int(R.table['views'].iloc[0])} views against the original view alone, {split} product "
+            f"accuracy: {parts}. The study measured +0.020 for ResNet-101 with 2 views; a model that gains "
+            "nothing here sees little variance between views (small demo models often do).")

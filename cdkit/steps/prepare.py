@@ -58,3 +58,11 @@ def plot_split(prep: Prepared, top=40):
           title="validation share by category size")
     fig.tight_layout()
     return fig
+
+
+def what_this_shows(R: PrepareResult) -> str:
+    s = R.summary
+    v = int(s.loc["train", "validation products"])
+    return (f"{v:,} of {int(s.loc['train', 'products']):,} train products ({v / max(int(s.loc['train', 'products']), 1):.1%}) "
+            "are held out for validation, stratified by category; every later step validates on exactly these, "
+            "and steps 08 and 10 choose between methods on them, never on the test set.")

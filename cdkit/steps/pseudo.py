@@ -242,3 +242,13 @@ def plot_alpha(alpha: pd.DataFrame):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def what_this_shows(R: PseudoResult) -> str:
+    a = R.aggregate.accuracy
+    s = R.selection_summary.iloc[0]
+    prec = f", precision {s['precision']:.3f}" if "precision" in s and s["precision"] == s["precision"] else ""
+    return (f"{int(s['chosen'])} of {int(s['products'])} test products were pseudo-labeled from {R.labels_from}{prec}. "
+            f"With the fine-tuned model in its base's place, the final predictions changed for {R.changed['test']} test "
+            f"products; validation accuracy of the final products {a.loc['final', 'valid']:.4f} (stage pseudo). "
+            "Step 10 submits this stage only if it beats stage base on validation.")

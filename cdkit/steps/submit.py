@@ -90,3 +90,10 @@ def record(run_dir, R: SubmitResult):
     rec(run_dir, "10 submission", "validation accuracy per stage", R.valid_accuracy)
     rec(run_dir, "10 submission", "test accuracy (synthetic truth)", R.test_accuracy)
     rec(run_dir, "10 submission", "file", str(R.path))
+
+
+def what_this_shows(R: SubmitResult) -> str:
+    acc = ", ".join(f"{s} {a:.4f}" for s, a in R.valid_accuracy.items())
+    t = f" Against the synthetic test truth it scores {R.test_accuracy:.4f}." if R.test_accuracy is not None else ""
+    return (f"validation accuracy per stage: {acc}; the submission takes stage {R.stage!r}.{t} The file validated "
+            "(ids in sample_submission order, known categories) before it was written.")

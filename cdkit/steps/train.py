@@ -60,7 +60,7 @@ class TrainParams(RunParams):
     pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
     wd: float = Field(0.01, ge=0)         # decoupled weight decay
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # 0: plain cross-entropy
-    batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017); needs one_cycle=False
+    batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017), with one_cycle off
     batch_growth_factor: int = Field(2, ge=2)  # growth factor at each of those epochs
     max_bs: Optional[int] = Field(None, ge=1)  # most pictures per batch that fit in memory; growth beyond goes to accumulation
     # augmentation (the random crop is the shift)
@@ -104,7 +104,7 @@ class InceptionTrainParams(TrainParams):
     "TrainParams of notebook 04: the same fields, Inception v3 by default (75 px: its smallest input)"
     name: str = "inception"
     arch: str = "inception_v3"            # Inception v3 (inception_v4: the study's other Inception)
-    size: Optional[int] = Field(75, ge=75, le=1024)  # Inception v3's smallest input is 75 px
+    size: Optional[int] = Field(75, ge=16, le=1024)  # Inception v3 needs at least 75 px
     epochs: int = Field(2, ge=1)
     max_train_images: Optional[int] = Field(1500, ge=1)
 
@@ -322,6 +322,15 @@ def _train(P: TrainParams) -> TrainResult:
                        batch_history=growth[0].history if growth else [])
 
 
+def record(run_dir, result: TrainResult):
+    "The last epoch's validation figures of a trained model, under 'training' in the run's results"
+    from ..report import record as rec
+    last = result.history.iloc[-1] if len(result.history) else {}
+    rec(run_dir, "03-05 training", result.model_dir.name,
+        {"arch": result.params.arch, "epochs": result.epochs_done, "minutes": round(result.seconds / 60, 2),
+         **{k: float(last[k]) for k in ("valid_loss", "accuracy", "product_accuracy") if k in last}})
+
+
 # ---- reports for the notebooks ----
 
 def plot_history(history: pd.DataFrame):
@@ -374,3 +383,16 @@ def show_misclassified(result: TrainResult, n=16, cols=4):
                      f"({r['confidence']:.2f})", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def what_this_shows(result: TrainResult) -> str:
+    h = result.history
+    if not len(h):
+        return "no epoch ran (stop_after or an existing finished checkpoint)."
+    first, last = h.iloc[0], h.iloc[-1]
+    n_classes = result.prep.catalog.n_classes
+    return (f"{result.params.arch} trained {result.epochs_done} epoch(s) in {result.seconds / 60:.1f} min: validation "
+            f"product accuracy {first.get('product_accuracy', float('nan')):.3f} after the first epoch, "
+            f"{last.get('product_accuracy', float('nan')):.3f} after the last (chance: {1 / n_classes:.4f}); image "
+            f"accuracy {last.get('accuracy', float('nan')):.3f}. Product accuracy above image accuracy means "
+            "averaging a product's pictures already corrects single-picture mistakes.")
