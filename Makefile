@@ -11,7 +11,7 @@ DEPS    := $(VENV)/.deps-$(REQHASH)
 READY   := $(VENV)/.cdkit-$(HEREHASH)-$(REQHASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean-venv lab
+.PHONY: setup demo test bench clean-venv lab rehearse
 
 setup: $(READY)
 
@@ -33,6 +33,13 @@ test: $(READY)
 
 bench: $(READY)
 	$(BIN)/python bench/index.py
+
+# Every step at the competition's real size (scales of it), in a budget: runs/rehearse/report.md.
+# make rehearse SCALES="0.0625 0.25 1" DATA=/work/rehearse-data   (data sets are written once, then reused)
+SCALES ?= 0.0625 0.25
+DATA   ?= data/rehearse
+rehearse: $(READY)
+	$(BIN)/python bench/rehearse.py --scales $(SCALES) --data-root $(DATA)
 
 lab: $(READY)
 	$(BIN)/jupyter lab notebooks/
