@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -4,7 +4,6 @@ copied from another, a step whose output never reaches the submission, or one st
 fails here."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 

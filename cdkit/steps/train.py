@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..params import ParamsError, RunParams, changed_params, load_params, save_params
+from ..params import ParamsError, RunParams, changed_params, save_params
 from ..runs import RunLayout, check_name
 
 log = logging.getLogger(__name__)
