@@ -686,6 +686,9 @@ def decode_rgb(data):
     Image = _pil_image()
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own size check, at MAX_PICTURE_SIDE (see _pil_image)
+        raise ImageDecodeError(f"{len(data)} bytes whose header claims more pixels than {MAX_PICTURE_SIDE}x"
+                               f"{MAX_PICTURE_SIDE} ({e})") from None
     except Exception as e:
         raise ImageDecodeError(f"{len(data)} bytes that decode as no image ({type(e).__name__}: {e})") from None
     with im:

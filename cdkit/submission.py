@@ -64,10 +64,16 @@ def _as_int64(values, name, where=""):
         bad = np.flatnonzero(~ok)
         raise SubmissionError(f"{len(bad)} non-integer {name} values{where} (expected decimal integers of 1 to "
                               f"{MAX_DIGITS} digits, no sign, point, leading zero or spaces), e.g. "
-                              + ", ".join(f"row {r}: {a[r]!r}" for r in bad[:5]))
+                              + ", ".join(f"row {r}: {_shown(a[r])}" for r in bad[:5]))
     if a.dtype.kind in "uf":
         return a.astype(np.int64)
     return np.array([int(v) for v in a], np.int64)
+
+
+def _shown(v):
+    "A value as it would read in a file: numpy scalars as plain Python values, strings quoted"
+    v = v.item() if isinstance(v, np.generic) else v
+    return repr(v.decode(errors="replace") if isinstance(v, bytes) else v)
 
 
 def _ascii(a):
@@ -81,11 +87,23 @@ def _ascii(a):
     return np.array(items, dtype=bytes) if items else np.zeros(0, "S1")
 
 
+_STRINGS = getattr(np, "strings", np.char)  # numpy >= 2: the vectorized string functions; np.char before
+
+
 def _canonical(text):
     "Which elements of a bytes array are decimal integers of 1 to MAX_DIGITS digits without sign or leading zero"
-    n = np.strings.str_len(text)
-    return (np.strings.isdigit(text) & (n >= 1) & (n <= MAX_DIGITS)
-            & ~((n > 1) & np.strings.startswith(text, b"0")))
+    n = _STRINGS.str_len(text)
+    return (_STRINGS.isdigit(text) & (n >= 1) & (n <= MAX_DIGITS)
+            & ~((n > 1) & _STRINGS.startswith(text, b"0")))
+
+
+def _split_pair(lines):
+    "Text before and after the first comma of each element of a bytes array"
+    if hasattr(np, "strings"):
+        first, _, second = np.strings.partition(lines, b",")
+        return first, second
+    parts = np.char.partition(lines, b",").reshape(len(lines), 3)
+    return parts[:, 0], parts[:, 2]
 
 
 def _is_int_like(v):
@@ -159,8 +177,8 @@ def read_canonical(path):
     if raw != HEADER.encode() and not raw.endswith(b"\n"):
         raise SubmissionError(f"{path}: the last line has no line end")
     lines = np.array(body.split(b"\n")[:-1], dtype=bytes) if body else np.zeros(0, "S1")
-    first, _, second = np.strings.partition(lines, b",")
-    ok = (np.strings.count(lines, b",") == 1) & _canonical(first) & _canonical(second)
+    first, second = _split_pair(lines)
+    ok = (_STRINGS.count(lines, b",") == 1) & _canonical(first) & _canonical(second)
     if b"\x00" in body or not ok.all():  # NUL: a bytes array would drop it at a line's end
         row = int(np.flatnonzero(~ok)[0]) if not ok.all() else body[:body.index(b"\x00")].count(b"\n")
         line = body.split(b"\n")[row].decode(errors="replace")

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

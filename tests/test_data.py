@@ -7,7 +7,6 @@ import logging
 
 import bson
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from fastai.torch_core import TensorCategory, TensorImage
