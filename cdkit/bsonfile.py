@@ -351,7 +351,7 @@ def build_index(path, out=None, batch=1 << 15, return_stats=False):
     of another layout, or with an unsound picture, goes through the general parser, so any key order
     and int32/int64/double ids work. Pictures are never decoded. A product with unsound pictures is
     kept (`n_bad` counts them; `IndexStats.bad_pictures` lists them with their offsets). Columns are
-    narrow (27 bytes a product) and filled in place: 7 M products take about 190 MB. A truncated
+    narrow (26 bytes a product) and filled in place: 7 M products take about 184 MB. A truncated
     file or a document whose own frame is corrupt raises BsonFormatError naming the byte offset and
     the product. The index records the source's size, mtime and fingerprint (see `index_matches`)."""
     import mmap
