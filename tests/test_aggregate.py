@@ -156,3 +156,58 @@ def test_prediction_rows_and_accuracy():
     assert df.to_dict("list") == dict(n_pictures=[1, 2], products=[2, 2], share=[.5, .5], accuracy=[1.0, 0.0])
     lv = accuracy_by_level([0, 1], [1, 1], level1=np.array([0, 0]), level2=np.array([0, 1]))
     assert lv.set_index("level")["accuracy"].to_dict() == dict(category=0.5, level2=0.5, level1=1.0)
+
+
+# ---- MD5 after aggregation ----
+
+def _pp(pred_cls, scores):
+    from cdkit.aggregate import ProductPredictions
+    cls = np.asarray(pred_cls, np.int64)
+    sc = np.asarray(scores, np.float64)
+    return ProductPredictions(np.arange(len(cls)), np.full(len(cls), 3), cls[:, 0].copy(), cls, sc)
+
+
+def test_blend_products_overrides_listed_products_only():
+    from cdkit.aggregate import blend_products
+    pp = _pp([[1, 2, 3], [4, 5, -1], [7, 8, 9]], [[0.5, 0.3, 0.1], [0.6, 0.2, -np.inf], [0.9, 0.05, 0.01]])
+    # product 0: the train label is a class outside its candidates; product 1: its runner-up
+    new, changed = blend_products(pp, [0, 1], [[42, -1], [5, -1]], [[1.0, 0], [1.0, 0]], alpha=1.0)
+    assert new.pred_class.tolist() == [42, 5, 7] and changed.tolist() == [True, True, False]
+    assert new.cls[2].tolist() == [7, 8, 9] and np.array_equal(new.score[2], pp.score[2])
+    assert new.cls[0, 0] == 42 and new.cls[0, 1] == 1  # its own candidates follow, in their order
+    # alpha 0: the given distribution has no say, the ranking stays
+    same, changed = blend_products(pp, [0, 1], [[42, -1], [5, -1]], [[1.0, 0], [1.0, 0]], alpha=0.0)
+    assert same.pred_class.tolist() == [1, 4, 7] and not changed.any()
+    # a blend: 0.5 * train label + 0.5 * normalized own scores
+    half, _ = blend_products(pp, [1], [[5, -1]], [[1.0, 0]], alpha=0.5)
+    assert half.pred_class[1] == 5 and half.score[1, 0] == pytest.approx(0.5 + 0.5 * 0.2 / 0.8)
+
+
+def test_md5_after_belief_aggregation_keeps_the_train_label():
+    "Among the rows, belief aggregation excludes the one-hot MD5 row as an outlier; after it, the label holds"
+    import importlib.util
+    from pathlib import Path
+    from cdkit.aggregate import belief_aggregate, blend_products
+    from cdkit.md5 import apply_md5
+    spec = importlib.util.spec_from_file_location("mc", Path(__file__).resolve().parents[1] / "bench" / "md5_compose.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    (pid, cls, prob, rest), true, match, first = mc.simulate(600, 200, 20, seed=1)
+    c2, q2, r2 = apply_md5(cls, prob, rest, match, 200)
+    before = belief_aggregate(pid, c2, q2, r2, 200)
+    after, _ = blend_products(belief_aggregate(pid, cls, prob, rest, 200), pid[first], match.cls[first],
+                              match.prob[first])
+    assert (after.pred_class == true).all()
+    assert (before.pred_class == true).mean() < 0.9  # the old placement loses many of them
+
+
+def test_product_keys_ignore_picture_order():
+    from cdkit.md5 import product_keys
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 256, (5, 16), dtype=np.uint8)
+    pid = np.array([7, 7, 3, 3, 3])
+    a_pid, a_key = product_keys(h, pid)
+    b_pid, b_key = product_keys(h[[1, 0, 4, 2, 3]], pid[[1, 0, 4, 2, 3]])
+    assert a_pid.tolist() == [3, 7] and np.array_equal(a_key, b_key)
+    c_pid, c_key = product_keys(h[[0, 1, 2, 3, 1]], pid)  # another set of pictures: another key
+    assert not np.array_equal(c_key[0], a_key[0]) and np.array_equal(c_key[1], a_key[1])

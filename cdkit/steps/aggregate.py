@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, belief_aggregate,
+from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, aggregate_stores,
                          blend_products, mean_aggregate, prediction_rows)
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
@@ -74,7 +74,7 @@ class AggregateResult:
     by_pictures: pd.DataFrame = None      # accuracy by pictures per product, per split and method
     by_level: pd.DataFrame = None         # accuracy at each hierarchy level, per split and method
     predictions: dict = field(default_factory=dict)   # {(split, method): ProductPredictions} (for plots)
-    rows: dict = field(default_factory=dict)          # {split: PredRows} aggregated
+    stores: dict = field(default_factory=dict)        # {split: [PredStore]} whose rows were aggregated
 
     @property
     def final_name(self) -> str:
@@ -159,12 +159,13 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     belief_kw = dict(m=P.m, z=P.z, rule=P.rule, score=P.score, min_preds=P.min_preds)
-    preds, rows = {}, {}
+    preds, stores = {}, {}
     for split in SPLITS:
-        r = prediction_rows(_stores(P, layout, split))
-        rows[split] = r
-        preds[(split, "mean")] = mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes)
-        preds[(split, "belief")] = belief_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, **belief_kw)
+        # a block of whole products at a time: every picture x model x view row of the test set would
+        # not fit in memory at once (rows="all": 62 M rows with 4 models x 5 views)
+        stores[split] = _stores(P, layout, split)
+        preds[(split, "mean")] = aggregate_stores(stores[split], "mean")
+        preds[(split, "belief")] = aggregate_stores(stores[split], "belief", **belief_kw)
     acc = {(split, name): prep.accuracy(pp.product_id, pp.pred_class, split) for (split, name), pp in preds.items()}
     if P.method == "auto":
         chosen = "belief" if acc[("valid", "belief")] > acc[("valid", "mean")] else "mean"
@@ -184,7 +185,7 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         paths[split] = save_products(final, prep, layout.products(P.stage, split), changed)
     by_pictures, by_level = _breakdowns(preds, prep)
     table = pd.Series(acc).unstack(0).reindex(["mean", "belief", "final"])[list(SPLITS)]
-    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, rows)
+    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, stores)
 
 
 def _breakdowns(preds, prep: Prepared):
@@ -240,23 +241,43 @@ def plot_by_pictures(R: AggregateResult):
     return ax.figure
 
 
-def excluded_products(rows, pp, n=8, seed=0):
-    "Product ids where belief aggregation excluded at least one prediction row for the winning class"
-    ex = pd.Series(pp.excluded, index=rows.product_id)
-    ids = np.unique(ex[ex].index.to_numpy())
+def excluded_products(stores, pp, n=8, seed=0):
+    """Product ids where belief aggregation excluded at least one prediction row for the winning class
+    (`pp.excluded` is aligned to `prediction_rows(stores)`: store by store, picture by picture, view by view)"""
+    ids, start = [], 0
+    for s in stores:
+        size = len(s) * s.n_views
+        ex = pp.excluded[start:start + size].reshape(len(s), s.n_views).any(1)
+        ids.append(s.product_id[ex])
+        start += size
+    ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(ids, size=min(n, len(ids)), replace=False)) if len(ids) else ids
+
+
+def _rows_of(stores, pp, ids):
+    "The prediction rows of the products `ids` and their `excluded` flags (in prediction_rows order)"
+    from ..store import PredStore
+    subs, flags, start = [], [], 0
+    for s in stores:
+        keep = np.isin(s.product_id, ids)
+        subs.append(PredStore(s.product_id[keep], s.img_idx[keep], s.cls[keep], s.prob[keep], s.rest[keep],
+                              s.n_classes))
+        flags.append(pp.excluded[start:start + len(s) * s.n_views].reshape(len(s), s.n_views)[keep].ravel())
+        start += len(s) * s.n_views
+    return prediction_rows(subs), np.concatenate(flags)
 
 
 def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0):
     """Products in which belief aggregation excluded a picture: each picture titled with its
     prediction's top class; pictures excluded for the winning class framed in red"""
     import matplotlib.pyplot as plt
-    from ..bsonfile import BsonReader, decode_rgb
-    rows, pp = R.rows[split], R.predictions[(split, "belief")]
-    ids = excluded_products(rows, pp, n, seed)
+    from ..bsonfile import BsonReader
+    stores, pp = R.stores[split], R.predictions[(split, "belief")]
+    ids = excluded_products(stores, pp, n, seed)
     if not len(ids):
         return None
+    rows, excluded = _rows_of(stores, pp, ids)
     index = prep.test_index if split == "test" else prep.train_index
     reader = BsonReader(prep.test_bson if split == "test" else prep.train_bson)
     by_id = index.set_index("product_id")
@@ -266,13 +287,13 @@ def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0)
         ax.axis("off")
     for r, pid in enumerate(ids):
         row = by_id.loc[pid]
-        pics = reader.pictures(int(row["offset"]), int(row["length"]))
+        pics = reader.images(int(row["offset"]), int(row["length"]))
         sel = rows.product_id == pid
-        for j, b in enumerate(pics[:4]):
+        for j, im in enumerate(pics[:4]):
             ax = axes[r, j]
-            ax.imshow(decode_rgb(b))
+            ax.imshow(im if im is not None else np.full((180, 180, 3), 128, np.uint8))
             here = sel & (rows.img_idx == j)
-            excl = pp.excluded[here].mean() if here.any() else 0
+            excl = excluded[here].mean() if here.any() else 0
             top = np.bincount(rows.cls[here, 0].clip(0)).argmax() if here.any() else -1
             ax.set_title(f"{pid}/{j}: {prep.catalog.name(top)[:18] if top >= 0 else '?'}\nexcluded {excl:.0%}",
                          fontsize=7, color="red" if excl > 0.5 else "black")

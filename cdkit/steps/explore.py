@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ..bsonfile import NO_LABEL, BsonReader, build_index, decode_rgb, image_table
+from ..bsonfile import NO_LABEL, BsonReader, build_index, image_table
 from ..catalog import Catalog
 from ..params import DataParams
 
@@ -150,7 +150,8 @@ def plot_product_grid(reader, index, catalog, n=12, seed=0, ncols=4):
     nrows = int(np.ceil(len(rows) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 3.4, nrows * 1.9), squeeze=False)
     for ax, r in zip(axes.flat, rows.itertuples()):
-        pics = [decode_rgb(b) for b in reader.pictures(r.offset, r.length)]
+        grey = np.full((180, 180, 3), 128, np.uint8)  # a picture that does not decode shows grey
+        pics = [p if p is not None else grey for p in reader.images(r.offset, r.length)]
         strip = np.concatenate(pics, axis=1) if pics else np.full((180, 180, 3), 255, np.uint8)
         ax.imshow(strip)
         if r.category_id != NO_LABEL:
