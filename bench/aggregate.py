@@ -4,6 +4,7 @@
     .venv/bin/python bench/aggregate.py --views 2       # two TTA views per picture
     .venv/bin/python bench/aggregate.py --products 100000
     .venv/bin/python bench/aggregate.py --models 4 --views 2   # the study's wording: 24.8 M picture x model x view rows
+    .venv/bin/python bench/aggregate.py --models 4 --views 2 --stores DIR   # the same through prediction stores
 
 Pictures per product follow the train set's distribution (1: 4,369,441, 2: 1,128,588, 3: 542,792,
 4: 1,029,075 products of 7,069,896), scaled to the test set and adjusted so that the totals are
@@ -15,6 +16,7 @@ to all products, and the ratio.
 import argparse
 import resource
 import time
+from pathlib import Path
 import tracemalloc
 
 import numpy as np
@@ -66,6 +68,58 @@ def make_rows(counts, views, rng, chunk=1 << 20):
     return pid, cls, prob, rest
 
 
+def write_stores(counts, models, views, folder, rng, chunk=1 << 18):
+    """`models` prediction stores (uint8, k=K) of `views` views over the test pictures, product by product;
+    a picture's predictions share the product's true class 80% of the time, as in make_rows"""
+    from cdkit.store import StoreWriter
+    n_pics = np.repeat(np.arange(1, 5), counts)
+    rng.shuffle(n_pics)
+    pid = np.repeat(np.arange(len(n_pics)) * 10 + 1_000_000, n_pics)
+    starts = np.repeat(np.cumsum(n_pics) - n_pics, n_pics)
+    img = (np.arange(len(pid)) - starts).astype(np.int8)
+    true = np.repeat(rng.integers(0, N_CLASSES, len(n_pics)), n_pics)
+    pool = np.stack([rng.permutation(N_CLASSES - 1)[:K - 1] + 1 for _ in range(256)])
+    paths = []
+    for m in range(models):
+        path = Path(folder) / f"model{m}.store"
+        with StoreWriter(path, N_CLASSES, K, views, "uint8", overwrite=True) as w:
+            for a in range(0, len(pid), chunk):
+                n = min(chunk, len(pid) - a)
+                t = np.repeat(true[a:a + n], views)
+                top = np.where(rng.random(n * views) < 0.8, t, rng.integers(0, N_CLASSES, n * views))
+                cls = np.empty((n * views, K), np.uint16)
+                cls[:, 0], cls[:, 1:] = top, (top[:, None] + pool[rng.integers(0, 256, n * views)]) % N_CLASSES
+                g = rng.gamma(0.3, size=(n * views, K + 1)).astype(np.float32)
+                g[:, 0] += 1.0
+                g /= g.sum(1, keepdims=True)
+                prob = -np.sort(-g[:, :K], 1)
+                w.add_topk(pid[a:a + n], img[a:a + n], cls.reshape(n, views, K), prob.reshape(n, views, K),
+                           (1 - prob.sum(1)).reshape(n, views))
+        paths.append(path)
+    return paths
+
+
+def main_stores(args, counts):
+    "Write the stores, then time loading them and belief aggregation a block of products at a time"
+    from cdkit.aggregate import aggregate_stores
+    from cdkit.store import load_store
+    rng = np.random.default_rng(args.seed)
+    t = time.perf_counter()
+    paths = write_stores(counts, args.models, args.views, args.stores, rng)
+    print(f"{args.models} stores of {args.views} views written to {args.stores} in {time.perf_counter() - t:.1f} s")
+    t, c = time.perf_counter(), time.process_time()
+    stores = [load_store(p) for p in paths]
+    t_load, c_load = time.perf_counter() - t, time.process_time() - c
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    t, c = time.perf_counter(), time.process_time()
+    res = aggregate_stores(stores, "belief", threads=args.threads)
+    t_agg, c_agg = time.perf_counter() - t, time.process_time() - c
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"load_store x {len(stores)}: {t_load:.1f} s wall ({c_load:.1f} s CPU), peak RSS {rss_load:,.0f} MB")
+    print(f"aggregate_stores (belief, {len(res.excluded):,} rows, {len(res.product_id):,} products): {t_agg:.1f} s wall "
+          f"({c_agg:.1f} s CPU), process peak RSS {rss:,.0f} MB; {res.excluded.sum():,} rows excluded")
+
+
 def loop_belief(pid, cls, prob, rest, m=5, z=1.96, min_preds=3, ddof=1, atol=0.01):
     "Straightforward per-product loop (numpy inside each product): predicted class per product"
     spr = spread(rest, N_CLASSES, K)
@@ -100,6 +154,7 @@ def main():
     ap.add_argument("--loop-products", type=int, default=20_000, help="subset timed with the per-product loop")
     ap.add_argument("--threads", type=int, default=None, help="threads for the vectorized run (default: cores, at most 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stores", default=None, help="write stores (models x views) here and aggregate them block by block")
     args = ap.parse_args()
 
     pictures = round(args.products * TEST_PICTURES / TEST_PRODUCTS)
@@ -108,6 +163,7 @@ def main():
     print(f"products {args.products:,}  pictures {pictures:,}  models {args.models}  views {args.views}  k {K}  classes {N_CLASSES}")
     print("products with 1/2/3/4 pictures: " + " / ".join(f"{c:,}" for c in counts)
           + "  (" + " / ".join(f"{c / counts.sum():.4f}" for c in counts) + ")")
+    if args.stores: return main_stores(args, counts)
     rng = np.random.default_rng(args.seed)
     t = time.perf_counter()
     pid, cls, prob, rest = make_rows(counts, per_pic, rng)

@@ -359,6 +359,7 @@ def iter_product_blocks(stores, views=None, max_rows=1 << 21):
     stores = list(stores)
     if len({s.n_classes for s in stores}) != 1: raise ValueError("stores have different n_classes")
     k = max(s.k for s in stores)
+    same_k = all(s.k == k and s.cls.dtype.kind == "u" for s in stores)  # no padding: keep the compact classes
     vs = [list(range(s.n_views)) if views is None else list(views) for s in stores]
     perms = align_stores(stores)
     offsets = np.cumsum([0] + [len(s) * len(v) for s, v in zip(stores, vs)])
@@ -368,27 +369,35 @@ def iter_product_blocks(stores, views=None, max_rows=1 << 21):
     step = max(1, max_rows // max(sum(len(v) for v in vs), 1))
     # block starts: the first picture of the product at or before every `step`-th picture
     cuts = np.r_[np.unique(cuts[np.searchsorted(cuts, np.arange(0, len(pid), step), "right") - 1]), len(pid)]
+    per = sum(len(v) for v in vs)
+    cdt = stores[0].cls.dtype if same_k else np.int64
+    model = np.repeat(np.arange(len(stores)), [len(v) for v in vs])
+    view = np.concatenate([np.asarray(v, np.int64) for v in vs])
     for a, b in zip(cuts[:-1], cuts[1:]):
         if a == b: continue
-        pics0 = order[a:b]
-        parts = []
+        pics0, n = order[a:b], b - a
+        # rows in (picture, store, view) order: a product's rows are contiguous, its gathers cache-friendly
+        cls = np.full((n, per, k), -1, cdt) if not same_k else np.empty((n, per, k), cdt)
+        prob = np.zeros((n, per, k), np.float32)
+        rest, pos = np.empty((n, per), np.float32), np.empty((n, per), np.int64)
+        j = 0
         for i, (s, perm, v) in enumerate(zip(stores, perms, vs)):
-            r = perm[pics0]
-            n, V = len(r), len(v)
-            cls = np.full((n, V, k), -1, np.int64); prob = np.zeros((n, V, k), np.float32)
-            cls[:, :, :s.k], prob[:, :, :s.k] = s.cls[r][:, v], s.prob[r][:, v]
-            pos = offsets[i] + (r[:, None] * V + np.arange(V)).reshape(-1)
-            parts.append((np.repeat(s.product_id[r], V), np.repeat(s.img_idx[r], V), np.full(n * V, i),
-                          np.tile(v, n), cls.reshape(-1, k), prob.reshape(-1, k), s.rest[r][:, v].reshape(-1), pos))
-        cols = [np.concatenate(c) for c in zip(*parts)]
-        yield PredRows(*cols[:-1], n_classes=stores[0].n_classes), cols[-1]
+            r, sel = perm[pics0], (slice(None) if v == list(range(s.n_views)) else v)
+            cls[:, j:j + len(v), :s.k], prob[:, j:j + len(v), :s.k] = s.cls[r][:, sel], s.prob[r][:, sel]
+            rest[:, j:j + len(v)] = s.rest[r][:, sel]
+            pos[:, j:j + len(v)] = offsets[i] + r[:, None] * len(v) + np.arange(len(v))
+            j += len(v)
+        yield PredRows(np.repeat(stores[0].product_id[pics0], per), np.repeat(stores[0].img_idx[pics0], per),
+                       np.tile(model, n), np.tile(view, n), cls.reshape(n * per, k), prob.reshape(n * per, k),
+                       rest.reshape(-1), n_classes=stores[0].n_classes), pos.reshape(-1)
 
 
 def aggregate_stores(stores, method="belief", views=None, max_rows=1 << 21, **kw):
     """`belief_aggregate` (method="belief") or `mean_aggregate` ("mean") over every picture x store x view
     row of `stores`, a block of whole products at a time (`iter_product_blocks`): the same result as
     aggregating `prediction_rows(stores, views)`, with `excluded` aligned to those rows, in the memory
-    of the stores and one block. `kw` go to the aggregator."""
+    of the stores and one block. `kw` go to the aggregator. Where every store has the same k, the
+    blocks keep the stores' uint16 classes (no padding to mark), a quarter of int64's memory traffic."""
     fn = {"belief": belief_aggregate, "mean": mean_aggregate}.get(method)
     if fn is None: raise ValueError(f"method must be 'belief' or 'mean', got {method!r}")
     stores = list(stores)
