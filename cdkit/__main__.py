@@ -31,6 +31,16 @@ def _show(result):
             typer.echo(f"{name}: {v}")
 
 
+def _expected_errors():
+    from .io import DiskFullError, FolderBusyError, IncompleteFolderError
+    from .params import ParamsError
+    from .prepare import SplitMissingError
+    return (ParamsError, FolderBusyError, IncompleteFolderError, SplitMissingError, DiskFullError, FileNotFoundError)
+
+
+EXPECTED = _expected_errors()
+
+
 def _step_command(step):
     def command(params: Optional[List[Path]] = PARAMS_OPT, overrides: Optional[List[str]] = OVERRIDES_ARG):
         import importlib
@@ -45,7 +55,11 @@ def _step_command(step):
             raise typer.Exit(2)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         mod = importlib.import_module(f"cdkit.steps.{step.module}")
-        result = mod.run(P)
+        try:
+            result = mod.run(P)
+        except EXPECTED as e:  # a state the user can fix: one line, no traceback
+            typer.echo(f"ERROR: {e}", err=True)
+            raise typer.Exit(1)
         if hasattr(mod, "record") and hasattr(P, "run_dir"):
             mod.record(P.run_dir, result)
             write_report(P.run_dir)
@@ -65,7 +79,9 @@ def _register():
 @app.command()
 def synth(out_dir: Path, preset: str = typer.Option("demo", help="tiny, demo or bench"), seed: int = 0):
     "Write a synthetic data set in the competition's format (train.bson, test.bson, csv files)"
+    from .paths import resolve
     from .synth import write_dataset
+    out_dir = resolve(out_dir)
     summary = write_dataset(out_dir, preset=preset, seed=seed)
     typer.echo(f"wrote {out_dir}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
 
@@ -74,7 +90,9 @@ def synth(out_dir: Path, preset: str = typer.Option("demo", help="tiny, demo or 
 def index(bson: Path, out: Path = typer.Option(..., help="Parquet path of the index (never inside the raw data folder)")):
     "Index one competition BSON file (Parquet) and print its summary"
     from .bsonfile import build_index
-    if out.resolve().parent == bson.resolve().parent:
+    from .paths import resolve
+    bson, out = resolve(bson), resolve(out)
+    if out.parent == bson.parent:
         typer.echo(f"ERROR: --out {out} is in the raw data folder {bson.parent}; the raw data stays read-only", err=True)
         raise typer.Exit(2)
     _, stats = build_index(bson, out=out, return_stats=True)

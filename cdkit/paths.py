@@ -1,7 +1,9 @@
 """Where things live. Importing this module has no side effects.
 
-Relative paths in params are taken from the repository root, so a notebook behaves the same in
-JupyterLab (cwd = notebooks/) and under papermill started from the root. CDKIT_ROOT overrides it."""
+One rule for every relative path the kit is given (params, notebooks, the command line, `cdkit synth`
+and `cdkit index` alike): it is taken from the repository root, so a notebook behaves the same in
+JupyterLab (cwd = notebooks/), under papermill and on the command line from any folder. CDKIT_ROOT
+overrides the root; absolute paths are used as they are."""
 from __future__ import annotations
 
 import os

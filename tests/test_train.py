@@ -42,8 +42,7 @@ def test_unknown_or_mistyped_key_fails_before_work(tmp_path):
     bad.write_text("epochz: 3\n")
     assert main(["train", "--params", str(bad), f"run_dir={tmp_path}"]) == 2
     assert main(["train", "bs=big", f"run_dir={tmp_path}"]) == 2
-    with pytest.raises(ParamsError, match="unknown backbone"):
-        main(["train", f"run_dir={tmp_path}", "arch=resnet1O1"])
+    assert main(["train", f"run_dir={tmp_path}", "arch=resnet1O1"]) == 1  # "unknown backbone ... close matches"
     assert not any(tmp_path.rglob("params.yaml"))  # nothing written
 
 
@@ -60,8 +59,12 @@ def test_resume_is_exact(tiny_data, tmp_path):
     train(quick(tiny_data, tmp_path, name="cut", stop_after=1))
     cut_dir = tmp_path / "run" / "models" / "cut"
     assert len(pd.read_csv(cut_dir / "metrics.csv")) == 1
+    saved = (cut_dir / "params.yaml").read_text()
     with pytest.raises(ParamsError, match=r"lr: 0.01 -> 0.02"):  # resuming with another lr would change the model
         train(quick(tiny_data, tmp_path, name="cut", resume=True, lr=0.02))
+    with pytest.raises(ParamsError, match=r"arch: 'resnet18' -> 'resnet10t'"):
+        train(quick(tiny_data, tmp_path, name="cut", resume=True, arch="resnet10t"))
+    assert (cut_dir / "params.yaml").read_text() == saved  # refused before anything was written
     resumed = train(quick(tiny_data, tmp_path, name="cut", resume=True))
     assert resumed.epochs_done == 2
     a = torch.load(full.model_dir / "model.pth")
@@ -132,3 +135,27 @@ def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_p
     res.learn.get_preds(dl=res.learn.dls.valid)
     assert metrics.read_text() == before and len(pd.read_csv(metrics)) == 2
     assert ckpt.stat().st_mtime == mtime
+
+
+def test_a_model_folder_in_use_is_refused_naming_the_pid(tiny_data, tmp_path):
+    "Another process trains into the folder: a second `cdkit train` stops at once; after kill -9 the folder is free"
+    from cdkit.io import folder_lock
+    from cdkit.prepare import create_prepared
+    create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
+    folder = tmp_path / "run" / "models" / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.io import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)",
+                               str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run([sys.executable, "-m", "cdkit", "train", f"data_dir={tiny_data}", f"work_dir={tmp_path / 'prep'}",
+                            f"run_dir={tmp_path / 'run'}", "name=busy", "epochs=1", "num_workers=0"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert f"model folder {folder} is in use by PID {holder.pid}" in r.stderr and "Traceback" not in r.stderr
+        assert not (folder / "params.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(folder):  # the lock died with its process
+        pass
