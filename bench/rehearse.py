@@ -411,7 +411,7 @@ def measure(name, data, work, scale, seed, log):
                peak_rss_mb=res["peak_self_mb"], peak_tree_mb=round(max(peak_tree, res["peak_self_mb"]), 1),
                peak_anon_mb=round(peak_anon, 1),
                worker_uss_mb=res["info"].get("worker_uss") if isinstance(res["info"], dict) else None,
-               work_mb=round(max(res["peak_self_mb"] - res["rss_start_mb"], 1.0), 1),
+               work_mb=round(max(res["peak_self_mb"] - res["rss_start_mb"], 1.0), 1), rss_start_mb=res["rss_start_mb"],
                disk_mb=round((_dir_bytes(data if name == "synth" else work) - disk0) / 2**20, 1), info=res["info"])
     return rec
 
@@ -451,7 +451,9 @@ def report(records, out):
          "process's peak resident memory; tree = polled peak of the RSS sum over the process and its workers (shared",
          "pages counted once per process); anon = polled peak of the anonymous RSS sum (without mapped file pages, which",
          "the kernel drops under pressure: build_index maps the whole BSON file); USS = the largest unique memory of",
-         "one loader worker; disk = MB left by the step.",
+         "one loader worker; disk = MB left by the step. For the loader steps the polled sums also count the forked",
+         "process that walks the index list (a simulated worker at the end of an epoch), and count pages shared by the",
+         "forked workers once per worker: their real footprint is the main process + each worker's USS (step details).",
          ""]
     for sc in scales:
         recs = [by[(sc, s)] for s in steps if (sc, s) in by]
@@ -483,6 +485,19 @@ def report(records, out):
                 mem.append(slope(a, ra["work_mb"], b, rb["work_mb"]) if ra and rb and ra["work_mb"] >= 20 else None)
             L.append(f"| {s} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cpu + mem) + " |")
         L.append("")
+    if scales and scales[-1] < 1 and len(scales) >= 2:
+        a, b = scales[-2], scales[-1]
+        L += [f"## Extrapolated to full size (from {a:g} and {b:g}, with each step's exponent, at least 1)", "",
+              "| step | CPU s | peak RSS MB |", "| --- | ---: | ---: |"]
+        for s in steps:
+            ra, rb = by.get((a, s)), by.get((b, s))
+            if not (ra and rb): continue
+            e_cpu = max(slope(a, ra["cpu_s"], b, rb["cpu_s"]) or 1.0, 1.0)
+            e_mem = max(slope(a, ra["work_mb"], b, rb["work_mb"]) or 1.0, 1.0) if ra["work_mb"] >= 20 else 1.0
+            cpu = rb["cpu_s"] * (1 / b) ** e_cpu
+            mem = rb["rss_start_mb"] + rb["work_mb"] * (1 / b) ** e_mem if "rss_start_mb" in rb else None
+            L.append(f"| {s} | {_fmt(cpu)} | {_fmt(mem)} |")
+        L.append("")
     L += ["## Step details (last scale)", ""]
     for s in steps:
         r = by.get((scales[-1], s))
@@ -500,6 +515,7 @@ def main(argv=None):
     p.add_argument("--standin-store", action="store_true",
                    help="write the test store with random predictions instead of predicting (the model is the "
                         "long pole on a CPU: about 0.6 ms a picture); every later step is unchanged")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md from results.json")
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -513,6 +529,7 @@ def main(argv=None):
     res_path = out / "results.json"
     records = json.loads(res_path.read_text()) if res_path.exists() else []
     log = lambda s: print(s, flush=True)
+    if a.report_only: return report(records, out / "report.md")
     for scale in a.scales:
         data = Path(a.data_root) / f"scale-{scale:g}-seed-{a.seed}"
         work = out / "work" / f"scale-{scale:g}"
