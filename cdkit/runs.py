@@ -22,6 +22,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Annotated
+
+from pydantic import AfterValidator
+
 from .paths import resolve
 
 SPLITS = ("valid", "test")
@@ -35,6 +39,19 @@ def check_name(name: str, what="model name") -> str:
         raise ValueError(f"{what} {name!r} must be letters, digits, '_', '.', '-' (not starting with 'ensemble', "
                          "no '.shard')")
     return name
+
+
+def check_names(names: list) -> list:
+    "Model names of an ensemble: each a valid name, none twice"
+    for n in names:
+        check_name(n, "model")
+    if len(set(names)) != len(names):
+        raise ValueError(f"models={names} names a model twice")
+    return names
+
+
+# a Params field holding model names (models in run_dir/models/)
+ModelNames = Annotated[list[str], AfterValidator(check_names)]
 
 
 def _check_split(split):

@@ -26,13 +26,13 @@ from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pi
                          blend_products, mean_aggregate, prediction_rows)
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, RunLayout, check_name
+from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MODELS
 
 
 class AggregateParams(RunParams):
     "Parameters of notebooks/08_belief_aggregation.ipynb and `cdkit aggregate`"
-    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members, for rows "all"
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members, for rows "all"
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     rows: Literal["pictures", "all"] = "pictures"  # pictures: one prediction per picture, the ensemble of 07; all: every picture x model x view (the study's wording)
     method: Literal["auto", "mean", "belief"] = "auto"  # auto: whichever is better on validation
@@ -48,8 +48,6 @@ class AggregateParams(RunParams):
 
     @model_validator(mode="after")
     def _consistent(self):
-        for m in self.models:
-            check_name(m, "model")
         if self.md5_products and not self.md5:
             raise ValueError("md5_products=True needs md5=True (the product-set lookup uses the same picture digests)")
         return self

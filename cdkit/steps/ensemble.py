@@ -10,30 +10,22 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, RunLayout, check_name
+from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MODELS, store_accuracy
 
 
 class EnsembleParams(RunParams):
     "Parameters of notebooks/07_ensemble.ipynb and `cdkit ensemble`"
-    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members: stores of step 06
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members: stores of step 06
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     method: Literal["mean", "geometric", "power"] = "mean"  # how member distributions combine
     p: float = Field(0.5, gt=0, le=4)     # exponent of the power mean (0.5: blend of square roots)
     fit_weights: bool = True              # fit member weights on validation (log-loss); False: equal
     k_out: int = Field(20, ge=1)          # classes kept per picture in the ensemble store
-
-    @model_validator(mode="after")
-    def _names(self):
-        for m in self.models:
-            check_name(m, "model")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError(f"models={self.models} names a model twice")
-        return self
 
 
 @dataclass

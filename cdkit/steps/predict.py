@@ -16,14 +16,14 @@ from pydantic import Field, model_validator
 
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, RunLayout, check_name
+from ..runs import SPLITS, ModelNames, RunLayout
 
 DEMO_MODELS = ["resnet", "inception", "xception"]
 
 
 class PredictParams(RunParams):
     "Parameters of notebooks/06_predict_tta.ipynb and `cdkit predict`"
-    models: list[str] = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # models in run_dir/models/ (the first is the baseline)
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # models in run_dir/models/ (the first is the baseline)
     n_tta: int = Field(4, ge=0, le=63)    # augmented views besides the original (0: no TTA; the study: 1)
     k: int = Field(20, ge=1)              # classes kept per picture and view (62 bytes at uint8)
     prob_dtype: str = Field("uint8", pattern="^(uint8|float16|float32)$")  # uint8 (sqrt-quantized), float16 or float32
@@ -36,10 +36,6 @@ class PredictParams(RunParams):
 
     @model_validator(mode="after")
     def _consistent(self):
-        for m in self.models:
-            check_name(m, "model")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError(f"models={self.models} names a model twice")
         if self.shard >= self.num_shards:
             raise ValueError(f"shard={self.shard} must be below num_shards={self.num_shards}")
         return self
