@@ -108,6 +108,11 @@ def spread(rest, n_classes, k):
     return np.where(free > 0, rest / np.maximum(free, 1), 0).astype(np.float32)
 
 
+def picture_key(product_id, img_idx):
+    "(n,) int64 key of each picture, unique in a data set: product_id * 256 + img_idx (a product has <= 255 pictures here)"
+    return np.asarray(product_id, np.int64) * 256 + (np.asarray(img_idx).astype(np.int64) & 0xFF)
+
+
 def shard_rows(n, shard, num_shards):
     "The contiguous `range` of rows that shard `shard` of `num_shards` handles out of `n` rows"
     for name, v in (("n", n), ("shard", shard), ("num_shards", num_shards)):
@@ -155,8 +160,8 @@ class PredStore:
         return out / len(views)
 
     def keys(self):
-        "(n,) int64 key of each picture: product_id * 256 + img_idx"
-        return self.product_id.astype(np.int64) * 256 + (self.img_idx.astype(np.int64) & 0xFF)
+        "(n,) int64 key of each picture (`picture_key`)"
+        return picture_key(self.product_id, self.img_idx)
 
 
 class StoreWriter:
@@ -378,7 +383,7 @@ def merge_stores(paths, out, overwrite=False, meta=None):
             if m[key] != m0[key]: raise StoreError(f"cannot merge {p} with {paths[0]}: {key} {m[key]} != {m0[key]}")
     pid = np.concatenate([a["product_id"] for _, a in loaded])
     img = np.concatenate([a["img_idx"] for _, a in loaded])
-    key = np.sort(pid * 256 + (img.astype(np.int64) & 0xFF))
+    key = np.sort(picture_key(pid, img))
     dup = key[1:][key[1:] == key[:-1]]
     if len(dup):
         ex = ", ".join(f"product_id {d // 256} img_idx {d % 256}" for d in np.unique(dup)[:5])
