@@ -109,3 +109,38 @@ def test_corrupt_picture_is_predicted_and_counted(tmp_path):
     st = load_store(predict_to_store(tiny_cnn(4), t, path, tmp_path / "store", size=SIZE, item_size=ITEM, n_views=2,
                                      k=4, bs=8, device="cpu"))
     assert len(st) == len(t) and st.meta["bad_pictures"] == 1 and st.n_classes == 4
+
+
+def test_step06_shards_are_stored_apart_and_merged_by_the_last(tiny_data, tmp_path):
+    "Two machines' shards go to their own stores, the last merges them: the same as predicting unsharded"
+    from cdkit.models import ModelCard, create_model, save_trained
+    from cdkit.params import make_params
+    from cdkit.prepare import create_prepared
+    from cdkit.runs import RunLayout
+    from cdkit.steps import predict as step
+    prep = create_prepared(tiny_data, tmp_path / "work", log=lambda *a: None)
+    torch.manual_seed(0)
+    n = prep.catalog.n_classes
+    save_trained(create_model("resnet10t", n), tmp_path / "run" / "models" / "m",
+                 ModelCard(arch="resnet10t", n_classes=n, size=32, item_size=160, mean=(0.5,) * 3, std=(0.25,) * 3))
+    base = dict(run_dir=str(tmp_path / "run"), data_dir=str(tiny_data), work_dir=str(tmp_path / "work"), models=["m"],
+                n_tta=1, num_workers=0, bs=32, device="cpu")
+    layout = RunLayout(tmp_path / "run")
+    r0 = step.run(make_params(step.PredictParams, dict(base, shard=0, num_shards=2)), prep, log=lambda *a: None, save=False)
+    assert not r0.complete and not layout.store("m", "test").exists()
+    assert layout.store("m", "test", 0, 2).exists() and not layout.store("m", "test", 1, 2).exists()
+    r1 = step.run(make_params(step.PredictParams, dict(base, shard=1, num_shards=2)), prep, log=lambda *a: None, save=False)
+    assert r1.complete and layout.store("m", "test", 1, 2).exists()
+    merged = {s: load_store(layout.store("m", s)) for s in ("valid", "test")}
+    # again: every store is current, nothing is predicted
+    again = step.run(make_params(step.PredictParams, dict(base, shard=1, num_shards=2)), prep, log=lambda *a: None, save=False)
+    assert again.written == []
+    import shutil
+    shutil.copytree(tmp_path / "run" / "models", tmp_path / "run1" / "models")
+    whole = step.run(make_params(step.PredictParams, dict(base, run_dir=str(tmp_path / "run1"))), prep, log=lambda *a: None,
+                     save=False)
+    for s in ("valid", "test"):
+        w = load_store(whole.stores[("m", s)])
+        order_m, order_w = np.argsort(merged[s].keys()), np.argsort(w.keys())
+        assert np.array_equal(merged[s].keys()[order_m], w.keys()[order_w])
+        assert np.array_equal(merged[s].cls[order_m], w.cls[order_w])
