@@ -46,6 +46,7 @@ def _step_command(step):
         import importlib
         import logging
         from .params import ParamsError, load_params
+        from .paths import resolve
         from .report import write_report
         cls = step.params_class()
         try:
@@ -55,6 +56,9 @@ def _step_command(step):
             raise typer.Exit(2)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         mod = importlib.import_module(f"cdkit.steps.{step.module}")
+        if hasattr(P, "run_dir"):
+            from .io import sweep_temps
+            sweep_temps(resolve(P.run_dir), recursive=True)  # what a killed step left half-written
         try:
             result = mod.run(P)
         except EXPECTED as e:  # a state the user can fix: one line, no traceback

@@ -122,7 +122,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
 
     `overrides` apply to every notebook that declares the key (e.g. data_dir, work_dir, epochs).
     `only`: names or number prefixes of the steps to run, e.g. to resume after a failure."""
-    from .io import folder_lock
+    from .io import folder_lock, sweep_temps
     from .report import record, write_report
     run_dir = resolve(run_dir)
     overrides = {"run_dir": str(run_dir), **(overrides or {})}
@@ -132,6 +132,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     timings = {}
     t_all = time.perf_counter()
     with folder_lock(run_dir, "run folder"):
+        sweep_temps(run_dir, recursive=True)  # what a killed run left half-written
         for i, (s, params) in enumerate(plan, 1):
             if only and not any(s.notebook.startswith(o) for o in only):
                 continue

@@ -153,3 +153,40 @@ def test_a_failing_notebook_is_named_with_its_cell_and_copy(tiny_data, tmp_path)
     with pytest.raises(NotebookFailed, match=r"07_ensemble.ipynb failed in cell \d+ .*open the executed copy .*07_ensemble.ipynb"):
         run_pipeline(tmp_path / "broken", only=["07"], overrides=dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "w")),
                      log=lambda *a: None)
+
+
+def test_a_dead_kernel_names_the_notebook_and_its_copy(tmp_path):
+    import nbformat
+    from cdkit.pipeline import run_notebook
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.cells = [nbformat.v4.new_code_cell("import os\nos._exit(9)  # as the OOM killer would")]
+    path = tmp_path / "dies.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(NotebookFailed, match=r"dies.ipynb stopped: DeadKernelError.*open the executed copy .*out.ipynb"):
+        run_notebook(path, tmp_path / "out.ipynb", {})
+
+
+def test_a_run_folder_in_use_is_refused_and_orphans_are_swept(tmp_path):
+    import subprocess
+    import sys
+    from cdkit.io import FolderBusyError
+    run = tmp_path / "run"
+    orphan = run / "products" / ".base_test.parquet.tmp-999999-deadbeef"  # a write killed with its process
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.io import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=f"run folder .* is in use by PID {holder.pid}"):
+            run_pipeline(run, only=["01"], log=lambda *a: None)
+        assert orphan.exists()  # nothing touched while another process holds the folder
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(NotebookFailed):  # now it runs (and 01 fails on the empty data folder)
+        run_pipeline(run, only=["01"], overrides=dict(data_dir=str(tmp_path / "nodata"), synth_preset=""),
+                     log=lambda *a: None)
+    assert not orphan.exists()
