@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(os.environ.get("CDKIT_ROOT", Path(__file__).resolve().parents[1]))
 DATA = ROOT / "data"            # downloaded or generated data sets (never committed)
-RUNS = ROOT / "runs"            # one folder per run: runs/<run_name>/
+RUNS = ROOT / "runs"            # run folders (cdkit.runs.RunLayout), e.g. runs/demo/
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
 
@@ -20,9 +20,3 @@ def resolve(p) -> Path:
     "An absolute path: `p` itself if absolute, else relative to the repository root"
     p = Path(os.path.expanduser(str(p)))
     return p if p.is_absolute() else ROOT / p
-
-
-def run_dir(run_name, root=None) -> Path:
-    d = resolve(root or RUNS) / run_name
-    d.mkdir(parents=True, exist_ok=True)
-    return d
