@@ -244,13 +244,20 @@ def _set_rng_state(state):
 
 class Checkpoint(Callback):
     """Save everything an exact resume needs after each epoch: weights, optimizer, epoch, RNG states,
-    the loaders' shuffle RNGs, callback states (`state_dict()` of any callback that has one)"""
+    the loaders' shuffle RNGs, callback states (`state_dict()` of any callback that has one).
+
+    With `every`, also every `every` optimizer steps inside an epoch, so that a session that ends
+    mid-epoch (a 12-hour notebook, a preempted machine) loses at most that many steps. Such a checkpoint
+    also holds the epoch's shuffle state and the batches done: the resumed epoch draws the same order,
+    skips those batches without reading them, and continues with the RNG states of the moment of the
+    save (exact in one process without loader workers; with workers, the same remaining batches)."""
     order, run_valid = 70, True  # after the Recorder and the log wrote the epoch
 
-    def __init__(self, path, start_epoch=0, resumed=None): store_attr()
+    def __init__(self, path, start_epoch=0, resumed=None, every=None): store_attr()
 
     def before_fit(self):
         "Sweep what an interrupted checkpoint write left; put back what other callbacks' before_fit just reset"
+        self.steps, self.due, self.batches, self.epoch_rng = 0, False, 0, None
         if not rank_distrib(): sweep_checkpoint_temps(self.path)
         if self.resumed is None: return
         if self.resumed.get("scaler") is not None and getattr(self.learn, "scaler", None) is not None:
@@ -258,6 +265,32 @@ class Checkpoint(Callback):
         if self.resumed.get("smooth_loss") is not None and hasattr(self.learn, "recorder"):
             sl = self.learn.recorder.smooth_loss  # the train_loss column: a running mean across epochs
             sl.count, sl.val = self.resumed["smooth_loss"]
+
+    def before_train(self):
+        dl = _inner_dl(self.dls.train)
+        mid = (self.resumed or {}).get("mid_epoch")
+        self.batches = 0
+        if mid and self.epoch == self.start_epoch:  # resume inside this epoch
+            dl.rng.setstate(mid["epoch_rng"])  # the same shuffle as the interrupted pass
+            dl.skip_batches, dl.resume_rng = mid["batches"], mid["rng"]
+            self.learn.pct_train, self.learn.train_iter = mid["pct_train"], mid["train_iter"]
+            self.batches = mid["batches"]
+            self.resumed = {k: v for k, v in self.resumed.items() if k != "mid_epoch"}
+        self.epoch_rng = dl.rng.getstate()  # the loader draws this epoch's order from here when it starts
+
+    def after_step(self):
+        self.steps += 1
+        if self.every and self.steps % self.every == 0: self.due = True
+
+    def after_batch(self):
+        if not self.training: return
+        self.batches += 1
+        if not self.due: return
+        self.due = False  # after an optimizer step: no gradient is pending (GradAccum steps before this)
+        if not rank_distrib():
+            save_checkpoint(self.learn, self.path, self.epoch, mid_epoch=dict(
+                batches=self.batches, epoch_rng=self.epoch_rng, rng=_rng_state(), pct_train=self.learn.pct_train,
+                train_iter=self.learn.train_iter))
 
     def after_epoch(self):
         if self.epoch < self.start_epoch: return  # skipped by a resumed fit
@@ -290,9 +323,9 @@ def sweep_checkpoint_temps(path):
     return removed
 
 
-def save_checkpoint(learn, path, epochs_done):
-    """Atomically write the state after `epochs_done` epochs to `path` (through cdkit.io: a failed
-    write leaves no temp file, a full disk raises DiskFullError naming `path`)"""
+def save_checkpoint(learn, path, epochs_done, mid_epoch=None):
+    """Atomically write the state after `epochs_done` epochs (and `mid_epoch`'s batches of the next one)
+    to `path` (through cdkit.io: a failed write leaves no temp file, a full disk raises DiskFullError naming `path`)"""
     cb_states = {type(cb).__name__: cb.state_dict() for cb in learn.cbs
                  if hasattr(cb, "state_dict") and callable(cb.state_dict)}
     state = dict(epoch=epochs_done, model=_unwrap(learn.model).state_dict(), opt=learn.opt.state_dict(),
@@ -300,7 +333,8 @@ def save_checkpoint(learn, path, epochs_done):
                  callbacks=cb_states, train_iter=learn.train_iter,
                  smooth_loss=(learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val)
                  if hasattr(learn, "recorder") else None,
-                 scaler=learn.scaler.state_dict() if getattr(learn, "scaler", None) is not None else None)
+                 scaler=learn.scaler.state_dict() if getattr(learn, "scaler", None) is not None else None,
+                 mid_epoch=mid_epoch)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -20,6 +20,7 @@ no other product's picture is scored or predicted as this product's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import random
@@ -112,6 +113,32 @@ class PictureDataset:
 
     def __len__(self): return len(self.product_id)
 
+    # ---- what fastai's show_batch, show_results, tta, predict and interpretation expect of a dataset ----
+    def decode(self, sample, full=True):
+        "fastai's decode of one (image[, label]) sample: labels become `Category` of the category id (`vocab`)"
+        from fastai.data.transforms import Category
+        vocab = getattr(self, "vocab", None)
+        out = [sample[0]]
+        for y in sample[1:]:
+            y = int(y)
+            out.append(Category(str(vocab[y] if vocab is not None and 0 <= y < len(vocab) else y)))
+        return tuple(out)
+
+    @contextlib.contextmanager
+    def set_split_idx(self, i):
+        "Apply the transforms of split `i` inside the block (fastai's `tta` asks for the training augmentation: 0)"
+        old = self.split_idx
+        self.split_idx = i
+        try: yield self
+        finally: self.split_idx = old
+
+    @property
+    def items(self) -> pd.DataFrame:
+        "The image-table rows of this dataset (fastai's interpretation re-reads top losses through `test_dl(items)`)"
+        d = dict(product_id=self.product_id, img_idx=self.img_idx, offset=self.offset, length=self.length)
+        if self.label is not None: d["label"] = self.label
+        return pd.DataFrame(d)
+
     @property
     def bad_pictures(self) -> int:
         "Pictures that did not decode so far, over all processes"
@@ -120,7 +147,7 @@ class PictureDataset:
     def jpeg(self, i):
         return self.reader.picture(self.offset[i], self.length[i], self.img_idx[i])
 
-    def decode(self, i):
+    def decode_row(self, i):
         """(H, W, 3) uint8 of row i, PICTURE_SIZE square; ImageDecodeError if it cannot be used (BadPictureError
         when its structure in the file is unsound, see `BsonReader.slots`)"""
         a = decode_rgb(self.jpeg(i))  # header checked first; simplejpeg, else PIL for PNG / CMYK / grayscale
@@ -153,13 +180,13 @@ class PictureDataset:
     def picture(self, i):
         "(row actually used, (H, W, 3) uint8 array) of row i, counted and replaced when it cannot be used"
         try:
-            return i, self.decode(i)
+            return i, self.decode_row(i)
         except ImageDecodeError as e:
             err = e
         if self.on_bad == "next":
             for j in self._substitutes(i):
                 try:
-                    a = self.decode(j)
+                    a = self.decode_row(j)
                 except ImageDecodeError:
                     continue  # counted when its own row is read
                 same = self.product_id[j] == self.product_id[i]
@@ -178,7 +205,8 @@ class PictureDataset:
         j, a = self.picture(i)
         s = self.item_size
         if s != PICTURE_SIZE:
-            rng = random if self.crop == "random" else None  # `random`: seeded per worker by fastai
+            # `random`: seeded per worker by fastai; split 0 (training, or `tta`'s augmented passes) shifts the crop
+            rng = random if self.crop == "random" or (self.crop == "center" and self.split_idx == 0) else None
             top, left = crop_offset(PICTURE_SIZE, s, rng), crop_offset(PICTURE_SIZE, s, rng)
             a = a[top:top + s, left:left + s]
         item = (a, int(self.label[j])) if self.with_labels else (a,)
@@ -222,6 +250,12 @@ def batch_tfms(size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, aug=None, item_s
     return [IntToFloatTensor(), *tfms, Normalize.from_stats(mean, std, cuda=False)]
 
 
+def category_map(vocab):
+    "fastai's CategoryMap of the category ids in class order (what `dls.vocab` is for fastai's interpretation)"
+    from fastai.data.transforms import CategoryMap
+    return vocab if isinstance(vocab, CategoryMap) else CategoryMap([int(v) for v in vocab], sort=False)
+
+
 def _device(device):
     return default_device() if device is None else torch.device(device)
 
@@ -248,9 +282,66 @@ def collate_pictures(items, with_labels=True):
 
 
 class PictureDL(TfmdDL):
-    "TfmdDL whose items are bare arrays from a PictureDataset, batched by `collate_pictures`"
+    """TfmdDL whose items are bare arrays from a PictureDataset, batched by `collate_pictures`.
+
+    Two one-shot hooks serve a mid-epoch resume (`cdkit.callbacks.Checkpoint(every=...)`): the next pass
+    skips its first `skip_batches` batches without reading them, and sets the global RNG states to
+    `resume_rng` just before its first item, where the interrupted pass stood after those batches."""
+    skip_batches, resume_rng = 0, None
+
     def do_item(self, s): return self.create_item(s)  # no per-item transforms: skip the empty Pipeline
     def do_batch(self, b): return collate_pictures(b, self.dataset.with_labels)
+
+    def get_idxs(self):
+        idxs = super().get_idxs()
+        if self.skip_batches:
+            idxs = list(idxs)[self.skip_batches * self.bs:]
+            self.skip_batches = 0
+        return idxs
+
+    def create_batches(self, samps):
+        if self.resume_rng is not None:  # after torch's iterator drew its seed, before the first item
+            from .callbacks import _set_rng_state
+            _set_rng_state(self.resume_rng)
+            self.resume_rng = None
+        yield from super().create_batches(samps)
+
+
+class ArrayPictures(PictureDataset):
+    """Pictures given in memory (JPEG bytes, file paths, PIL images or (H, W, 3) uint8 arrays), for
+    `learn.predict(x)` and `dls.test_dl([x, ...])`; resized to the competition's 180x180 like any picture"""
+
+    def __init__(self, pictures, vocab=None):
+        self.pictures = list(pictures)
+        n = len(self.pictures)
+        self.product_id, self.img_idx = np.full(n, -1, np.int64), np.zeros(n, np.int8)
+        self.offset, self.length, self.label = np.zeros(n, np.int64), np.zeros(n, np.int32), None
+        self.item_size, self.crop, self.with_labels, self.with_row = PICTURE_SIZE, "center", False, False
+        self.split_idx, self.on_bad, self.vocab = 1, "blank", vocab
+        self.reader = None
+        self._bad, self._logged = mp.Value("q", 0), 0
+        self.loss_func = CrossEntropyLossFlat()
+
+    def decode_row(self, i):
+        from pathlib import Path
+        o = self.pictures[i]
+        if isinstance(o, (str, Path)): o = Path(o).read_bytes()
+        if isinstance(o, (bytes, bytearray, memoryview)): a = decode_rgb(bytes(o))
+        elif hasattr(o, "convert"): a = np.asarray(o.convert("RGB"))  # a PIL image
+        else:
+            a = np.asarray(o)
+            if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3: a = a.transpose(1, 2, 0)  # (3, H, W) tensor
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+                raise ValueError(f"picture {i}: expected JPEG bytes, a path, a PIL image or an (H, W, 3) uint8 array, "
+                                 f"got {type(o).__name__} {getattr(a, 'dtype', '')} {getattr(a, 'shape', '')}")
+        if a.shape[:2] != (PICTURE_SIZE, PICTURE_SIZE):
+            from PIL import Image
+            a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((PICTURE_SIZE, PICTURE_SIZE), Image.BILINEAR))
+        return np.ascontiguousarray(a)
+
+    def subset(self, rows):
+        new = ArrayPictures([self.pictures[i] for i in np.arange(len(self))[rows]], self.vocab)
+        return new
 
 
 class PictureDataLoaders(DataLoaders):
@@ -266,13 +357,22 @@ class PictureDataLoaders(DataLoaders):
         "Pictures that did not decode so far, summed over loaders and worker processes"
         return sum(dl.dataset.bad_pictures for dl in self.loaders if hasattr(dl.dataset, "bad_pictures"))
 
-    def test_dl(self, images, bson_path=None, with_labels=False, bs=None, num_workers=None, **kwargs):
-        "Deterministic loader over `images` with this one's sizes and statistics (see `make_test_dl`)"
+    def test_dl(self, images, bson_path=None, with_labels=False, bs=None, num_workers=None, rm_type_tfms=None,
+                process=None, **kwargs):
+        """Deterministic loader with this one's sizes and statistics: over an image table (see `make_test_dl`),
+        or over a list of pictures (JPEG bytes, paths, PIL images, arrays), as fastai's `learn.predict` asks.
+        `rm_type_tfms` and `process` (fastai's) change nothing here: there are no per-item transforms."""
         c = self.cfg
+        workers = self.train.fake_l.num_workers if num_workers is None else num_workers
+        if not isinstance(images, pd.DataFrame):
+            ds = ArrayPictures(images if isinstance(images, (list, tuple)) else [images], vocab=getattr(self, "vocab", None))
+            return picture_dl(ds, bs or self.valid.bs, workers,
+                              after_batch=batch_tfms(c["size"], c["mean"], c["std"], c["aug"], c["item_size"]),
+                              device=self.device)
+        with_labels = with_labels and "label" in images
         return make_test_dl(images, bson_path or c["bson_path"], size=c["size"], item_size=c["item_size"],
-                            mean=c["mean"], std=c["std"], aug=c["aug"], bs=bs or self.valid.bs,
-                            num_workers=self.train.fake_l.num_workers if num_workers is None else num_workers,
-                            device=self.device, with_labels=with_labels, **kwargs)
+                            mean=c["mean"], std=c["std"], aug=c["aug"], bs=bs or self.valid.bs, num_workers=workers,
+                            device=self.device, with_labels=with_labels, vocab=getattr(self, "vocab", None), **kwargs)
 
 
 def picture_dl(dataset, bs=64, num_workers=0, shuffle=False, drop_last=False, after_batch=None, device=None, seed=None):
@@ -295,6 +395,7 @@ def make_dataloaders(images: pd.DataFrame, bson_path, n_classes, valid_mask=None
     aug: AugParams or dict of its fields; seed: shuffle order (augmentations draw from the global
     RNGs, which fastai seeds per worker from torch's; call fastai's set_seed for full repeatability)
     device: where batch transforms run and batches land (default: the GPU when there is one)
+    vocab: the category id of each class index (default: the indices); labels show as these
     Returns PictureDataLoaders: `c`/`vocab` set for `vision_learner`, `bad_pictures()`, `test_dl()`."""
     if valid_mask is None:
         if "fold" not in images: raise ValueError("images has no `fold` column: pass valid_mask or use Prepared.train_images()")
@@ -314,18 +415,21 @@ def make_dataloaders(images: pd.DataFrame, bson_path, n_classes, valid_mask=None
                        device=device)
     dls = PictureDataLoaders(train, valid, device=device)
     dls.c = int(n_classes)
-    dls.vocab = list(range(n_classes)) if vocab is None else list(vocab)
+    dls.vocab = category_map(range(n_classes) if vocab is None else vocab)
+    if len(dls.vocab) != n_classes: raise ValueError(f"vocab has {len(dls.vocab)} entries for {n_classes} classes")
+    train_ds.vocab = valid_ds.vocab = dls.vocab  # what fastai's decode, show_batch and interpretation read
     dls.cfg = dict(bson_path=str(bson_path), size=size, item_size=item_size, mean=tuple(mean), std=tuple(std),
                    aug=asdict(aug), n_classes=int(n_classes))
     return dls
 
 
 def make_test_dl(images: pd.DataFrame, bson_path, size=160, item_size=160, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 aug=None, bs=64, num_workers=0, device=None, with_labels=False, with_row=False):
+                 aug=None, bs=64, num_workers=0, device=None, with_labels=False, with_row=False, vocab=None):
     """Deterministic loader for prediction: table order, centre crop, the validation transforms.
 
     Items are (x,) or (x, y) with `with_labels`; `with_row` appends the row position. Bad pictures
     become blank grey pictures (counted in `dl.dataset.bad_pictures`)."""
     ds = PictureDataset(images, bson_path, item_size, crop="center", with_labels=with_labels, with_row=with_row,
                         on_bad="blank", split_idx=1)
+    ds.vocab = vocab
     return picture_dl(ds, bs, num_workers, after_batch=batch_tfms(size, mean, std, aug, item_size), device=device)

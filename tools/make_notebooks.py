@@ -76,21 +76,28 @@ TRAIN_CELLS = [
     code("""
 from cdkit.params import take_params
 from cdkit.steps import train as step
-from cdkit.report import save_figure
 
 P = step.effective(take_params(step.{cls}, globals()))  # unknown, mistyped or contradictory parameter: error here
 P
 """),
-    md("## Train\nCheckpoints after every epoch; the table is the last epoch's validation."),
-    code("result = step.run(P)\nstep.record(P.run_dir, result)\nresult.summary()"),
-    md("## Learning-rate finder\nRun before training when `lr_find = True` (the dashed line is fastai's `valley` suggestion)."),
+    md("## The learner and an augmented training batch\n`step.setup` locks `models/<name>/` (a folder that holds a run "
+       "is refused unless `resume` or `overwrite` is set), loads the data and builds the fastai learner; "
+       "`S.learn` takes fastai's usual calls (`show_batch`, `lr_find`, `summary`, later `show_results`, `tta`, "
+       "`predict`, `ClassificationInterpretation`). Labels are category ids."),
+    code("S = step.setup(P)\nS.dls.show_batch(max_n=8, figsize=(8, 4))"),
+    md("## Learning-rate finder\nRun before training when `lr_find = True` or `lr = 'find'` (then training uses its "
+       "suggestion, fastai's `valley`, the dashed line)."),
     code("""
-if P.lr_find:
-    step.show_lr_find(result.model_dir)
-    print(f"suggested lr: {result.lr_suggestion:.2e} (used: {P.lr:.2e})")
+if (P.lr_find or P.lr == "find") and not S.resuming:
+    print(f"suggested lr: {step.find_lr(S):.2e}" + (" (used)" if P.lr == "find" else f" (used: {P.lr:.2e})"))
 """),
+    md("## Train\nCheckpoints after every epoch (and every `checkpoint_every` optimizer steps); the table is the last "
+       "epoch's validation."),
+    code("result = step.fit(S)\nstep.record(P.run_dir, result)\nresult.summary()"),
     md("## Loss and accuracy per epoch\nImage top-1 and product top-1 (mean of a product's picture probabilities) on the validation products."),
-    code("fig = step.plot_history(result.history)\nsave_figure(fig, P.run_dir, f'03_history_{P.name}')\nresult.history"),
+    code("step.plot_history(result.history, title=P.name);  # step.record saved it for the report\nresult.history"),
+    md("## Predictions on validation pictures (fastai's `show_results`)"),
+    code("result.learn.show_results(max_n=8, figsize=(8, 5))"),
     md("## Most confidently misclassified validation pictures"),
     code("step.show_misclassified(result, n=12);"),
     md("## What this shows"),

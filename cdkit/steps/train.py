@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -55,7 +55,7 @@ class TrainParams(RunParams):
     bs: int = Field(32, ge=1)             # pictures per batch and process (study: 64x4 or 160x2)
     acc_steps: int = Field(1, ge=1)       # batches per optimizer step (gradient accumulation)
     epochs: int = Field(3, ge=1)          # passes over the training pictures
-    lr: float = Field(3e-3, gt=0, le=10)  # peak learning rate (Adam)
+    lr: Union[Annotated[float, Field(gt=0, le=10)], Literal["find"]] = 3e-3  # peak learning rate (Adam); "find": lr_find's suggestion (valley)
     one_cycle: bool = True                # one-cycle schedule; False: flat lr (with batch growth in place of decay)
     pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
     wd: float = Field(0.01, ge=0)         # decoupled weight decay
@@ -76,8 +76,11 @@ class TrainParams(RunParams):
     seed: int = Field(0, ge=0)            # weights, shuffling, augmentation
     resume: bool = False                  # continue from models/<name>/checkpoints/last.pth if it exists
     stop_after: Optional[int] = Field(None, ge=1)  # stop after this many epochs as an interruption would; resume continues
-    lr_find: bool = False                 # run fastai's lr_find first and save lr_find.png
+    overwrite: bool = False               # replace what models/<name>/ holds (else a finished or started run there is refused)
+    checkpoint_every: Optional[int] = Field(None, ge=1)  # also checkpoint every this many optimizer steps, mid-epoch (resume continues there)
+    lr_find: bool = False                 # run fastai's lr_find before training and save lr_find.png (with lr "find", train at its suggestion)
     lr_find_iters: int = Field(100, ge=2)  # mini-batches lr_find tries
+    callbacks: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=list)  # extra loggers: csv (history.csv), tensorboard, wandb (fastai's own; the package must be installed)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -93,11 +96,17 @@ class TrainParams(RunParams):
             raise ValueError(f"stop_after={self.stop_after} is beyond epochs={self.epochs}")
         if self.max_bs is not None and self.max_bs < self.bs:
             raise ValueError(f"max_bs={self.max_bs} is below bs={self.bs}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True contradicts overwrite=True: continue the run in models/<name>/, or replace it")
         return self
 
 
 # what may differ when a run resumes: everything else changes the model or the data order
-RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs"}
+RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs", "overwrite",
+                     "checkpoint_every", "callbacks"}
+# files of a run in models/<name>/: one of them there means the name is taken
+RUN_FILES = ("model.json", "model.pth", "metrics.csv", "checkpoints", "lr_find.png", "history.csv", "tensorboard")
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class InceptionTrainParams(TrainParams):
@@ -191,8 +200,99 @@ def _effective_batch(learn):
 def _lr(learn): return learn.opt.hypers[-1]["lr"] if learn.opt is not None else None
 
 
-def setup(P: TrainParams):
-    "(effective params, learner, Prepared, validation rows, start epoch), ready to fit"
+@dataclass
+class TrainSetup:
+    """A learner ready to fit, from `setup(P)`: look at it (`S.dls.show_batch()`), find a learning rate
+    (`find_lr(S)`), then `fit(S)`. The model folder stays locked from `setup` until `fit` returns
+    (or `S.close()`)."""
+    params: TrainParams                   # effective parameters (input sizes filled in)
+    learn: object                         # the fastai Learner
+    prep: object                          # cdkit.prepare.Prepared
+    valid_images: pd.DataFrame            # the validation rows, in the validation loader's order
+    start_epoch: int                      # epochs a resumed run has done already
+    t0: float = field(default_factory=time.time)
+    resuming: bool = False                # continues from a checkpoint (lr_find would disturb it)
+    lr_suggestion: Optional[float] = None
+    lock: object = None                   # contextlib.ExitStack holding the model folder's lock
+    rng: object = None                    # RNG states at the end of setup: fit starts from them
+
+    @property
+    def dls(self): return self.learn.dls
+
+    @property
+    def model_dir(self) -> Path: return Path(self.learn.path)
+
+    def close(self):
+        "Release the model folder"
+        if self.lock is not None: self.lock.close()
+        self.lock = None
+
+
+def check_fresh(P: TrainParams, model_dir: Path):
+    """Refuse to train into a folder that holds another run's files unless `resume` or `overwrite` says
+    what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
+    import shutil
+    found = [n for n in RUN_FILES if (model_dir / n).exists()]
+    if not found or P.resume: return
+    if not P.overwrite:
+        raise ParamsError(f"{model_dir} already holds a run ({', '.join(found)}): pass overwrite=True to replace it, "
+                          f"resume=True to continue it, or another name (name=... or run_dir=...)")
+    for n in found:
+        f = model_dir / n
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    log.info("overwrite: removed %s from %s", ", ".join(found), model_dir)
+
+
+def logger_callbacks(names, model_dir):
+    """fastai's own logging callbacks by name (csv, tensorboard, wandb); ParamsError naming the package
+    that a chosen one needs and that is not installed"""
+    import importlib.util
+    missing = [f"{n!r} needs the package {LOGGER_PACKAGES[n]!r} (pip install {LOGGER_PACKAGES[n]})"
+               for n in names if n in LOGGER_PACKAGES and importlib.util.find_spec(LOGGER_PACKAGES[n]) is None]
+    if missing: raise ParamsError("parameter 'callbacks': " + "; ".join(missing))
+    cbs = []
+    for n in dict.fromkeys(names):
+        if n == "csv":
+            from fastai.callback.progress import CSVLogger
+            cbs.append(CSVLogger(Path(model_dir) / "history.csv", append=True))
+        elif n == "tensorboard":
+            from fastai.callback.tensorboard import TensorBoardCallback
+            cbs.append(TensorBoardCallback(log_dir=Path(model_dir) / "tensorboard", trace_model=False))
+        elif n == "wandb":
+            from fastai.callback.wandb import WandbCallback
+            cbs.append(WandbCallback(log_preds=False, log_model=False))
+    return cbs
+
+
+def setup(P: TrainParams) -> TrainSetup:
+    """The learner of `P`, ready to fit: model folder locked and checked (refused when it holds a run
+    and neither resume nor overwrite is asked), data loaded, resumed state restored"""
+    import contextlib
+    from ..distributed import check_launch, rank, world_size
+    from ..io import folder_lock
+    P = effective(P)
+    check_launch()  # `accelerate launch --cpu --num_processes 2` would silently train in one process
+    if world_size() > 1 and P.lr == "find":
+        raise ParamsError("lr='find' runs lr_find, which takes one process: run it once without the launcher "
+                          "(lr_find=True) and pass the lr it suggests")
+    if world_size() > 1 and P.checkpoint_every:
+        raise ParamsError("checkpoint_every: mid-epoch checkpoints are written by one-process runs only; "
+                          "data-parallel runs checkpoint after each epoch")
+    model_dir = RunLayout.of(P.run_dir).model_dir(P.name)
+    lock = contextlib.ExitStack()
+    try:
+        if rank() == 0:  # data-parallel: rank 0 holds the folder for every process of the run
+            lock.enter_context(folder_lock(model_dir, "model folder"))
+            check_fresh(P, model_dir)
+        S = _setup(P, model_dir)
+    except BaseException:
+        lock.close()
+        raise
+    S.lock = lock
+    return S
+
+
+def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     import torch
     from fastai.learner import ValueMetric
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -206,10 +306,11 @@ def setup(P: TrainParams):
     from ..models import make_learner, norm_stats
     from ..prepare import load_prepared
 
-    P = effective(P)
+    t0 = time.time()
     state = init_state() if world_size() > 1 else None
-    run_dir = RunLayout.of(P.run_dir).model_dir(P.name)
+    P = _resumed_lr(P, run_dir)
     check_resume(P, run_dir)
+    cb_loggers = logger_callbacks(P.callbacks, run_dir) if rank() == 0 else []
     if state is not None:
         with state.main_process_first():  # one process rebuilds a stale index, the others read it
             prep = load_prepared(P.data_dir, P.work_dir)
@@ -224,7 +325,7 @@ def setup(P: TrainParams):
     dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=P.size,
                            item_size=P.item_size, bs=P.bs, num_workers=P.num_workers, mean=mean, std=std,
                            aug=dict(flip=P.flip, max_rotate=P.max_rotate, max_zoom=P.max_zoom), seed=P.seed,
-                           device=device)
+                           device=device, vocab=prep.catalog.category_ids)
     # fastai works out `n_inp` lazily by pushing one batch through the augmentations, which draws
     # from the RNGs at the first training batch; done now, a resumed run draws the same numbers.
     for dl in dls.loaders: dl.n_inp
@@ -239,7 +340,8 @@ def setup(P: TrainParams):
     cbs = [C.GradAccum(P.acc_steps)] if P.acc_steps > 1 or P.max_bs else []
     if P.batch_growth_epochs:
         cbs.append(C.BatchGrowth(P.batch_growth_epochs, P.batch_growth_factor, P.max_bs))
-    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch), C.Checkpoint(ckpt, start_epoch)]
+    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch),
+                        C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
     learn = make_learner(dls, P.arch, prep.catalog.n_classes, P.pretrained_file, mean, std, P.head_hidden,
                          P.head_dropout, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs,
@@ -248,9 +350,39 @@ def setup(P: TrainParams):
     learn.model.to(dls.device)
     if resuming:
         saved = C.load_checkpoint(learn, ckpt)
-        learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {k: saved.get(k) for k in ("scaler", "smooth_loss")}
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    return P, learn, prep, valid_images, start_epoch
+        learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {
+            k: saved.get(k) for k in ("scaler", "smooth_loss", "mid_epoch")}
+        mid = saved.get("mid_epoch")
+        log.info("resuming %s after epoch %d%s", run_dir, start_epoch,
+                 f" and {mid['batches']} batches of the next" if mid else "")
+    # what a notebook does between setup and fit (show_batch, lr_find) draws from the RNGs and the
+    # loaders' shuffle; fit puts these back, so looking at the data never changes the training
+    rng = (C._rng_state(), [C._inner_dl(dl).rng.getstate() for dl in dls.loaders])
+    return TrainSetup(P, learn, prep, valid_images, start_epoch, t0, resuming, rng=rng)
+
+
+def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
+    "lr='find' on resume: the lr the run found and saved when it began"
+    import yaml
+    saved = run_dir / "params.yaml"
+    if P.lr == "find" and P.resume and saved.exists():
+        lr = (yaml.safe_load(saved.read_text()) or {}).get("lr")
+        if isinstance(lr, float): return P.replace(lr=lr)
+    return P
+
+
+def _plain_cbs():
+    from ..callbacks import Checkpoint, EpochLog, StopAfter
+    return (Checkpoint, EpochLog, StopAfter)
+
+
+def find_lr(S: TrainSetup, iters=None) -> float:
+    """fastai's lr_find on the learner of `S` (without touching the run's log or checkpoint): saves and
+    shows lr_find.png, returns the suggestion (valley), which `fit(S)` uses when lr='find'"""
+    from ..distributed import world_size
+    if world_size() > 1: raise ParamsError("lr_find takes one process: run it without the launcher")
+    S.lr_suggestion = _lr_find(S.learn, S.model_dir, iters or S.params.lr_find_iters)
+    return S.lr_suggestion
 
 
 def _lr_find(learn, run_dir, iters=100):
@@ -258,12 +390,16 @@ def _lr_find(learn, run_dir, iters=100):
     import matplotlib.pyplot as plt
     from ..callbacks import Checkpoint, EpochLog, StopAfter
     # lr_find is a short fit of its own: it must not write the run's log or checkpoint
-    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter)))):
+    from fastai.callback.progress import CSVLogger
+    # and not the loggers' (tensorboard, wandb, csv) either
+    loggers = tuple(type(c) for c in learn.cbs if type(c).__name__ in ("TensorBoardCallback", "WandbCallback"))
+    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter, CSVLogger) + loggers))):
         suggestion = learn.lr_find(num_it=iters, show_plot=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs, losses = learn.recorder.lrs, learn.recorder.losses
     ax.plot(lrs, [float(l) for l in losses])
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss")
+    ax.set_title("learning-rate finder")
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
     fig.savefig(run_dir / "lr_find.png", dpi=100, bbox_inches="tight")
@@ -281,45 +417,62 @@ def model_card(P: TrainParams, n_classes, epochs_done):
 
 
 def run(P: TrainParams) -> TrainResult:
-    "Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains)"
-    from ..distributed import rank
-    from ..io import folder_lock
-    if rank() != 0:  # data-parallel: rank 0 holds the folder for every process of the run
-        return _train(P)
-    with folder_lock(RunLayout.of(P.run_dir).model_dir(P.name), "model folder"):
-        return _train(P)
+    """Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains): `setup`, then
+    `find_lr` when lr_find=True or lr='find', then `fit` (the notebooks call the three in turn)"""
+    from ..distributed import world_size
+    S = setup(P)
+    try:
+        if (S.params.lr_find or S.params.lr == "find") and not S.resuming:
+            if world_size() > 1: log.warning("lr_find is skipped in data-parallel runs; run it in one process")
+            else: find_lr(S)
+        return fit(S)
+    finally:
+        S.close()
 
 
 train = run
 
 
-def _train(P: TrainParams) -> TrainResult:
-    from ..callbacks import BatchGrowth, Checkpoint, EpochLog, StopAfter
-    from ..distributed import distrib_ctx, rank, world_size
+def fit(S: TrainSetup, lr=None) -> TrainResult:
+    """Train the learner of `S` to `epochs` (from where a resumed run stopped), save model.pth + model.json,
+    release the model folder. `lr`: None takes P.lr, or the lr_find suggestion when lr='find' (lr_find
+    runs first if it has not)."""
+    from ..distributed import distrib_ctx, rank
     from ..models import save_trained
-    t0 = time.time()
-    P, learn, prep, valid_images, start_epoch = setup(P)
-    run_dir = learn.path
-    suggestion = None
-    if P.lr_find and start_epoch == 0:
-        if world_size() > 1: log.warning("lr_find is skipped in data-parallel runs; run it in one process")
-        else: suggestion = _lr_find(learn, run_dir, P.lr_find_iters)
-    epochs_done = start_epoch
-    if start_epoch < P.epochs:
-        with distrib_ctx(learn, sync_bn=P.sync_bn):
-            if P.one_cycle: learn.fit_one_cycle(P.epochs, P.lr, pct_start=P.pct_start, start_epoch=start_epoch)
-            else: learn.fit(P.epochs, P.lr, start_epoch=start_epoch)
-        epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
-    if rank() == 0: save_trained(learn.model, run_dir, model_card(P, prep.catalog.n_classes, epochs_done))
-    # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
-    # metrics.csv or the checkpoint when they run a validation pass
-    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter))))
-    growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
-    metrics = run_dir / "metrics.csv"
-    return TrainResult(model_dir=run_dir, params=P, history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
-                       epochs_done=epochs_done, seconds=time.time() - t0, learn=learn, prep=prep,
-                       valid_images=valid_images, lr_suggestion=suggestion,
-                       batch_history=growth[0].history if growth else [])
+    from ..callbacks import BatchGrowth
+    try:
+        P, learn, start_epoch = S.params, S.learn, S.start_epoch
+        if lr is None and P.lr == "find":
+            lr = S.lr_suggestion if S.lr_suggestion is not None else find_lr(S)
+            log.info("lr='find': training at lr_find's suggestion %.2e", lr)
+        if lr is not None and lr != P.lr:
+            P = S.params = P.replace(lr=float(lr))
+            if rank() == 0: save_params(P, S.model_dir / "params.yaml")  # the lr a resume must keep
+        run_dir = S.model_dir
+        epochs_done = start_epoch
+        if S.rng is not None:
+            from ..callbacks import _inner_dl, _set_rng_state
+            _set_rng_state(S.rng[0])
+            for dl, st in zip(learn.dls.loaders, S.rng[1]): _inner_dl(dl).rng.setstate(st)
+        if start_epoch < P.epochs:
+            with distrib_ctx(learn, sync_bn=P.sync_bn):
+                if P.one_cycle: learn.fit_one_cycle(P.epochs, P.lr, pct_start=P.pct_start, start_epoch=start_epoch)
+                else: learn.fit(P.epochs, P.lr, start_epoch=start_epoch)
+            epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
+        if rank() == 0: save_trained(learn.model, run_dir, model_card(P, S.prep.catalog.n_classes, epochs_done))
+        # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
+        # metrics.csv, the checkpoint or the loggers when they run a validation pass
+        learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
+            "CSVLogger", "TensorBoardCallback", "WandbCallback")))
+        growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
+        metrics = run_dir / "metrics.csv"
+        return TrainResult(model_dir=run_dir, params=P,
+                           history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
+                           epochs_done=epochs_done, seconds=time.time() - S.t0, learn=learn, prep=S.prep,
+                           valid_images=S.valid_images, lr_suggestion=S.lr_suggestion,
+                           batch_history=growth[0].history if growth else [])
+    finally:
+        S.close()
 
 
 def record(run_dir, result: TrainResult):
@@ -328,15 +481,23 @@ def record(run_dir, result: TrainResult):
     last = result.history.iloc[-1] if len(result.history) else {}
     rec(run_dir, "03-05 training", result.model_dir.name,
         {"arch": result.params.arch, "epochs": result.epochs_done, "minutes": round(result.seconds / 60, 2),
+         "lr": float(result.params.lr),
          **{k: float(last[k]) for k in ("valid_loss", "accuracy", "product_accuracy") if k in last}})
+    if len(result.history):  # the curves go into the report beside this row
+        import matplotlib.pyplot as plt
+        from ..report import save_figure
+        fig = plot_history(result.history, title=result.model_dir.name)
+        save_figure(fig, run_dir, f"03_history_{result.model_dir.name}")
+        plt.close(fig)
 
 
 # ---- reports for the notebooks ----
 
-def plot_history(history: pd.DataFrame):
-    "Loss and accuracy per epoch (from metrics.csv)"
+def plot_history(history: pd.DataFrame, title=None):
+    "Loss and accuracy per epoch (from metrics.csv), titled with the model's name"
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
+    a.set_title(f"{title}: loss" if title else "loss"), b.set_title(f"{title}: validation accuracy" if title else "validation accuracy")
     h = history.copy()
     for k in ("train_loss", "valid_loss"):
         if k in h: a.plot(h["epoch"] + 1, h[k], marker="o", label=k)
@@ -378,9 +539,10 @@ def show_misclassified(result: TrainResult, n=16, cols=4):
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat: ax.axis("off")
     for ax, (_, r) in zip(axes.flat, wrong.iterrows()):
-        ax.imshow(ds.decode(int(r["row"])))
+        ax.imshow(ds.decode_row(int(r["row"])))
         ax.set_title(f"true: {cat.name(int(r['true']))[:28]}\npred: {cat.name(int(r['pred']))[:28]} "
                      f"({r['confidence']:.2f})", fontsize=8)
+    fig.suptitle(f"{result.model_dir.name}: the most confidently misclassified validation pictures", fontsize=10)
     fig.tight_layout()
     return fig
 
