@@ -232,12 +232,16 @@ def _peek_id(buf, pos=0):
     return None
 
 
-def _hop(mm, size, path):
-    """Offsets and lengths of every document, hopping by the length prefixes (one int32 read each)"""
+def _hop(mm, size, path, bar=None):
+    """Offsets and lengths of every document, hopping by the length prefixes (one int32 read each);
+    `bar` (a progress bar in bytes) moves every 64 MB"""
     offs, lens = array("q"), array("i")
     unpack = _INT32.unpack_from
-    pos = 0
+    pos, done, mark = 0, 0, (64 << 20) if bar is not None else size
     while pos < size:
+        if pos >= mark:
+            bar.update(pos - done)
+            done, mark = pos, pos + (64 << 20)
         if size - pos < 4:
             raise _err(path, pos, None, f"{size - pos} stray bytes at the end of the file (truncated?)")
         n = unpack(mm, pos)[0]
@@ -250,6 +254,7 @@ def _hop(mm, size, path):
         offs.append(pos)
         lens.append(n)
         pos += n
+    if bar is not None: bar.update(size - done)
     return offs, lens
 
 
@@ -342,7 +347,7 @@ def _fields_fast(m, offs, lens, max_imgs=300):
     return pid, cat, nimg, ok
 
 
-def build_index(path, out=None, batch=1 << 15, return_stats=False):
+def build_index(path, out=None, batch=1 << 15, return_stats=False, progress=None):
     """One row per product of a competition BSON file (see docs/CONTRACTS.md), optionally saved as Parquet.
 
     Hops over documents by their length prefixes (the only per-document Python work), then reads
@@ -353,8 +358,10 @@ def build_index(path, out=None, batch=1 << 15, return_stats=False):
     kept (`n_bad` counts them; `IndexStats.bad_pictures` lists them with their offsets). Columns are
     narrow (26 bytes a product) and filled in place: 7 M products take about 184 MB. A truncated
     file or a document whose own frame is corrupt raises BsonFormatError naming the byte offset and
-    the product. The index records the source's size, mtime and fingerprint (see `index_matches`)."""
+    the product. The index records the source's size, mtime and fingerprint (see `index_matches`).
+    `progress`: a bar in bytes read (None: in notebooks and on terminals, see `cdkit.progress`)."""
     import mmap
+    from .progress import bar as progress_bar
     t0 = time.perf_counter()
     path = str(path)
     if out is not None:
@@ -366,7 +373,10 @@ def build_index(path, out=None, batch=1 << 15, return_stats=False):
         mm = None if size == 0 else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         m = None
         try:
-            offs, lens = _hop(mm, size, path) if mm is not None else (array("q"), array("i"))
+            with progress_bar(total=size, desc=f"indexing {Path(path).name}", unit="B", unit_scale=True,
+                              progress=progress if size > (256 << 20) or progress else False) as hop_bar:
+                offs, lens = (_hop(mm, size, path, None if hop_bar.disable else hop_bar) if mm is not None
+                              else (array("q"), array("i")))
             n = len(offs)
             offset = np.frombuffer(offs, dtype=np.int64) if n else np.zeros(0, np.int64)
             length = np.frombuffer(lens, dtype=np.int32) if n else np.zeros(0, np.int32)

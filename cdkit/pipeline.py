@@ -3,8 +3,9 @@
 One registry (`STEPS`) ties each notebook to its step module and Params class; the command line
 and the tests read it too. Each notebook runs with the defaults of its parameters cell, updated by
 the pipeline-wide values (`data_dir`, `work_dir`, `run_dir` and any key=value given) for the keys it
-declares. Its executed copy goes to run_dir/notebooks/. One progress line per notebook; a failing
-notebook stops the run with the notebook, the cell and the executed copy to open."""
+declares. Its executed copy goes to run_dir/notebooks/. One progress line per notebook, papermill's
+bar of cells on a terminal, and while a notebook runs a line a minute naming its running cell; a
+failing notebook stops the run with the notebook, the cell and the executed copy to open."""
 from __future__ import annotations
 
 import argparse
@@ -101,14 +102,57 @@ def step_parameters(notebook, params_files=(), overrides=None):
     return values
 
 
-def run_notebook(notebook, out_path, parameters):
-    "Execute one notebook with papermill; on failure raise NotebookFailed naming the cell"
+def running_cell(out_path):
+    "(cell number, cells, first line of its code) of the cell that papermill is executing in `out_path`, or None"
+    import json
+    try:
+        cells = json.loads(Path(out_path).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None  # not written yet, or being rewritten
+    code = [c for c in cells if c.get("cell_type") == "code"]
+    for i, c in enumerate(code, 1):
+        if c.get("metadata", {}).get("papermill", {}).get("status") == "running":
+            src = "".join(c.get("source", "")).strip().splitlines()
+            return i, len(code), (src[0][:70] if src else "")
+    return None
+
+
+class Heartbeat:
+    """While a notebook runs, a line every `every` seconds: how long, and which cell (read from the
+    executed copy that papermill saves as it goes), so a long cell never looks like a hang"""
+
+    def __init__(self, label, out_path, every=60.0, log=print):
+        import threading
+        self.label, self.out_path, self.every, self.log = label, out_path, every, log
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.perf_counter()
+        while not self.stop.wait(self.every):
+            cell = running_cell(self.out_path)
+            where = f", cell {cell[0]}/{cell[1]}: {cell[2]}" if cell else ""
+            self.log(f"{self.label} running for {(time.perf_counter() - t0) / 60:.0f} min{where}")
+
+    def __enter__(self):
+        if self.every: self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+def run_notebook(notebook, out_path, parameters, progress=None):
+    """Execute one notebook with papermill; on failure raise NotebookFailed naming the cell. `progress`:
+    papermill's bar of cells (None: on a terminal)"""
     import papermill as pm
+    from .progress import enabled
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(str(notebook), str(out_path), parameters=parameters, cwd=str(resolve(".")),
-                            progress_bar=False, log_output=False, kernel_name="python3")
+                            progress_bar=enabled(progress) and not _in_kernel(), log_output=False,
+                            kernel_name="python3", request_save_on_cell_execute=True, autosave_cell_every=30)
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{Path(notebook).name} failed in cell {e.exec_count} "
                              f"({e.ename}: {e.evalue}); open the executed copy {out_path}") from None
@@ -117,11 +161,36 @@ def run_notebook(notebook, out_path, parameters):
                              f"{out_path}") from None
 
 
-def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log=print):
+def _in_kernel():
+    from .progress import in_notebook
+    return in_notebook()
+
+
+def check_models_free(plan, only=None):
+    """Before anything runs: a training notebook of the plan whose model folder holds a run, without
+    resume or overwrite, stops the pipeline here (not after the notebooks before it)"""
+    from .params import make_params, notebook_parameters
+    from .runs import RunLayout
+    from .steps.train import RUN_FILES
+    for s, params in plan:
+        if s.module != "train" or (only and not any(s.notebook.startswith(o) for o in only)):
+            continue
+        P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
+        d = RunLayout.of(P.run_dir).model_dir(P.name)
+        found = [n for n in RUN_FILES if (d / n).exists()]
+        if found and not (P.resume or P.overwrite):
+            raise ParamsError(f"{s.notebook}: {d} already holds a run ({', '.join(found)}); pass overwrite=true to "
+                              "retrain it (make demo does), resume=true to continue it, or another --run-dir")
+
+
+def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log=print, heartbeat=60.0):
     """Run the notebooks of `steps` (default: all) into `run_dir`; returns seconds per notebook.
 
     `overrides` apply to every notebook that declares the key (e.g. data_dir, work_dir, epochs).
-    `only`: names or number prefixes of the steps to run, e.g. to resume after a failure."""
+    `only`: names or number prefixes of the steps to run, e.g. to resume after a failure.
+    `heartbeat`: seconds between the lines that say which cell of a long notebook runs (0: none).
+    A training notebook whose model folder holds a run is refused before anything runs, unless the
+    overrides say overwrite=true (make demo does) or resume=true."""
     from .io import folder_lock, sweep_temps
     from .report import record, write_report
     run_dir = resolve(run_dir)
@@ -129,6 +198,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     steps = steps or STEPS
     # every notebook's parameters are validated before anything runs
     plan = [(s, step_parameters(s.path, (), overrides)) for s in steps]
+    check_models_free(plan, only)
     timings = {}
     t_all = time.perf_counter()
     with folder_lock(run_dir, "run folder"):
@@ -139,9 +209,10 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
             out = run_dir / "notebooks" / f"{s.notebook}.ipynb"
             log(f"[{i}/{len(plan)}] {s.notebook} ...")
             t0 = time.perf_counter()
-            run_notebook(s.path, out, params)
+            with Heartbeat(f"[{i}/{len(plan)}] {s.notebook}", out, heartbeat, log):
+                run_notebook(s.path, out, params)
             timings[s.notebook] = time.perf_counter() - t0
-            record(run_dir, "time per notebook (s)", s.notebook, round(timings[s.notebook], 1))
+            record(run_dir, "time per notebook (s)", s.notebook, round(timings[s.notebook], 1), step=s.module)
             log(f"[{i}/{len(plan)}] {s.notebook} done in {timings[s.notebook]:.0f} s -> {out}")
         report = write_report(run_dir)
     log(f"done in {time.perf_counter() - t_all:.0f} s; report: {report}")

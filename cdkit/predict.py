@@ -125,7 +125,7 @@ def _dls_cfg(learn_or_model):
 def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path, n_views=1, k=20, size=None,
                      item_size=None, bs=128, num_workers=0, shard=0, num_shards=1, seed=0, aug=None, mean=None,
                      std=None, n_classes=None, prob_dtype="uint8", exact=False, device=None, meta=None,
-                     overwrite=False, log_every=60.0):
+                     overwrite=False, log_every=60.0, progress=None):
     """Softmax probabilities of `n_views` views of every picture of `images` (its shard), streamed to a store.
 
     learn_or_model: a fastai Learner (size, item_size, mean, std and aug default to its
@@ -137,6 +137,8 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     exact: float32 compute (no autocast) and the full distribution in float32 (k = n_classes):
       for tests and small data; otherwise bf16 autocast on CUDA
     shard, num_shards: predict rows `shard_rows(len(images), shard, num_shards)` only
+    progress: a bar per picture (None: in notebooks and on terminals, see `cdkit.progress`); the log
+      line every `log_every` seconds says the same where no bar is drawn
     Returns the store's path. Undecodable pictures are predicted as blank grey pictures; their
     count is in the store's meta (`bad_pictures`)."""
     cfg = _dls_cfg(learn_or_model)
@@ -166,14 +168,18 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     writer = StoreWriter(store_path, n_classes, k, n_views, prob_dtype, info, overwrite=overwrite)
     t0 = last = time.perf_counter()
     done = 0
+    from .progress import bar
+    pbar = bar(total=len(ds), desc=f"predict {getattr(store_path, 'name', store_path)}", unit="picture",
+               progress=progress)
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, pbar:
             for x, r in dl:
                 r = r.cpu().numpy()
                 pid, img = ds.product_id[r], ds.img_idx[r]
                 probs = torch.stack([torch.softmax(model(views(x, v, pid, img)).float(), -1) for v in range(n_views)], 1)
                 writer.add(pid, img, probs)
                 done += len(r)
+                pbar.update(len(r))
                 if log_every and time.perf_counter() - last > log_every:
                     last = time.perf_counter()
                     log.info("%s: %d/%d pictures, %.0f pictures/s", store_path, done, len(ds), done / (last - t0))

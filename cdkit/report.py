@@ -2,10 +2,18 @@
 
 Each notebook records its headline numbers with `record(run_dir, section, name, value)` into
 run_dir/results.json (atomic read-modify-write), and saves its plots with `save_figure`; the report
-is rebuilt from those files, so it always shows what the run measured."""
+is rebuilt from those files, so it always shows what the run measured.
+
+Each row also carries when it was recorded and which step recorded it (results["_meta"], beside the
+values, whose layout stays as it was). A step depends on every step before it in `pipeline.STEPS`
+(except step 01, which produces nothing, and the training steps 03-05, which are independent of each
+other); the report marks a row **stale** when a step it depends on recorded something after it, e.g.
+the pseudo-label row after `cdkit demo --only 06,07,08` (09 did not run again)."""
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 from .io import atomic_write
@@ -42,70 +50,156 @@ def _clean(v):
     return None if isinstance(v, float) and v != v else v
 
 
-def record(run_dir, section, name, value):
-    "Store one result (a number, string or small dict) under results[section][name]"
+META = "_meta"  # results[META][section][name] = {"time": unix seconds, "step": module of cdkit.steps}
+
+
+def _calling_step():
+    "The module (explore, train, ...) of the outermost cdkit.steps frame that called, or None"
+    f, found = sys._getframe(1), None
+    while f is not None:
+        mod = f.f_globals.get("__name__", "")
+        if mod.startswith("cdkit.steps."): found = mod.rsplit(".", 1)[1]
+        f = f.f_back
+    return found
+
+
+def record(run_dir, section, name, value, step=None):
+    """Store one result (a number, string or small dict) under results[section][name], with the time and
+    the step (`step`: a module of cdkit.steps; default: the step module that calls) in results['_meta']"""
     value = _clean(value)
+    step = step or _calling_step()
     results = load_results(run_dir)
     results.setdefault(section, {})[name] = value
+    results.setdefault(META, {}).setdefault(section, {})[name] = {"time": time.time(), "step": step}
     atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
     return value
 
 
-def save_figure(fig, run_dir, name, dpi=90):
-    "Save a matplotlib figure as run_dir/figures/<name>.png (for the report); returns the figure (shown in notebooks)"
+def save_figure(fig, run_dir, name, dpi=90, max_bytes=300_000):
+    """Save a matplotlib figure as run_dir/figures/<name>.png (for the report); returns the figure (shown in
+    notebooks). A figure of pictures can make a large PNG: the resolution drops until it fits `max_bytes`."""
+    import io
     path = resolve(run_dir) / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    while True:
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=dpi, bbox_inches="tight", format="png")
+        if buf.tell() <= max_bytes or dpi <= 30: break
+        dpi = max(30, int(dpi * 0.75))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     return fig
 
 
-def _fmt(v, digits=4):
+TIME_WORDS = ("time", "second", "minute", "(s)", "(min)")
+
+
+def _fmt(v, digits=4, key=""):
+    "A value for the report: durations with one decimal, other floats with `digits`, None as n/a"
     if v is None:
         return "n/a"
+    if isinstance(v, float) and any(w in str(key).lower() for w in TIME_WORDS):
+        return f"{v:.1f}"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _table(rows: dict) -> str:
-    "Markdown table of {row name: {column: value}}"
+def _table(rows: dict, marks: dict = None) -> str:
+    "Markdown table of {row name: {column: value}}; `marks`: {row name: note} appended to the row's name"
+    marks = marks or {}
     cols = list(dict.fromkeys(c for v in rows.values() for c in v))
     out = ["| | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
-    out += [f"| {k} | " + " | ".join(_fmt(v.get(c, "")) for c in cols) + " |" for k, v in rows.items()]
+    out += [f"| {k}{marks.get(k, '')} | " + " | ".join(_fmt(v.get(c, ""), key=c) for c in cols) + " |"
+            for k, v in rows.items()]
     return "\n".join(out)
 
 
+def step_groups():
+    """{cdkit.steps module: its position} in pipeline.STEPS order, and the modules each depends on: every
+    earlier one but `explore` (produces nothing); the three training notebooks share the module `train`"""
+    from .pipeline import STEPS
+    order = list(dict.fromkeys(s.module for s in STEPS))
+    deps = {m: [d for d in order[:i] if d != "explore"] for i, m in enumerate(order)}
+    return order, deps
+
+
+def stale_rows(results: dict) -> dict:
+    """{(section, name): why} for the rows recorded before a step they depend on last recorded something.
+    A row without a time (recorded by an older kit) is stale as soon as any step it depends on has one."""
+    meta = results.get(META, {})
+    _, deps = step_groups()
+    last = {}  # step -> the last time it recorded anything
+    for sec in meta.values():
+        for m in sec.values():
+            if m.get("step"): last[m["step"]] = max(last.get(m["step"], 0.0), m.get("time") or 0.0)
+    out = {}
+    for section, values in results.items():
+        if section == META: continue
+        for name in values:
+            m = meta.get(section, {}).get(name, {})
+            t, step = m.get("time") or 0.0, m.get("step")
+            if step is None and not m: step = "?"
+            later = [d for d in (deps.get(step, []) if step != "?" else list(last)) if last.get(d, 0.0) > t]
+            if later:
+                out[(section, name)] = f"stale: {', '.join(later)} ran after it"
+    return out
+
+
+def _mark(stale, section, name):
+    why = stale.get((section, name))
+    return f" (**{why}**)" if why else ""
+
+
 def write_report(run_dir) -> Path:
-    "run_dir/report.md: the study's table with this run's numbers, the other results, plots"
+    "run_dir/report.md: the study's table with this run's numbers, the training section, the other results, plots"
     run_dir = resolve(run_dir)
     res = load_results(run_dir)
+    stale = stale_rows(res)
     study = res.get("study", {})
-    lines = [f"# cdkit report: {run_dir.name}", "",
-             "Product accuracy on the test set (synthetic data: its true labels; on the real data only "
-             "the Kaggle leaderboard knows them).", "",
-             "| step | what | test accuracy | validation accuracy |", "| --- | --- | --- | --- |"]
+    lines = [f"# cdkit report: {run_dir.name}", ""]
+    if stale:
+        lines += [f"**{len(stale)} row(s) are stale** (marked below): a step they depend on ran after them. Rerun the "
+                  "steps after it (e.g. `cdkit demo --only 06,07,08,09,10`) to bring them up to date.", ""]
+    lines += ["Product accuracy on the test set (synthetic data: its true labels; on the real data only "
+              "the Kaggle leaderboard knows them).", "",
+              "| step | what | test accuracy | validation accuracy |", "| --- | --- | --- | --- |"]
     for key, what in STUDY_ROWS:
         v = study.get(key, {})
         if isinstance(v, dict):
             t, va = v.get("test", "n/a"), v.get("valid", "n/a")
-            notes = ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items() if k not in ("test", "valid"))
+            notes = ", ".join(f"{k}: {_fmt(x, key=k)}" for k, x in v.items() if k not in ("test", "valid"))
         else:
             t, va, notes = v, "n/a", ""
-        lines.append(f"| {key} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | {_fmt(va)} |")
+        lines.append(f"| {key}{_mark(stale, 'study', key)} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | {_fmt(va)} |")
+    figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
+    shown = set()
     for section, values in res.items():
-        if section == "study":
+        if section in ("study", META):
             continue
         lines += ["", f"## {section}", ""]
-        for name, v in values.items():
-            if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
-                lines += [f"{name}:", "", _table(v), ""]  # a table: rows of dicts
-            else:
-                d = 1 if section.startswith("time") else 4
-                lines.append(f"- {name}: {_fmt(v, d) if not isinstance(v, dict) else ', '.join(f'{k} {_fmt(x, d)}' for k, x in v.items())}")
-        if section.startswith("time"):
+        is_time = section.startswith("time")
+        if values and all(isinstance(v, dict) and v and not any(isinstance(x, dict) for x in v.values())
+                          for v in values.values()):
+            lines += [_table(values, {n: _mark(stale, section, n) for n in values}), ""]  # one row per name
+        else:
+            for name, v in values.items():
+                m = _mark(stale, section, name)
+                if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+                    lines += [f"{name}{m}:", "", _table(v), ""]  # a table: rows of dicts
+                elif isinstance(v, dict):
+                    lines.append(f"- {name}{m}: " + ", ".join(f"{k} {_fmt(x, key=k if not is_time else 'seconds')}"
+                                                             for k, x in v.items()))
+                else:
+                    lines.append(f"- {name}{m}: {_fmt(v, key=name if not is_time else 'seconds')}")
+        if is_time:
             lines.append(f"- total: {sum(v for v in values.values() if isinstance(v, (int, float))):.0f}")
-    figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
-    if figs:
+        if section.startswith("03-05"):  # the training curves beside the training table
+            for f in figs:
+                if f.stem.startswith("03_history"):
+                    lines += ["", f"![{f.stem}](figures/{f.name})"]
+                    shown.add(f)
+    rest = [f for f in figs if f not in shown]
+    if rest:
         lines += ["", "## Plots", ""]
-        lines += [f"### {f.stem}\n\n![{f.stem}](figures/{f.name})\n" for f in figs]
+        lines += [f"### {f.stem}\n\n![{f.stem}](figures/{f.name})\n" for f in rest]
     out = run_dir / "report.md"
     atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return out

@@ -20,7 +20,7 @@ from ..params import DataParams
 
 class ExploreParams(DataParams):
     "Parameters of notebooks/01_explore_data.ipynb"
-    synth_preset: Literal["", "tiny", "demo", "bench"] = "demo"  # generate this synthetic preset when data_dir has no train.bson ('': never)
+    synth_preset: Literal["", "tiny", "demo", "bench"] = "demo"  # generate this synthetic preset when data_dir has no train.bson and its name says synth, demo, tiny or bench ('': never)
     n_grid_products: int = Field(12, ge=0, le=64)         # products shown in the sample grid
     max_hash_pictures: int = Field(200000, ge=1)          # pictures hashed for the duplicate count (sampled beyond this)
     seed: int = Field(0, ge=0)                            # sampling seed
@@ -63,14 +63,27 @@ def run(P: ExploreParams, log=print) -> ExploreResult:
                          duplicate_summary(pics))
 
 
+SYNTH_WORDS = ("synth", "demo", "tiny", "bench")  # a folder whose name holds one of these may receive synthetic data
+
+
 def ensure_data(data_dir, synth_preset="demo", seed=0, log=print):
-    "Generate the synthetic preset in `data_dir` when it holds no train.bson (never overwrites)"
+    """Generate the synthetic preset in `data_dir` when it holds no train.bson, only into an empty or new
+    folder whose name says it is synthetic (synth, demo, tiny, bench): a folder meant for the real download
+    is never filled with made-up data"""
     from ..paths import resolve
     d = resolve(data_dir)
     if (d / "train.bson").exists():
         return d
     if not synth_preset:
         raise FileNotFoundError(f"{d / 'train.bson'} not found (download the competition files there)")
+    if not any(w in d.name.lower() for w in SYNTH_WORDS):
+        raise FileNotFoundError(
+            f"{d / 'train.bson'} not found. Download the competition files there (README, 'The real data'); "
+            f"synthetic data is written only into a folder whose name says so ({', '.join(SYNTH_WORDS)}), "
+            "e.g. data_dir='data/demo'")
+    if d.exists() and any(p.name != ".cdkit-incomplete" for p in d.iterdir()):
+        raise FileNotFoundError(f"{d} holds other files but no train.bson; the synthetic '{synth_preset}' preset is "
+                                "written only into an empty or new folder")
     from ..synth import write_dataset
     log(f"{d} has no train.bson: writing the synthetic '{synth_preset}' preset (seed {seed})")
     write_dataset(d, preset=synth_preset, seed=seed)
@@ -110,8 +123,11 @@ def picture_stats(reader, index, max_pictures=200000, seed=0) -> pd.DataFrame:
     table = image_table(index)
     if len(table) > max_pictures:
         table = table.sample(max_pictures, random_state=seed).sort_values(["offset", "img_idx"])
+    from ..progress import bar
     rows = []
-    for (off, n), grp in table.groupby(["offset", "length"], sort=False):
+    groups = table.groupby(["offset", "length"], sort=False)
+    for (off, n), grp in bar(groups, total=groups.ngroups, desc="md5 of the sampled pictures", unit="product",
+                             progress=None if len(table) >= 50_000 else False):
         pics = reader.pictures(off, n)
         for r in grp.itertuples():
             b = pics[r.img_idx]
@@ -148,7 +164,7 @@ def plot_product_grid(reader, index, catalog, n=12, seed=0, ncols=4):
     rng = np.random.default_rng(seed)
     rows = index.iloc[np.sort(rng.choice(len(index), size=min(n, len(index)), replace=False))]
     nrows = int(np.ceil(len(rows) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 3.4, nrows * 1.9), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 3.6, nrows * 2.3), squeeze=False)
     for ax, r in zip(axes.flat, rows.itertuples()):
         grey = np.full((180, 180, 3), 128, np.uint8)  # a picture that does not decode shows grey
         pics = [p if p is not None else grey for p in reader.images(r.offset, r.length)]
@@ -156,12 +172,13 @@ def plot_product_grid(reader, index, catalog, n=12, seed=0, ncols=4):
         ax.imshow(strip)
         if r.category_id != NO_LABEL:
             c = catalog.to_class([r.category_id])[0]
-            title = f"{catalog.name(c, 1)[:18]} / {catalog.name(c, 3)[:22]}"
+            title = f"{catalog.name(c, 1)[:26]}\n{catalog.name(c, 3)[:30]}"
         else:
             title = "(test: no label)"
-        ax.set_title(f"{r.product_id}: {title}", fontsize=7)
+        ax.set_title(f"product {r.product_id}\n{title}", fontsize=7)  # three short lines: never wider than the axis
     for ax in axes.flat:
         ax.axis("off")
+    fig.suptitle("sample products: level-1 / level-3 category", fontsize=10)
     fig.tight_layout()
     return fig
 
