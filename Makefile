@@ -11,7 +11,7 @@ DEPS    := $(VENV)/.deps-$(REQHASH)
 READY   := $(VENV)/.cdkit-$(HEREHASH)-$(REQHASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean-venv lab rehearse
+.PHONY: setup demo test bench clean-venv lab rehearse weights
 
 setup: $(READY)
 
@@ -25,8 +25,9 @@ $(READY): $(DEPS) pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.cdkit-* ; touch $@
 
+# overwrite=true: the demo retrains its own models in runs/demo (elsewhere a finished model folder is refused)
 demo: $(READY)
-	$(BIN)/python -m cdkit demo
+	$(BIN)/python -m cdkit demo overwrite=true
 
 test: $(READY)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -41,8 +42,17 @@ DATA   ?= data/rehearse
 rehearse: $(READY)
 	$(BIN)/python bench/rehearse.py --scales $(SCALES) --data-root $(DATA)
 
+# Jupyter refuses to start as root without --allow-root (containers, cloud machines run as root)
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(READY)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(ALLOW_ROOT)
+
+# ImageNet weights for the *_full.yaml files (needs internet once): make weights ARCHS="resnet101 seresnet50"
+# (FILE=ARCH: weights/FILE.pth from timm's ARCH)
+ARCHS ?= resnet101 seresnet50 inception_v3 inception_v4 xception=legacy_xception
+weights: $(READY)
+	@mkdir -p weights
+	$(BIN)/python -c "import sys, timm, torch; [torch.save(timm.create_model(a.split('=')[-1], pretrained=True).state_dict(), 'weights/' + a.split('=')[0] + '.pth') for a in sys.argv[1:]]" $(ARCHS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -35,14 +35,17 @@ def _expected_errors():
     from .io import DiskFullError, FolderBusyError, IncompleteFolderError
     from .params import ParamsError
     from .prepare import SplitMissingError
-    return (ParamsError, FolderBusyError, IncompleteFolderError, SplitMissingError, DiskFullError, FileNotFoundError)
+    from .submission import SubmissionError  # e.g. no Kaggle credentials: one line names where it looked
+    return (ParamsError, FolderBusyError, IncompleteFolderError, SplitMissingError, DiskFullError, FileNotFoundError,
+            SubmissionError)
 
 
 EXPECTED = _expected_errors()
 
 
 def _step_command(step):
-    def command(params: Optional[List[Path]] = PARAMS_OPT, overrides: Optional[List[str]] = OVERRIDES_ARG):
+    def command(params: Optional[List[Path]] = PARAMS_OPT, overrides: Optional[List[str]] = OVERRIDES_ARG,
+                check: bool = typer.Option(False, "--check", help="validate the parameters, print them and stop")):
         import importlib
         import logging
         from .params import ParamsError, load_params
@@ -54,6 +57,10 @@ def _step_command(step):
         except ParamsError as e:
             typer.echo(f"ERROR: {e}", err=True)
             raise typer.Exit(2)
+        if check:
+            import yaml
+            typer.echo(yaml.safe_dump(P.model_dump(), sort_keys=False).rstrip())
+            return
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         mod = importlib.import_module(f"cdkit.steps.{step.module}")
         if hasattr(P, "run_dir"):

@@ -36,6 +36,35 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def _launcher_processes(cmdline):
+    "The --num_processes of an `accelerate launch` command line (a list of arguments), or None"
+    if "launch" not in cmdline: return None
+    for i, a in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if a == flag and i + 1 < len(cmdline) and cmdline[i + 1].isdigit(): return int(cmdline[i + 1])
+            if a.startswith(flag + "="): return int(a.split("=", 1)[1]) if a.split("=", 1)[1].isdigit() else None
+    return None
+
+
+def check_launch(parent_cmdline=None):
+    """Refuse a run that `accelerate launch` started as one process although it was asked for several:
+    `--cpu --num_processes N` without `--multi_gpu` takes accelerate's single-process path silently.
+    `parent_cmdline` (tests): the launcher's arguments; default read from /proc (Linux)."""
+    if world_size() > 1 or not any(k.startswith("ACCELERATE_") for k in os.environ): return
+    if parent_cmdline is None:
+        try:
+            parent_cmdline = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        except OSError:
+            return
+    n = _launcher_processes(parent_cmdline)
+    if n and n > 1:
+        from .params import ParamsError
+        raise ParamsError(f"accelerate launch asked for {n} processes but started one: without --multi_gpu (e.g. with "
+                          f"--cpu) accelerate runs a single process. Use `accelerate launch --multi_gpu --num_processes "
+                          f"{n} -m cdkit train ...` (without --cpu; on a machine without GPUs it trains over gloo), or "
+                          "answer `accelerate config` once")
+
+
 def init_state():
     """accelerate's process state (joins the process group when launched with several processes):
     NCCL on GPUs, gloo on CPUs. `.device` is this process's device, `.main_process_first()` a

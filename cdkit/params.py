@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit"}
 _LITERALS = (bool, int, float, str, type(None), list, tuple, dict)
@@ -43,9 +43,16 @@ class Params(BaseModel):
 
 
 class DataParams(Params):
-    "Where the data set and its derived files are (every step after 01 reads both)"
+    """Where the data set and its derived files are (every step after 01 reads both). In a Kaggle notebook
+    the demo's folders stand for the competition's input and /kaggle/working (`paths.environment_default`)."""
     data_dir: str = "data/demo"           # train.bson, test.bson, category_names.csv (synthetic or Kaggle)
     work_dir: str = "data/demo_prepared"  # indices and the split of that data (step 02); the raw folder stays read-only
+
+    @field_validator("data_dir", "work_dir", "run_dir", check_fields=False)
+    @classmethod
+    def _where(cls, v, info):
+        from .paths import environment_default
+        return environment_default(info.field_name, v)
 
 
 class RunParams(DataParams):

@@ -20,3 +20,33 @@ def resolve(p) -> Path:
     "An absolute path: `p` itself if absolute, else relative to the repository root"
     p = Path(os.path.expanduser(str(p)))
     return p if p.is_absolute() else ROOT / p
+
+
+# ---- where a Kaggle notebook keeps things ----
+# The competition's files are mounted read-only in a Kaggle notebook; only /kaggle/working is kept
+# (and written). There, the portable defaults below (the demo's folders) stand for these instead, so
+# the notebooks' parameters cells stay the same literals everywhere. CDKIT_KAGGLE_INPUT and
+# CDKIT_KAGGLE_WORKING move both folders (tests; other mounts).
+PORTABLE_DEFAULTS = {"data_dir": "data/demo", "work_dir": "data/demo_prepared", "run_dir": "runs/demo"}
+
+
+def kaggle_input() -> Path:
+    return Path(os.environ.get("CDKIT_KAGGLE_INPUT", "/kaggle/input/cdiscount-image-classification-challenge"))
+
+
+def kaggle_working() -> Path:
+    return Path(os.environ.get("CDKIT_KAGGLE_WORKING", "/kaggle/working"))
+
+
+def on_kaggle() -> bool:
+    "The competition's input folder is mounted (a Kaggle notebook with the competition's data attached)"
+    return (kaggle_input() / "train.bson").exists()
+
+
+def environment_default(name, value):
+    """`value` of the folder parameter `name`, unless it is the portable default and this is a Kaggle
+    notebook: then the competition's input folder (data_dir) or a folder under /kaggle/working"""
+    if name not in PORTABLE_DEFAULTS or value != PORTABLE_DEFAULTS[name] or not on_kaggle():
+        return value
+    return str({"data_dir": kaggle_input(), "work_dir": kaggle_working() / "prepared",
+                "run_dir": kaggle_working() / "runs" / "cdiscount"}[name])
