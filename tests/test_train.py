@@ -123,6 +123,13 @@ def test_notebook_runs_headless(name, tiny_data, tmp_path):
     model = tmp_path / "run" / "models" / "nb"
     assert load_trained(model).arch == NOTEBOOKS[name]  # each notebook trains its own backbone
     assert (model / "lr_find.png").exists() == name.startswith("03")
+    import nbformat
+    cells = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"]
+    first = {key: next(i for i, c in enumerate(cells) if key in c.source)
+             for key in ("show_batch", "find_lr", "step.fit(S)", "show_results")}
+    assert first["show_batch"] < first["find_lr"] < first["step.fit(S)"] < first["show_results"]  # a batch and lr_find before fit
+    for key in ("show_batch", "show_results"):  # fastai's own plots of the kit's loaders
+        assert any("image/png" in o.get("data", {}) for o in cells[first[key]].outputs), key
 
 
 def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_path):
