@@ -130,6 +130,8 @@ def test_notebook_runs_headless(name, tiny_data, tmp_path):
     assert first["show_batch"] < first["find_lr"] < first["step.fit(S)"] < first["show_results"]  # a batch and lr_find before fit
     for key in ("show_batch", "show_results"):  # fastai's own plots of the kit's loaders
         assert any("image/png" in o.get("data", {}) for o in cells[first[key]].outputs), key
+    warned = [o.get("text", "") for c in cells for o in c.outputs if o.get("name") == "stderr" and "Warning" in o.get("text", "")]
+    assert not warned, warned  # fixed at the source or filtered with the reason (cdkit/__init__.py)
 
 
 def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_path):
