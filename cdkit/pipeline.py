@@ -173,12 +173,12 @@ def check_models_free(plan, only=None):
     from .runs import RunLayout
     from .steps.train import RUN_FILES
     for s, params in plan:
-        if s.module != "train" or (only and not any(s.notebook.startswith(o) for o in only)):
+        if s.module not in ("train", "pseudo") or (only and not any(s.notebook.startswith(o) for o in only)):
             continue
         P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
         d = RunLayout.of(P.run_dir).model_dir(P.name)
         found = [n for n in RUN_FILES if (d / n).exists()]
-        if found and not (P.resume or P.overwrite):
+        if found and not (getattr(P, "resume", False) or P.overwrite):
             raise ParamsError(f"{s.notebook}: {d} already holds a run ({', '.join(found)}); pass overwrite=true to "
                               "retrain it (make demo does), resume=true to continue it, or another --run-dir")
 

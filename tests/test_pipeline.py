@@ -141,6 +141,10 @@ def test_contradictions_are_refused_naming_both(pipeline_run):
     with pytest.raises(ParamsError, match=r"threshold=0.95 cannot be reached: .*label_smoothing=0.1"):
         step09.run(P, prep, log=lambda *a: None)
     assert not RunLayout(run).model_dir("pseudo2").joinpath("params.yaml").exists()
+    again = make_params(step09.PseudoParams, dict(run_dir=str(run), data_dir=str(prep.data_dir), work_dir=str(prep.work_dir),
+                                                  threshold=0.0))
+    with pytest.raises(ParamsError, match=r"already holds a run .*overwrite=True"):  # a finished fine-tune is not redone silently
+        step09.run(again, prep, log=lambda *a: None)
 
 
 def test_later_steps_need_step_02(tiny_data, tmp_path):

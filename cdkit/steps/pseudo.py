@@ -57,6 +57,7 @@ class PseudoParams(RunParams):
     num_workers: int = Field(0, ge=0)     # DataLoader worker processes
     seed: int = Field(0, ge=0)            # batch order and augmentation
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
+    overwrite: bool = False               # replace what models/<name>/ holds (else a finished fine-tune there is refused)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -151,7 +152,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     from ..models import load_trained, save_trained
     from ..params import save_params
     from ..pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
-    from .train import _sample_products
+    from .train import _sample_products, check_fresh
     t0 = time.time()
     P06, P07, P08 = (_saved(layout, step06.PredictParams, "predict"), _saved(layout, step07.EnsembleParams, "ensemble"),
                      _saved(layout, step08.AggregateParams, "aggregate"))
@@ -160,6 +161,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
                           "fine-tuned model takes its base model's place")
     members = [P.name if m == P.base else m for m in P07.models]
     check_threshold(P, layout, P07.models)
+    check_fresh(P, layout.model_dir(P.name))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     device = torch.device(P.device) if P.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_trained(layout.model_dir(P.base), device=device)

@@ -233,7 +233,7 @@ def check_fresh(P: TrainParams, model_dir: Path):
     what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
     import shutil
     found = [n for n in RUN_FILES if (model_dir / n).exists()]
-    if not found or P.resume: return
+    if not found or getattr(P, "resume", False): return
     if not P.overwrite:
         raise ParamsError(f"{model_dir} already holds a run ({', '.join(found)}): pass overwrite=True to replace it, "
                           f"resume=True to continue it, or another name (name=... or run_dir=...)")
