@@ -300,6 +300,24 @@ class Checkpoint(Callback):
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
 
 
+class StepLR(Callback):
+    "The study's stepped schedule: lr * factors[i] from epoch steps[i] on, set before every training batch"
+    order, run_valid = 0, False
+
+    def __init__(self, lr, steps=(), factors=()):
+        if len(steps) != len(factors): raise ValueError(f"{len(steps)} steps but {len(factors)} factors")
+        store_attr()
+
+    def lr_at(self, epoch):
+        f = 1.0
+        for s, x in zip(self.steps, self.factors):
+            if epoch >= s: f = x
+        return self.lr * f
+
+    def before_batch(self):
+        if self.training: self.opt.set_hyper("lr", self.lr_at(self.epoch))
+
+
 class StopAfter(Callback):
     "Stop the fit after `n_epochs` epochs, as an interruption would (resume continues from there)"
     order = Checkpoint.order + 1

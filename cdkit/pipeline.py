@@ -38,13 +38,13 @@ class Step:
 STEPS = [
     Step("01_explore_data", "explore", "ExploreParams", "explore"),
     Step("02_prepare_data", "prepare", "PrepareParams", "prepare", ("prepare",)),
-    Step("03_train_resnet", "train", "TrainParams", "train", ("resnet", "seresnet")),
-    Step("04_train_inception", "train", "InceptionTrainParams", "train-inception", ("inception",)),
-    Step("05_train_xception", "train", "XceptionTrainParams", "train-xception", ("xception",)),
-    Step("06_predict_tta", "predict", "PredictParams", "predict", ("predict",)),
-    Step("07_ensemble", "ensemble", "EnsembleParams", "ensemble", ("ensemble",)),
-    Step("08_belief_aggregation", "aggregate", "AggregateParams", "aggregate", ("aggregate",)),
-    Step("09_pseudo_label_finetune", "pseudo", "PseudoParams", "pseudo", ("pseudo",)),
+    Step("03_train_resnet", "train", "TrainParams", "train", ("resnet", "seresnet", "study_resnet", "study_seresnet")),
+    Step("04_train_inception", "train", "InceptionTrainParams", "train-inception", ("inception", "study_inception")),
+    Step("05_train_xception", "train", "XceptionTrainParams", "train-xception", ("xception", "study_xception")),
+    Step("06_predict_tta", "predict", "PredictParams", "predict", ("predict", "study_predict")),
+    Step("07_ensemble", "ensemble", "EnsembleParams", "ensemble", ("ensemble", "study_ensemble")),
+    Step("08_belief_aggregation", "aggregate", "AggregateParams", "aggregate", ("aggregate", "study_aggregate")),
+    Step("09_pseudo_label_finetune", "pseudo", "PseudoParams", "pseudo", ("pseudo", "study_pseudo")),
     Step("10_submit", "submit", "SubmitParams", "submit", ("submit",)),
 ]
 SHARED_FILES = ("cdiscount",)  # params/cdiscount.yaml: what every *_full.yaml would repeat (data and run folders)

@@ -168,3 +168,40 @@ def test_a_model_folder_in_use_is_refused_naming_the_pid(tiny_data, tmp_path):
         holder.wait()
     with folder_lock(folder):  # the lock died with its process
         pass
+
+
+def test_study_params_reproduce_the_study():
+    "params/study_*.yaml: SGD with momentum, weight decay 1e-4, lr 0.01 -> 0.005 -> 0.0005 at epochs 1 and 3, no smoothing, 2 views"
+    from cdkit.params import load_params
+    from cdkit.pipeline import notebook_for_params, params_class
+    shared = ROOT / "params" / "cdiscount.yaml"
+    trained = {}
+    for name in ("resnet101", "seresnet50", "inception_v3", "xception"):
+        f = ROOT / "params" / f"study_{name}.yaml"
+        P = load_params(params_class(notebook_for_params(f)), [shared, f])
+        assert (P.optimizer, P.momentum, P.wd, P.label_smoothing, P.one_cycle, P.lr) == ("sgd", 0.9, 1e-4, 0.0, False, 0.01)
+        if name == "seresnet50":  # the study grows its batch instead of decaying the lr
+            assert P.lr_steps == [] and P.batch_growth_epochs == [1, 3]
+        else:
+            assert P.lr_steps == [1, 3] and [P.lr * f for f in P.lr_step_factors] == pytest.approx([0.005, 0.0005])
+        trained[P.name] = P
+    load = lambda step: load_params(params_class(notebook_for_params(ROOT / "params" / f"study_{step}.yaml")),
+                                    [shared, ROOT / "params" / f"study_{step}.yaml"])
+    predict, ensemble, aggregate, pseudo = load("predict"), load("ensemble"), load("aggregate"), load("pseudo")
+    assert predict.n_tta == 1 and set(predict.models) == set(trained) == set(ensemble.models) == set(aggregate.models)
+    assert (aggregate.rows, aggregate.method, aggregate.md5) == ("all", "belief", False)  # every picture x model x view
+    assert not ensemble.fit_weights
+    assert (pseudo.base, pseudo.labels_from, pseudo.alpha_final) == ("study_resnet101", "model", 0.3)
+
+
+def test_stepped_sgd_schedule(tiny_data, tmp_path):
+    P = quick(tiny_data, tmp_path, name="sgd", optimizer="sgd", one_cycle=False, epochs=3, lr=0.01, lr_steps=[1, 2],
+              lr_step_factors=[0.5, 0.1], acc_steps=1)
+    res = train(P)
+    assert res.history["lr"].tolist() == pytest.approx([0.01, 0.005, 0.001])
+    assert type(res.learn.opt).__name__ == "Optimizer" and res.learn.opt.hypers[-1]["mom"] == 0.9
+    from cdkit.params import make_params
+    with pytest.raises(ParamsError, match="one_cycle=True contradicts lr_steps"):
+        make_params(TrainParams, dict(lr_steps=[1], lr_step_factors=[0.5]))
+    with pytest.raises(ParamsError, match="differ in length"):
+        make_params(TrainParams, dict(one_cycle=False, lr_steps=[1, 2], lr_step_factors=[0.5]))

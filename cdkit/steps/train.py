@@ -56,9 +56,13 @@ class TrainParams(RunParams):
     acc_steps: int = Field(1, ge=1)       # batches per optimizer step (gradient accumulation)
     epochs: int = Field(3, ge=1)          # passes over the training pictures
     lr: Union[Annotated[float, Field(gt=0, le=10)], Literal["find"]] = 3e-3  # peak learning rate (Adam); "find": lr_find's suggestion (valley)
-    one_cycle: bool = True                # one-cycle schedule; False: flat lr (with batch growth in place of decay)
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam (the kit's recipe) or sgd with momentum (the study's)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd's momentum (the study: 0.9)
+    one_cycle: bool = True                # one-cycle schedule; False: flat lr, or the steps of lr_steps, or batch growth in place of decay
+    lr_steps: list[int] = Field(default_factory=list)  # epochs at which the lr steps down (the study: [1, 3]), with one_cycle off
+    lr_step_factors: list[float] = Field(default_factory=list)  # the lr from each step on, times lr (the study: [0.5, 0.05], 0.01 to 0.005 to 0.0005)
     pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
-    wd: float = Field(0.01, ge=0)         # decoupled weight decay
+    wd: float = Field(0.01, ge=0)         # weight decay: decoupled with adam, L2 (as torch's SGD) with sgd (the study: 1e-4)
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # 0: plain cross-entropy
     batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017), with one_cycle off
     batch_growth_factor: int = Field(2, ge=2)  # growth factor at each of those epochs
@@ -89,6 +93,15 @@ class TrainParams(RunParams):
             raise ValueError(f"one_cycle=True contradicts batch_growth_epochs={self.batch_growth_epochs}: the one-cycle "
                              "schedule decays the lr while the batch grows; the study grows the batch instead of "
                              "decaying the lr, so set one_cycle=False with batch growth (or drop batch_growth_epochs)")
+        if self.one_cycle and self.lr_steps:
+            raise ValueError(f"one_cycle=True contradicts lr_steps={self.lr_steps}: two schedules for one lr; set "
+                             "one_cycle=False for the stepped schedule")
+        if len(self.lr_steps) != len(self.lr_step_factors):
+            raise ValueError(f"lr_steps={self.lr_steps} and lr_step_factors={self.lr_step_factors} differ in length")
+        if any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])) or any(not 0 < e < self.epochs for e in self.lr_steps):
+            raise ValueError(f"lr_steps={self.lr_steps}: increasing epochs in 1..epochs-1={self.epochs - 1}")
+        if any(f <= 0 for f in self.lr_step_factors):
+            raise ValueError(f"lr_step_factors={self.lr_step_factors}: each must be > 0")
         bad = [e for e in self.batch_growth_epochs if not 0 < e < self.epochs]
         if bad:
             raise ValueError(f"batch_growth_epochs={self.batch_growth_epochs}: each must lie in 1..epochs-1={self.epochs - 1}")
@@ -344,7 +357,7 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
                         C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
     learn = make_learner(dls, P.arch, prep.catalog.n_classes, P.pretrained_file, mean, std, P.head_hidden,
-                         P.head_dropout, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs,
+                         P.head_dropout, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs, opt_func=opt_func(P),
                          metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
     learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
     learn.model.to(dls.device)
@@ -407,6 +420,13 @@ def _lr_find(learn, run_dir, iters=100):
     return float(suggestion.valley)
 
 
+def opt_func(P: TrainParams):
+    "fastai's Adam (decoupled weight decay), or SGD with momentum and L2 weight decay as the study's torch code"
+    from functools import partial
+    from fastai.optimizer import SGD, Adam
+    return partial(SGD, mom=P.momentum, decouple_wd=False) if P.optimizer == "sgd" else Adam
+
+
 def model_card(P: TrainParams, n_classes, epochs_done):
     "The card saved beside the weights: how to rebuild the model and feed it"
     from ..models import ModelCard, norm_stats
@@ -439,7 +459,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     runs first if it has not)."""
     from ..distributed import distrib_ctx, rank
     from ..models import save_trained
-    from ..callbacks import BatchGrowth
+    from ..callbacks import BatchGrowth, StepLR
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -457,7 +477,9 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
         if start_epoch < P.epochs:
             with distrib_ctx(learn, sync_bn=P.sync_bn):
                 if P.one_cycle: learn.fit_one_cycle(P.epochs, P.lr, pct_start=P.pct_start, start_epoch=start_epoch)
-                else: learn.fit(P.epochs, P.lr, start_epoch=start_epoch)
+                else:
+                    steps = [StepLR(P.lr, P.lr_steps, P.lr_step_factors)] if P.lr_steps else []
+                    learn.fit(P.epochs, P.lr, start_epoch=start_epoch, cbs=steps)
             epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
         if rank() == 0: save_trained(learn.model, run_dir, model_card(P, S.prep.catalog.n_classes, epochs_done))
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
