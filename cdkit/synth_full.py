@@ -25,7 +25,6 @@ with a tqdm bar; the folder carries `cdkit.io`'s incomplete marker until the las
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import time
