@@ -214,7 +214,7 @@ class MixPlan:
         self.streams[PSEUDO if self.epoch_size == "pseudo" else LABELED].restart()  # an epoch is one pass of it
         lab = self.streams[LABELED].take(self.steps * self.per_step[LABELED]).reshape(self.steps, -1)
         ps = self.streams[PSEUDO].take(self.steps * self.per_step[PSEUDO]).reshape(self.steps, -1) + self.n_items[LABELED]
-        return np.concatenate([lab, ps], axis=1).ravel().tolist()
+        return np.concatenate([lab, ps], axis=1).ravel()
 
 
 class MixedDL(PictureDL):

@@ -196,3 +196,21 @@ def test_bad_inputs_fail_loudly(small):
         make_dataloaders(t, path, 2, device="cpu")
     with pytest.raises(ValueError, match="fold"):
         make_dataloaders(t.drop(columns="fold"), path, N_LABELS, device="cpu")
+
+
+def test_epoch_order_is_an_array_and_workers_read_whole_batches(small):
+    "No Python list of every index (copied into every worker at 12 M pictures): an array, read a batch at a time"
+    path, t = small
+    ds = PictureDataset(t, path, 64, crop="random", with_row=True, split_idx=0)
+    dl = picture_dl(ds, bs=7, num_workers=0, shuffle=True, device="cpu", seed=0)
+    idxs = dl.get_idxs()
+    assert isinstance(idxs, np.ndarray) and sorted(idxs.tolist()) == list(range(len(t)))
+    dl._DataLoader__idxs = idxs
+    parts = []
+    for w in range(3):  # what each of 3 worker processes would read
+        dl.offs, dl.num_workers = w, 3
+        parts.append(list(dl.sample()))
+    batches = [idxs[i:i + 7].tolist() for i in range(0, len(idxs), 7)]
+    for w, got in enumerate(parts):
+        assert got == [x for b in batches[w::3] for x in b]
+    assert sorted(x for p in parts for x in p) == list(range(len(t)))

@@ -95,12 +95,11 @@ def _saved(layout: RunLayout, cls, step):
 
 def _confidence_from_products(prep: Prepared, layout: RunLayout, ensemble_models) -> pd.DataFrame:
     "product_id, pred_class (step 08's final), prob (its mean probability over the product's pictures), margin"
-    from ..aggregate import mean_aggregate, prediction_rows
+    from ..aggregate import aggregate_stores
     from ..pseudolabel import product_confidence
     from ..store import load_store
     final = pd.read_parquet(layout.products("base", "test"))
-    r = prediction_rows([load_store(layout.ensemble_store("base", "test"))])
-    mean = mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes)
+    mean = aggregate_stores([load_store(layout.ensemble_store("base", "test"))], "mean")
     conf = product_confidence(mean).set_index("product_id")
     f = final.set_index("product_id")
     # the mean probability of the final class (0 where it is outside a product's kept candidates)
@@ -119,11 +118,10 @@ def _confidence_from_products(prep: Prepared, layout: RunLayout, ensemble_models
 
 
 def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
-    from ..aggregate import mean_aggregate, prediction_rows
+    from ..aggregate import aggregate_stores
     from ..pseudolabel import product_confidence
     from ..store import load_store
-    r = prediction_rows([load_store(layout.store(base, "test"))])
-    return product_confidence(mean_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, k_out=2))
+    return product_confidence(aggregate_stores([load_store(layout.store(base, "test"))], "mean", k_out=2))
 
 
 def check_threshold(P: PseudoParams, layout: RunLayout, members):
