@@ -115,10 +115,11 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
     to 0.756."""
     from ..md5 import md5_label_table, md5_lookup, product_keys, product_md5_rows
     train_h, train_img = picture_hashes(prep, "train", log)
-    lookup = ~prep.valid_mask(train_img)
-    if split == "valid":
+    if split == "valid":  # validation products look up the other train products only
+        lookup = ~prep.valid_mask(train_img)
         h, images = train_h[~lookup], train_img[~lookup].reset_index(drop=True)
-    else:
+    else:  # test products look up every labeled product
+        lookup = np.ones(len(train_img), bool)
         h, images = picture_hashes(prep, "test", log)
     n_classes = prep.catalog.n_classes
     table = md5_label_table(train_h[lookup], train_img["label"].to_numpy()[lookup], n_classes)
