@@ -1,9 +1,15 @@
 """cdkit: a kit for the Cdiscount Image Classification Challenge.
 
-Modules, one concern each: bsonfile (the BSON format), catalog (categories), split, synth (synthetic
-competition-format data), prepare (indices + split), data (fastai loaders), models, callbacks, train,
-predict (streaming TTA), store (compact predictions), ensemble, aggregate (product-level, belief
-based), md5, pseudo (pseudo-labels), submission. Importing cdkit itself imports none of the heavy ones.
+Layers, each importing only the ones below it:
+- steps (`cdkit.steps.<step>`: Params, run(P) -> Result, plots, record), the pipeline (notebooks with
+  papermill), the report, the command line (`cdkit.__main__`);
+- `cdkit.runs.RunLayout`: where a run folder keeps models, stores, products;
+- the library, one concern each: bsonfile (the BSON format), catalog, split, synth and synth_full
+  (competition-format data), prepare (indices + split), data (fastai loaders), models (+ model card),
+  callbacks, distributed, predict (the one inference path), store, ensemble, aggregate, md5,
+  pseudolabel, submission, instrument, progress;
+- base: io (atomic writes, locks, temp sweep), params, paths.
+Importing cdkit itself imports none of the heavy ones.
 """
 __version__ = "0.1.0"
 
