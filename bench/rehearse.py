@@ -70,34 +70,14 @@ def _peak_self_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Data:
-    "What the steps read, built from the library (as cdkit.prepare does): indices, split, catalog, tables"
-    def __init__(self, data, work):
-        from cdkit.bsonfile import load_index
-        from cdkit.catalog import Catalog
-        from cdkit.split import load_split
-        self.train_bson, self.test_bson = data / "train.bson", data / "test.bson"
-        self.train_index, self.test_index = load_index(work / "train_index.parquet"), load_index(work / "test_index.parquet")
-        self.split, self.catalog = load_split(work / "split.parquet"), Catalog.from_csv(data / "category_names.csv")
-
-    def train_images(self):
-        from cdkit.bsonfile import image_table
-        from cdkit.split import attach_split
-        t = image_table(self.train_index)
-        t["label"] = self.catalog.to_class(t["category_id"].to_numpy())
-        t["fold"] = attach_split(t, self.split)
-        return t
-
-    def test_images(self):
-        from cdkit.bsonfile import image_table
-        return image_table(self.test_index)
-
-    def reader(self, which):
-        from cdkit.bsonfile import BsonReader
-        return BsonReader(self.train_bson if which == "train" else self.test_bson)
-
-
-def _prepared(data, work): return _Data(data, work)
+def _prepared(data, work):
+    "What the steps read: cdkit.prepare.Prepared over the indices and split the earlier rehearsal steps wrote"
+    from cdkit.bsonfile import load_index
+    from cdkit.catalog import Catalog
+    from cdkit.prepare import Prepared
+    from cdkit.split import load_split
+    return Prepared(data, work, load_index(work / "train_index.parquet"), load_index(work / "test_index.parquet"),
+                    load_split(work / "split.parquet"), Catalog.from_csv(data / "category_names.csv"))
 
 
 def step_synth(data, work, scale, seed):
