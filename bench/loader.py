@@ -101,7 +101,7 @@ def main(argv=None):
         dec = decoders()
         for _ in range(a.rounds):
             for name, f in dec.items(): keep(name, *rate(f, jpegs))
-            keep("pread+decode", *rate(ds.decode, rows))
+            keep("pread+decode", *rate(ds.decode_row, rows))
             for w in (0, 1):
                 wall, cpu, shape, dtype = loader_rate(ds, a.bs, w)
                 keep(f"loader w={w}", wall, cpu)

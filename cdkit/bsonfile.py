@@ -626,6 +626,9 @@ class BsonReader:
         """Each picture of the product: its bytes, or, for a picture whose structure is unsound, a
         BadPictureError naming the file, the product, its byte offset and the picture, and why"""
         data = self.raw(offset, length)
+        fast = _sound_pictures(data)
+        if fast is not None:
+            return fast
         try:
             pid, _, _, pics = _parse_doc(data, 0, len(data))
         except (ValueError, IndexError, struct.error) as e:
@@ -657,6 +660,19 @@ class BsonReader:
             except ImageDecodeError:
                 out.append(None)
         return out
+
+
+def _sound_pictures(data):
+    """The pictures of a sound document through pymongo's C decoder (the common case, several times
+    faster than the validating parser), or None when anything is odd (the caller then runs
+    `_parse_doc`, which names what is wrong)"""
+    import bson
+    try:
+        imgs = bson.decode(data)["imgs"]
+        pics = [img["picture"] for img in imgs]
+    except Exception:
+        return None
+    return pics if all(type(p) is bytes for p in pics) else None
 
 
 def _refuse_size(width, height, data):
