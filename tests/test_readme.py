@@ -6,11 +6,15 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the virtual environment running these tests: the clone's .venv under `make test`, the one `.ci/run` keeps
+# outside the clone in CI; the README's `.venv` stands for it
+VENV = Path(sys.prefix)
 STEP_COMMANDS = r"(?:\$step|explore|prepare|train|predict|ensemble|aggregate|pseudo|submit)"
 NOT_RUN = {  # what a line starts with -> why it is not run here
     "git clone": "needs the network (the install itself: tests/test_environment.py)",
@@ -62,7 +66,9 @@ def fresh_shell(cmd, tmp_path):
            "CDKIT_SYNTH_ROOT": str(tmp_path)}
     if cmd.startswith("cdkit synth"):  # written under a temporary root instead of the clone's data/
         env["CDKIT_ROOT"] = str(tmp_path)
-    prefix = "" if cmd.startswith(("make ", "source ")) else "source .venv/bin/activate && "
+    activate = f"source {shlex.quote(str(VENV / 'bin' / 'activate'))}"
+    cmd = cmd.replace("source .venv/bin/activate", activate)
+    prefix = "" if cmd.startswith(("make ", "source ")) else activate + " && "
     return subprocess.run(["bash", "-c", prefix + cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
