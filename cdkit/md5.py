@@ -163,9 +163,3 @@ def product_keys(hashes, product_id):
     keys = np.frombuffer(b"".join(hashlib.md5(buf[a * 16:b * 16]).digest() for a, b in zip(starts, ends)),
                          np.uint8).reshape(-1, 16)
     return pid[starts], keys
-
-
-def product_md5_rows(product_id, match: Md5Match):
-    "(product_id, cls, prob) of the pictures that matched, for aggregation into a product distribution"
-    sel = np.flatnonzero(match.found)
-    return np.asarray(product_id, np.int64)[sel], match.cls[sel], match.prob[sel]

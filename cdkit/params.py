@@ -60,7 +60,7 @@ class RunParams(DataParams):
     run_dir: str = "runs/demo"            # the run folder: models/, preds/, products/, results.json, report.md
 
 
-def _describe(cls, err: dict, values: dict) -> str:
+def _describe(err: dict, values: dict) -> str:
     loc = ".".join(str(x) for x in err.get("loc", ())) or "(parameters)"
     name = str(err["loc"][0]) if err.get("loc") else None
     msg = err.get("msg", "invalid")
@@ -81,7 +81,7 @@ def make_params(cls, values: dict, where="params"):
     try:
         return cls(**values)
     except ValidationError as e:
-        problems = "; ".join(_describe(cls, err, values) for err in e.errors(include_url=False))
+        problems = "; ".join(_describe(err, values) for err in e.errors(include_url=False))
         raise ParamsError(f"{where}: {problems}") from None
 
 

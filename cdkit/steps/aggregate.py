@@ -113,7 +113,7 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
     placeholder) is byte-identical across many categories, and overriding a product with its spread
     labels lowered the demo's test accuracy from 0.743 to 0.710, where decisive matches alone raise it
     to 0.756."""
-    from ..md5 import md5_label_table, md5_lookup, product_keys, product_md5_rows
+    from ..md5 import md5_label_table, md5_lookup, product_keys
     train_h, train_img = picture_hashes(prep, "train", log)
     if split == "valid":  # validation products look up the other train products only
         lookup = ~prep.valid_mask(train_img)
@@ -126,8 +126,7 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
     match = md5_lookup(h, table)
     decisive = match.found & (match.prob[:, 0] >= min_share)
     summary = Md5Summary(pictures=int(decisive.sum()), generic=int((match.found & ~decisive).sum()))
-    match.found = decisive
-    pid, cls, prob = product_md5_rows(images["product_id"].to_numpy(), match)
+    pid, cls, prob = images["product_id"].to_numpy()[decisive], match.cls[decisive], match.prob[decisive]
     out = pp
     if len(pid):
         votes = mean_aggregate(pid, cls, prob, np.zeros(len(pid), np.float32), n_classes,

@@ -93,7 +93,7 @@ def _saved(layout: RunLayout, cls, step):
     return load_params(cls, [path])
 
 
-def _confidence_from_products(prep: Prepared, layout: RunLayout, ensemble_models) -> pd.DataFrame:
+def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
     "product_id, pred_class (step 08's final), prob (its mean probability over the product's pictures), margin"
     from ..aggregate import aggregate_stores
     from ..pseudolabel import product_confidence
@@ -165,7 +165,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     base = load_trained(layout.model_dir(P.base), device=device)
     save_params(P, layout.model_dir(P.name) / "params.yaml")
 
-    conf = (_confidence_from_products(prep, layout, P07.models) if P.labels_from == "products"
+    conf = (_confidence_from_products(layout) if P.labels_from == "products"
             else _confidence_from_model(layout, P.base))
     chosen = select_pseudo(conf, P.threshold, P.margin, P.fraction, P.cap_per_category, P.rank_by)
     test_images = prep.test_images()
