@@ -6,7 +6,8 @@ download or `cdkit synth` output) is read-only; everything derived goes to a sep
 
     work_dir/train_index.parquet   product index of train.bson
     work_dir/test_index.parquet    product index of test.bson
-    work_dir/split.parquet         product_id, fold (0 = validation, -1 = train)
+    work_dir/split.parquet         product_id, fold (0 = validation, -1 = train, -2 = fusion split)
+    work_dir/split.json            the settings the split was made with (valid_frac, fusion_frac, seed, n_folds)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
 from .aggregate import product_accuracy
-from .split import VALID_FOLD, attach_split, load_split, make_split, save_split
+from .split import FUSION_FOLD, TRAIN, VALID_FOLD, attach_split, load_split, make_split, save_split, split_settings
 
 
 @dataclass
@@ -57,23 +58,39 @@ class Prepared:
         "Rows of a product index or image table of train.bson that are validation products"
         return attach_split(table, self.split) == VALID_FOLD
 
+    def fusion_mask(self, table) -> np.ndarray:
+        "Rows of train.bson's tables that are fusion-split products (kept from the backbones for the fusion head)"
+        return attach_split(table, self.split) == FUSION_FOLD
+
+    def train_mask(self, table) -> np.ndarray:
+        "Rows of train.bson's tables that the backbones train on: neither validation nor fusion products"
+        fold = attach_split(table, self.split)
+        return (fold != VALID_FOLD) & (fold != FUSION_FOLD)
+
+    @property
+    def n_fusion(self) -> int:
+        "Products in the fusion split (0: step 02 ran without fusion_frac)"
+        return int((self.split["fold"].to_numpy() == FUSION_FOLD).sum())
+
     def images(self, split):
-        "(image table, bson path) of the validation pictures ('valid') or of the test pictures ('test')"
-        if split == "valid":
+        """(image table, bson path) of the validation pictures ('valid'), the fusion split's ('fusion',
+        train products no backbone trained on) or the test pictures ('test')"""
+        if split in ("valid", "fusion"):
             t = self.train_images()
-            return t[t["fold"] == VALID_FOLD].reset_index(drop=True), self.train_bson
+            fold = VALID_FOLD if split == "valid" else FUSION_FOLD
+            return t[t["fold"] == fold].reset_index(drop=True), self.train_bson
         if split == "test":
             return self.test_images(), self.test_bson
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'valid', 'fusion' or 'test', got {split!r}")
 
     def truth(self, split) -> Optional[pd.Series]:
         """True class per product_id: validation products from train.bson and the split; test products
         from test_truth.csv (synthetic data only, else None)"""
-        if split == "valid":
+        if split in ("valid", "fusion"):
             idx = self.train_index
-            valid = self.split["fold"].to_numpy() == VALID_FOLD
-            return pd.Series(self.catalog.to_class(idx["category_id"].to_numpy()[valid]),
-                             index=idx["product_id"].to_numpy()[valid])
+            sel = self.split["fold"].to_numpy() == (VALID_FOLD if split == "valid" else FUSION_FOLD)
+            return pd.Series(self.catalog.to_class(idx["category_id"].to_numpy()[sel]),
+                             index=idx["product_id"].to_numpy()[sel])
         t = self.test_truth()
         if t is None:
             return None
@@ -141,23 +158,45 @@ def _prepared(data_dir, work_dir, split, indices):
     return Prepared(data_dir, work_dir, train, indices["test"], split, catalog)
 
 
-def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, force=False, log=print) -> Prepared:
+def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, force=False, log=print,
+                    fusion_frac=0.0) -> Prepared:
     """Step 02: build (or reuse) the indices and make the split of the data set in `data_dir`.
 
     An existing split is never recomputed unless `force`: every model must see the same validation
-    products."""
+    products. One made with other settings (valid_frac, fusion_frac, seed, n_folds) is refused, naming
+    them: reusing it silently would ignore the new ones."""
     data_dir, work_dir = resolve(data_dir), resolve(work_dir)
     _check_data_dir(data_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     indices = _indices(data_dir, work_dir, force, log)
     split_path = work_dir / "split.parquet"
+    settings = dict(valid_frac=valid_frac, fusion_frac=fusion_frac, seed=seed, n_folds=n_folds)
     if split_path.exists() and not force:
         split = load_split(split_path)
+        _check_settings(split_path, split, settings)
         log(f"reusing {split_path}")
     else:
-        split = make_split(indices["train"], valid_frac=valid_frac, seed=seed, n_folds=n_folds)
-        save_split(split, split_path)
+        split = make_split(indices["train"], valid_frac=valid_frac, seed=seed, n_folds=n_folds, fusion_frac=fusion_frac)
+        save_split(split, split_path, settings)
     return _prepared(data_dir, work_dir, split, indices)
+
+
+class SplitSettingsError(ValueError):
+    "step 02 asks for a split other than the one in the work folder"
+
+
+def _check_settings(split_path, split, settings):
+    saved = split_settings(split_path)
+    if saved is None:  # a split saved before its settings were: only what the folds show can be checked
+        has_fusion = bool((split["fold"].to_numpy() == FUSION_FOLD).any())
+        saved = {"fusion_frac": "> 0" if has_fusion else 0.0}
+        if bool(settings["fusion_frac"]) == has_fusion:
+            return
+    diff = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
+    if diff:
+        what = ", ".join(f"{k}={a} (now {k}={b})" for k, (a, b) in diff.items())
+        raise SplitSettingsError(f"{split_path} was made with {what}: pass force=True to make the split again "
+                                 "(every model must then be retrained on it), or step 02's old settings")
 
 
 def load_prepared(data_dir, work_dir, log=None) -> Prepared:
@@ -184,5 +223,6 @@ def summary_table(prep: Prepared) -> pd.DataFrame:
                      "imgs/product": round(float(idx["n_imgs"].mean()), 3),
                      "no pictures": int((idx["n_imgs"] == 0).sum()),
                      "categories": int(idx.loc[idx["category_id"] != NO_LABEL, "category_id"].nunique()),
-                     "validation products": int((prep.split["fold"] == 0).sum()) if name == "train" else 0})
+                     "validation products": int((prep.split["fold"] == VALID_FOLD).sum()) if name == "train" else 0,
+                     "fusion products": int((prep.split["fold"] == FUSION_FOLD).sum()) if name == "train" else 0})
     return pd.DataFrame(rows).set_index("file")

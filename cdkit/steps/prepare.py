@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..params import DataParams
 from ..prepare import Prepared, create_prepared, summary_table
@@ -18,8 +18,18 @@ class PrepareParams(DataParams):
     "Parameters of notebooks/02_prepare_data.ipynb and `cdkit prepare`"
     valid_frac: float = Field(0.1, gt=0, lt=1)   # share of products held out (demo: 10%; the study held out about 2%)
     seed: int = Field(0, ge=0)                   # split seed: fixed once, reused by every model
+    fusion_frac: float = Field(0.15, ge=0, lt=1)  # share of products kept from the backbones for the fusion head (step 06b; 0: no fusion split)
     n_folds: Optional[int] = Field(None, ge=2)   # K folds instead of one hold-out (None: hold-out)
     force: bool = False                          # rebuild indices and split even when they exist (retrain every model after)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.valid_frac + self.fusion_frac >= 1:
+            raise ValueError(f"valid_frac={self.valid_frac} + fusion_frac={self.fusion_frac} leave no product to train on")
+        if self.n_folds is not None and self.fusion_frac:
+            raise ValueError(f"n_folds={self.n_folds} contradicts fusion_frac={self.fusion_frac}: K folds validate on every "
+                             "product in turn, none is left aside for the fusion head (use fusion_frac=0 or the hold-out)")
+        return self
 
 
 @dataclass
@@ -30,7 +40,7 @@ class PrepareResult:
 
 def run(P: PrepareParams, log=print) -> PrepareResult:
     prep = create_prepared(P.data_dir, P.work_dir, valid_frac=P.valid_frac, seed=P.seed, n_folds=P.n_folds,
-                           force=P.force, log=log)
+                           force=P.force, log=log, fusion_frac=P.fusion_frac)
     return PrepareResult(prep, summary_table(prep))
 
 
@@ -62,7 +72,9 @@ def plot_split(prep: Prepared, top=40):
 
 def what_this_shows(R: PrepareResult) -> str:
     s = R.summary
-    v = int(s.loc["train", "validation products"])
-    return (f"{v:,} of {int(s.loc['train', 'products']):,} train products ({v / max(int(s.loc['train', 'products']), 1):.1%}) "
-            "are held out for validation, stratified by category; every later step validates on exactly these, "
-            "and steps 08 and 10 choose between methods on them, never on the test set.")
+    v, f = int(s.loc["train", "validation products"]), int(s.loc["train", "fusion products"])
+    n = max(int(s.loc["train", "products"]), 1)
+    return (f"{v:,} of {n:,} train products ({v / n:.1%}) are held out for validation, stratified by category; every "
+            "later step validates on exactly these, and steps 08 and 10 choose between methods on them, never on the "
+            "test set." + (f" {f:,} more ({f / n:.1%}) form the fusion split: no backbone trains on them, so the fusion "
+                           "head of step 06b learns from features that are not overfit." if f else ""))

@@ -179,7 +179,8 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
 
     train_images = prep.train_images()
     valid_rows = prep.valid_mask(train_images)
-    labeled = _sample_products(train_images[~valid_rows], P.max_train_images, P.seed).reset_index(drop=True)
+    # the labeled side: what the backbones train on (neither validation nor the fusion split)
+    labeled = _sample_products(train_images[prep.train_mask(train_images)], P.max_train_images, P.seed).reset_index(drop=True)
     valid = train_images[valid_rows].reset_index(drop=True)
     set_seed(P.seed)
     dls = mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, prep.catalog.n_classes, bs=P.bs,

@@ -198,7 +198,7 @@ def _sample_products(images, max_images, seed):
 def _images(prep, P):
     images = prep.train_images()
     valid_rows = prep.valid_mask(images)
-    train = _sample_products(images[~valid_rows], P.max_train_images, P.seed)
+    train = _sample_products(images[prep.train_mask(images)], P.max_train_images, P.seed)
     valid = _sample_products(images[valid_rows], P.max_valid_images, P.seed)
     return pd.concat([train, valid], ignore_index=True), np.r_[np.zeros(len(train), bool), np.ones(len(valid), bool)]
 
