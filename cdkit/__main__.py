@@ -75,7 +75,7 @@ def _step_command(step):
             mod.record(P.run_dir, result)
             write_report(P.run_dir)
         _show(result)
-    command.__doc__ = f"step {step.notebook[:2]}: {step.params_class().__doc__}"
+    command.__doc__ = f"step {step.notebook.split('_')[0]}: {step.params_class().__doc__}"
     return command
 
 

@@ -42,6 +42,7 @@ STEPS = [
     Step("04_train_inception", "train", "InceptionTrainParams", "train-inception", ("inception", "study_inception")),
     Step("05_train_xception", "train", "XceptionTrainParams", "train-xception", ("xception", "study_xception")),
     Step("06_predict_tta", "predict", "PredictParams", "predict", ("predict", "study_predict")),
+    Step("06b_fusion_head", "fuse", "FuseParams", "fuse", ("fuse",)),
     Step("07_ensemble", "ensemble", "EnsembleParams", "ensemble", ("ensemble", "study_ensemble")),
     Step("08_belief_aggregation", "aggregate", "AggregateParams", "aggregate", ("aggregate", "study_aggregate")),
     Step("09_pseudo_label_finetune", "pseudo", "PseudoParams", "pseudo", ("pseudo", "study_pseudo")),
@@ -53,7 +54,7 @@ SHARED_FILES = ("cdiscount",)  # params/cdiscount.yaml: what every *_full.yaml w
 def step_of(notebook) -> Step:
     stem = Path(notebook).stem
     for s in STEPS:
-        if s.notebook == stem or s.notebook[:2] == stem:
+        if s.notebook == stem or s.notebook.split('_')[0] == stem:
             return s
     raise KeyError(f"no step for notebook {notebook!r}")
 
@@ -173,9 +174,16 @@ def check_models_free(plan, only=None):
     from .runs import RunLayout
     from .steps.train import RUN_FILES
     for s, params in plan:
-        if s.module not in ("train", "pseudo") or (only and not any(s.notebook.startswith(o) for o in only)):
+        if s.module not in ("train", "pseudo", "fuse") or (only and not any(s.notebook.startswith(o) for o in only)):
             continue
         P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
+        if s.module == "fuse":
+            for m in P.models:
+                d = RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m))
+                if d.exists() and any(d.iterdir()) and not (P.resume or P.overwrite):
+                    raise ParamsError(f"{s.notebook}: {d} already holds fusion heads; pass overwrite=true to retrain "
+                                      "them (make demo does), resume=true to continue them, or another --run-dir")
+            continue
         d = RunLayout.of(P.run_dir).model_dir(P.name)
         found = [n for n in RUN_FILES if (d / n).exists()]
         if found and not (getattr(P, "resume", False) or P.overwrite):

@@ -122,10 +122,34 @@ def _dls_cfg(learn_or_model):
     return getattr(getattr(learn_or_model, "dls", None), "cfg", None) or {}
 
 
+def feature_layer(model):
+    """The module whose input is the model's pooled features: the last layer of the fastai head
+    (Sequential(body, head)), e.g. its final Linear or the hierarchy heads that replace it"""
+    from torch import nn
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Sequential):
+        return model[-1][-1]
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} has no final layer to take features from")
+    return linear[-1]
+
+
+class FeatureTap:
+    "Keeps the input of `feature_layer(model)` of the forward passes made while `on`"
+    def __init__(self, model):
+        self.on, self.x = False, None
+        self.handle = feature_layer(model).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if self.on: self.x = args[0].detach()
+
+    def remove(self): self.handle.remove()
+
+
 def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path, n_views=1, k=20, size=None,
                      item_size=None, bs=128, num_workers=0, shard=0, num_shards=1, seed=0, aug=None, mean=None,
                      std=None, n_classes=None, prob_dtype="uint8", exact=False, device=None, meta=None,
-                     overwrite=False, log_every=60.0, progress=None):
+                     overwrite=False, log_every=60.0, progress=None, features_path=None, features_meta=None):
     """Softmax probabilities of `n_views` views of every picture of `images` (its shard), streamed to a store.
 
     learn_or_model: a fastai Learner (size, item_size, mean, std and aug default to its
@@ -139,7 +163,9 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     shard, num_shards: predict rows `shard_rows(len(images), shard, num_shards)` only
     progress: a bar per picture (None: in notebooks and on terminals, see `cdkit.progress`); the log
       line every `log_every` seconds says the same where no bar is drawn
-    Returns the store's path. Undecodable pictures are predicted as blank grey pictures; their
+    features_path: also write the pooled features of the original view (`cdkit.features`), taken in
+      the same forward pass; store_path None: the features only
+    Returns the store's path (the features' when store_path is None). Undecodable pictures are predicted as blank grey pictures; their
     count is in the store's meta (`bad_pictures`)."""
     cfg = _dls_cfg(learn_or_model)
     size = size or cfg.get("size")
@@ -165,27 +191,50 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     info = dict(size=size, item_size=item_size, n_views=n_views, seed=seed, aug=asdict(aug), mean=list(mean),
                 std=list(std), shard=shard, num_shards=num_shards, rows=[rows.start, rows.stop],
                 bson_path=str(bson_path), exact=exact, **(meta or {}))
-    writer = StoreWriter(store_path, n_classes, k, n_views, prob_dtype, info, overwrite=overwrite)
+    writer = StoreWriter(store_path, n_classes, k, n_views, prob_dtype, info, overwrite=overwrite) if store_path else None
+    tap, fwriter = (FeatureTap(model), None) if features_path else (None, None)
     t0 = last = time.perf_counter()
     done = 0
     from .progress import bar
-    pbar = bar(total=len(ds), desc=f"predict {getattr(store_path, 'name', store_path)}", unit="picture",
-               progress=progress)
+    name = getattr(store_path or features_path, "name", store_path or features_path)
+    pbar = bar(total=len(ds), desc=f"predict {name}", unit="picture", progress=progress)
     try:
         with torch.inference_mode(), autocast, pbar:
             for x, r in dl:
                 r = r.cpu().numpy()
                 pid, img = ds.product_id[r], ds.img_idx[r]
-                probs = torch.stack([torch.softmax(model(views(x, v, pid, img)).float(), -1) for v in range(n_views)], 1)
-                writer.add(pid, img, probs)
+                probs = []
+                for v in range(n_views if writer else 1):
+                    if tap: tap.on = v == 0
+                    probs.append(torch.softmax(model(views(x, v, pid, img)).float(), -1))
+                if writer: writer.add(pid, img, torch.stack(probs, 1))
+                if tap:
+                    if fwriter is None:
+                        from .features import FeatureWriter
+                        fwriter = FeatureWriter(features_path, len(ds), tap.x.shape[1], overwrite=True,
+                                                meta=dict(info, **(features_meta or {})))
+                    fwriter.add(pid, img, tap.x)
                 done += len(r)
                 pbar.update(len(r))
                 if log_every and time.perf_counter() - last > log_every:
                     last = time.perf_counter()
-                    log.info("%s: %d/%d pictures, %.0f pictures/s", store_path, done, len(ds), done / (last - t0))
-        writer.meta.update(bad_pictures=ds.bad_pictures, pictures=done, seconds=round(time.perf_counter() - t0, 1))
-        if ds.bad_pictures: log.warning("%s: %d picture(s) did not decode and were predicted blank", store_path, ds.bad_pictures)
-        return writer.close()
+                    log.info("%s: %d/%d pictures, %.0f pictures/s", name, done, len(ds), done / (last - t0))
+        if ds.bad_pictures: log.warning("%s: %d picture(s) did not decode and were predicted blank", name, ds.bad_pictures)
+        if tap:
+            if fwriter is None:  # no picture in this shard: an empty store still says so
+                from .features import FeatureWriter
+                d = int(feature_layer(model).in_features) if hasattr(feature_layer(model), "in_features") else 0
+                fwriter = FeatureWriter(features_path, 0, d, overwrite=True, meta=dict(info, **(features_meta or {})))
+            fwriter.meta.update(bad_pictures=ds.bad_pictures, pictures=done)
+            out = fwriter.close()
+            fwriter = None
+        if writer:
+            writer.meta.update(bad_pictures=ds.bad_pictures, pictures=done, seconds=round(time.perf_counter() - t0, 1))
+            out = writer.close()
+        return out
     except BaseException:
-        writer.abort()
+        if writer: writer.abort()
+        if fwriter is not None: fwriter.abort()
         raise
+    finally:
+        if tap: tap.remove()

@@ -22,7 +22,7 @@ from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
 from .aggregate import product_accuracy
-from .split import FUSION_FOLD, TRAIN, VALID_FOLD, attach_split, load_split, make_split, save_split, split_settings
+from .split import FUSION_FOLD, VALID_FOLD, attach_split, load_split, make_split, save_split, split_settings
 
 
 @dataclass

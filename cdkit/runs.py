@@ -9,6 +9,8 @@ A step never builds another step's path itself; it asks the `RunLayout` of its `
           params.yaml, metrics.csv, checkpoints/last.pth
       preds/<member>_<split>.store        step 06: TTA predictions of a model (split: valid, test)
       preds/<member>_test.shard03of08.store   one machine's shard of it (merged into the store above)
+      preds/<model>_<split>.features/     step 06: pooled features of each picture (split: fusion, valid, test)
+      models/<model>-fusion/              step 06b: the fusion heads over <model>'s features (fusion.json, seed*.pth)
       preds/ensemble-<stage>_<split>.store    step 07: the ensemble of a stage's members
       products/<stage>_<split>.parquet    step 08: product predictions (product_id, pred_class, category_id, score)
       submission.csv.gz                   step 10
@@ -29,6 +31,7 @@ from pydantic import AfterValidator
 from .paths import resolve
 
 SPLITS = ("valid", "test")
+FEATURE_SPLITS = ("fusion", "valid", "test")  # feature stores: the fusion split trains the fusion head
 STAGES = ("base", "pseudo")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -88,6 +91,20 @@ class RunLayout:
         if num_shards > 1:
             return self.root / "preds" / f"{name}.shard{shard:02d}of{num_shards:02d}.store"
         return self.root / "preds" / f"{name}.store"
+
+    def features(self, model, split, shard=None, num_shards=1) -> Path:
+        if split not in FEATURE_SPLITS:
+            raise ValueError(f"split must be one of {FEATURE_SPLITS}, got {split!r}")
+        name = f"{check_name(model)}_{split}"
+        if num_shards > 1:
+            return self.root / "preds" / f"{name}.shard{shard:02d}of{num_shards:02d}.features"
+        return self.root / "preds" / f"{name}.features"
+
+    # step 06b
+    @staticmethod
+    def fusion_member(model) -> str:
+        "The ensemble member that the fusion head over `model`'s features predicts as"
+        return check_name(f"{model}-fusion")
 
     # step 07
     def ensemble_store(self, stage, split) -> Path:

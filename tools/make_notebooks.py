@@ -207,6 +207,40 @@ R.table
         md("## What this shows"),
         code("print(step.what_this_shows(R))"),
     ],
+    "06b_fusion_head": [
+        md("""
+# 06b Learned product-level fusion (the 2nd place's fuse net)
+
+A product has 1 to 4 pictures; averaging their probabilities (or belief aggregation) cannot learn that the
+first picture is usually the main photo, that a later one is a generic logo, or that the pattern shows on one
+picture and the outline on another. A small network over the pooled features of a product's pictures can:
+dropout, a squeeze-excitation gate, a projection, max / sum / mean over the real pictures (padding masked), an
+MLP to the classes. It trains on the **fusion split** (train products that no backbone trained on, step 02's
+`fusion_frac`), so the features it sees are not overfit, and validates on the validation products.
+Two variants: **order-aware** (a position embedding and the main photo's own vector) and **order-invariant**;
+each with several seeds, whose spread the report gives. `order = 'auto'` keeps the variant better on validation.
+
+**Inputs:** `run_dir/preds/<model>_{fusion,valid,test}.features` (step 06 with `features = True`).
+**Outputs:** `run_dir/models/<model>-fusion/` (heads, per-epoch logs, checkpoints, `fusion.json`) and
+`run_dir/preds/<model>-fusion_{valid,test}.store`: the seeds' heads averaged, one row per picture carrying the
+product's distribution, so the member enters the ensemble (07) and the aggregation (08) like any other.
+"""),
+        "PARAMS",
+        code("""
+from cdkit.params import take_params
+from cdkit.steps import fuse as step
+from cdkit.report import save_figure
+
+P = take_params(step.FuseParams, globals())
+R = step.run(P)
+step.record(P.run_dir, R)
+R.table.round(4)
+"""),
+        md("## Each backbone's pictures (mean aggregation) against one fusion head (mean and sd over seeds)"),
+        code("save_figure(step.plot(R), P.run_dir, '06b_fusion')\nR.spread().round(4)"),
+        md("## What this shows"),
+        code("print(step.what_this_shows(R))"),
+    ],
     "07_ensemble": [
         md("""
 # 07 Ensemble the models
@@ -342,7 +376,7 @@ def build(step) -> nbformat.NotebookNode:
         cells.append(code(parameters_cell(step.params_class()), tags=["parameters"]) if c == "PARAMS" else c)
     nb.cells = cells
     for i, c in enumerate(nb.cells):
-        c["id"] = f"{step.notebook[:2]}-{i:02d}"
+        c["id"] = f"{step.notebook.split('_')[0]}-{i:02d}"
     return nb
 
 

@@ -28,12 +28,12 @@ from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pi
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout
-from .predict import DEMO_MODELS
+from .predict import DEMO_MEMBERS
 
 
 class AggregateParams(RunParams):
     "Parameters of notebooks/08_belief_aggregation.ipynb and `cdkit aggregate`"
-    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members, for rows "all"
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MEMBERS), min_length=1)  # members, for rows "all" and the re-ranker
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     rows: Literal["pictures", "all"] = "pictures"  # pictures: one prediction per picture, the ensemble of 07; all: every picture x model x view (the study's wording)
     method: Literal["auto", "mean", "belief"] = "auto"  # auto: whichever is better on validation

@@ -15,12 +15,12 @@ from pydantic import Field
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout
-from .predict import DEMO_MODELS, store_accuracy
+from .predict import DEMO_MEMBERS, store_accuracy
 
 
 class EnsembleParams(RunParams):
     "Parameters of notebooks/07_ensemble.ipynb and `cdkit ensemble`"
-    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # members: stores of step 06
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MEMBERS), min_length=1)  # members: stores of step 06 (models) and 06b (<model>-fusion)
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     method: Literal["mean", "geometric", "power"] = "mean"  # how member distributions combine
     p: float = Field(0.5, gt=0, le=4)     # exponent of the power mean (0.5: blend of square roots)
@@ -32,7 +32,7 @@ class EnsembleParams(RunParams):
 class EnsembleResult:
     stage: str
     weights: pd.Series                    # per member
-    table: pd.DataFrame                   # index members + 'ensemble'; columns valid, test: product accuracy (mean aggregation)
+    table: pd.DataFrame                   # index members + 'ensemble' (+ 'ensemble without fusion'); columns valid, test: product accuracy (mean aggregation)
     stores: dict                          # {split: Path} of the ensemble stores
 
     @property
@@ -65,6 +65,19 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
             table.setdefault(m, {})[split] = store_accuracy(s, prep, split)
         table.setdefault("ensemble", {})[split] = store_accuracy(load_store(stores[split]), prep, split)
         log(f"ensemble ({P.stage}, {split}): {stores[split]}")
+    # what the fusion members add: the ensemble of the other members alone (weights fitted again), measured only
+    plain = [i for i, m in enumerate(P.models) if not m.endswith("-fusion")]
+    if 0 < len(plain) < len(P.models):
+        vp = [valid[i] for i in plain]
+        if P.fit_weights and len(vp) > 1:
+            labels = prep.truth("valid").reindex(vp[0].product_id).to_numpy()
+            wp = np.asarray(fit_weights(vp, labels, method=P.method, p=P.p), float)
+        else:
+            wp = np.full(len(vp), 1 / len(vp))
+        for split in SPLITS:
+            ens = combine([members[split][i] for i in plain], weights=wp, method=P.method, p=P.p,
+                          k_out=min(P.k_out, max(members[split][i].k for i in plain)))
+            table.setdefault("ensemble without fusion", {})[split] = store_accuracy(ens, prep, split)
     return EnsembleResult(P.stage, pd.Series(w, index=P.models, name="weight"), pd.DataFrame(table).T, stores)
 
 
@@ -88,9 +101,14 @@ def plot(R: EnsembleResult):
 
 def what_this_shows(R: EnsembleResult) -> str:
     t = R.table
-    best = t.drop(index="ensemble")["valid"].idxmax()
+    best = t.drop(index=[i for i in ("ensemble", "ensemble without fusion") if i in t.index])["valid"].idxmax()
     d = t.loc["ensemble", "valid"] - t.loc[best, "valid"]
     w = ", ".join(f"{m} {x:.2f}" for m, x in R.weights.items())
-    return (f"weights fitted on validation: {w}. The ensemble is {d:+.3f} against its best member ({best}) on "
-            "validation; " + ("it helps." if d > 0 else "it does not help here: a member much weaker than the "
-                              "others adds noise (the fitted weights show how much each was trusted)."))
+    out = (f"weights fitted on validation: {w}. The ensemble is {d:+.3f} against its best member ({best}) on "
+           "validation; " + ("it helps." if d > 0 else "it does not help here: a member much weaker than the "
+                             "others adds noise (the fitted weights show how much each was trusted)."))
+    if "ensemble without fusion" in t.index:
+        f = t.loc["ensemble", "valid"] - t.loc["ensemble without fusion", "valid"]
+        out += (f" The fusion members move the ensemble {f:+.3f} on validation"
+                + (" (they help)." if f > 0 else " (they do not help here)."))
+    return out

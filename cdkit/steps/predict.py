@@ -5,7 +5,11 @@ test pictures) the predictor (`cdkit.predict.predict_to_store`, the kit's only i
 09 predicts its fine-tuned model through this step too) writes `RunLayout.store(name, split)`. A
 store is reused only when it was predicted by the same model file with the same settings. With
 `num_shards > 1` each machine predicts its shard into its own store; the shard that finds every
-shard present merges them into the model's store."""
+shard present merges them into the model's store.
+
+With `features=True` the same forward pass also stores each picture's pooled features (the original
+view; `RunLayout.features`), and the fusion split's pictures (step 02's fusion_frac) get a
+features-only pass: step 06b trains the fusion head on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,9 +20,10 @@ from pydantic import Field, model_validator
 
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, ModelNames, RunLayout
+from ..runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
 
 DEMO_MODELS = ["resnet", "inception", "xception"]
+DEMO_MEMBERS = DEMO_MODELS + [f"{m}-fusion" for m in DEMO_MODELS]  # with the fusion heads of step 06b
 
 
 class PredictParams(RunParams):
@@ -33,6 +38,7 @@ class PredictParams(RunParams):
     shard: int = Field(0, ge=0)           # this machine's shard of the pictures ...
     num_shards: int = Field(1, ge=1)      # ... out of this many (the last shard to finish merges them)
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
+    features: bool = True                 # also store pooled features (fp16) for the fusion head of step 06b
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -87,20 +93,30 @@ def _device(name):
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _feature_stamp(P: PredictParams, model_dir: Path, split):
+    "What a feature store must have been written with to be reused (the views and k do not matter)"
+    st = _stamp(P, model_dir, split)
+    return {k: v for k, v in st.items() if k not in ("n_views", "k", "prob_dtype", "seed")} | {"features": True}
+
+
 def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     """Predict one model's stores (this shard), skipping current ones; merge shards when all are there.
+    With P.features also its feature stores (the fusion split's in a features-only pass).
     Returns {split: (path or None, written)}"""
+    from ..features import features_current, merge_features
     from ..models import load_trained
     from ..predict import predict_to_store
     from ..store import merge_stores
     layout = RunLayout.of(P.run_dir)
     model_dir = layout.model_dir(name)
     trained, out = None, {}
-    for split in SPLITS:
-        stamp = _stamp(P, model_dir, split)
-        path = layout.store(name, split, P.shard, P.num_shards)
+    splits = [s for s in FEATURE_SPLITS if s != "fusion" or (P.features and prep.n_fusion)]
+    for split in splits:
+        stamp, fstamp = _stamp(P, model_dir, split), _feature_stamp(P, model_dir, split)
+        path = layout.store(name, split, P.shard, P.num_shards) if split in SPLITS else None
+        fpath = layout.features(name, split, P.shard, P.num_shards) if P.features else None
         written = False
-        if not store_is_current(path, stamp):
+        if (path and not store_is_current(path, stamp)) or (fpath and not features_current(fpath, fstamp)):
             trained = trained or load_trained(model_dir, device=_device(P.device))
             images, bson_path = prep.images(split)
             predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
@@ -108,9 +124,19 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
                              mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
                              prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
                              shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=dict(stamp=stamp),
-                             overwrite=True)
-            log(f"{name}: wrote {path}")
+                             overwrite=True, features_path=fpath, features_meta=dict(stamp=fstamp))
+            log(f"{name}: wrote {' and '.join(str(p) for p in (path, fpath) if p)}")
             written = True
+        if fpath and P.num_shards > 1:
+            shards = [layout.features(name, split, i, P.num_shards) for i in range(P.num_shards)]
+            final = layout.features(name, split)
+            merged = {**fstamp, "shard": 0, "num_shards": 1}
+            if all(features_current(s, {**fstamp, "shard": i}) for i, s in enumerate(shards)) and (
+                    written or not features_current(final, merged)):
+                merge_features(shards, final, meta=dict(stamp=merged), overwrite=True)
+                log(f"{name}: merged {P.num_shards} feature shards into {final}")
+        if path is None:
+            continue
         if P.num_shards > 1:
             shards = [layout.store(name, split, i, P.num_shards) for i in range(P.num_shards)]
             final = layout.store(name, split)

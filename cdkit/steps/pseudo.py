@@ -196,10 +196,10 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     chosen.to_parquet(layout.model_dir(P.name) / "selection.parquet", index=False)
 
     # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
-    pred = step06.run(P06.replace(models=[P.name]), prep, log, save=False)
+    pred = step06.run(P06.replace(models=[P.name], features=False), prep, log, save=False)
     ens = step07.run(P07.replace(models=members, stage="pseudo"), prep, log, save=False)
     agg = step08.run(P08.replace(models=members, stage="pseudo"), prep, log, save=False)
-    base_table = step06.run(P06.replace(models=[P.base]), prep, log, save=False).table
+    base_table = step06.run(P06.replace(models=[P.base], features=False), prep, log, save=False).table
     single = pd.concat([base_table, pred.table])
     changed = {}
     for split in ("valid", "test"):

@@ -1,0 +1,245 @@
+"""Step 06b: learned product-level fusion over each backbone's picture features (the 2nd place's fuse net).
+
+For each backbone of `models`, step 06 stored the pooled features of every picture of the fusion
+split (train products that no backbone trained on: step 02's `fusion_frac`), the validation and the
+test set (`RunLayout.features`). Here a small network over a product's 1-4 pictures
+(`cdkit.fusion.FusionNet`: dropout, a squeeze-excitation gate, max/sum/mean over the pictures, an
+MLP) learns on the fusion split and validates on the validation products, in two variants:
+order-aware (the first picture is usually the main photo) and order-invariant, each with several
+seeds. `order="auto"` keeps the variant better on validation. Its seeds' heads, averaged, predict
+every validation and test product into `RunLayout.store("<model>-fusion", split)`: one row per
+picture carrying the product's distribution, so the fusion head enters the ensemble (step 07) and
+the aggregation (step 08) like any other member.
+
+    run_dir/models/<model>-fusion/   fusion.json (what was trained and chosen), <variant>_seed<s>.pth,
+                                     <variant>_seed<s>_metrics.csv, checkpoints/ (resume)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from ..params import ParamsError, RunParams, save_params
+from ..prepare import Prepared, load_prepared
+from ..runs import SPLITS, ModelNames, RunLayout
+from .predict import DEMO_MODELS
+
+VARIANTS = ("aware", "invariant")
+
+
+class FuseParams(RunParams):
+    "Parameters of notebooks/06b_fusion_head.ipynb and `cdkit fuse`"
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # backbones whose features (step 06, features=True) feed a fusion head each
+    order: Literal["auto", "aware", "invariant"] = "auto"  # aware: position embedding + the main photo's vector; invariant: any order gives the same; auto: both, keep the better on validation
+    pool: Literal["max", "sum", "mean"] = "max"  # over a product's pictures (the 2nd place: sum or max)
+    gate: bool = True                     # squeeze-excitation gate over the feature channels
+    hidden: int = Field(512, ge=8, le=8192)  # width of the per-picture projection and the MLP
+    dropout: float = Field(0.3, ge=0, lt=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one head per seed; the member averages them, the report gives their spread
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(2e-3, gt=0, le=1)   # one-cycle peak (Adam)
+    bs: int = Field(128, ge=1)            # products per batch
+    wd: float = Field(0.01, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    k: int = Field(20, ge=1)              # classes kept per product in the member's store
+    prob_dtype: Literal["uint8", "float16", "float32"] = "uint8"
+    block: int = Field(2048, ge=1)        # products per inference block (memory: block x 4 x d floats)
+    device: str = ""                      # cpu, cuda, ...; "": the GPU when there is one
+    resume: bool = False                  # keep finished heads, continue unfinished ones from their checkpoints
+    overwrite: bool = False               # replace what models/<model>-fusion/ holds (else a finished run there is refused)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds={self.seeds}: distinct non-negative integers")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True contradicts overwrite=True: continue the heads in models/<model>-fusion/, "
+                             "or replace them")
+        return self
+
+
+@dataclass
+class FuseResult:
+    "Per backbone: each variant's heads (validation and test product accuracy per seed), the chosen variant and its blend"
+    table: pd.DataFrame                   # rows (model, variant, seed|'blend'); columns valid, test
+    chosen: dict                          # {model: variant}
+    stores: dict                          # {(member, split): Path}
+    baseline: pd.DataFrame                # per model: mean aggregation of its own step-06 store (all views), valid/test
+    seconds: float = 0.0
+    histories: dict = field(default_factory=dict)  # {(model, variant, seed): metrics DataFrame}
+
+    def spread(self) -> pd.DataFrame:
+        "mean and standard deviation over seeds per (model, variant) and split"
+        t = self.table[self.table.index.get_level_values("seed") != "blend"]
+        g = t.groupby(level=["model", "variant"])
+        out = pd.concat({"mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0)}, axis=1)
+        out.columns = [f"{s} {stat}" for stat, s in out.columns]
+        return out[[f"{s} {stat}" for s in ("valid", "test") for stat in ("mean", "sd")]]
+
+
+def _features(layout: RunLayout, model, split):
+    from ..features import FeatureStoreError, load_features
+    path = layout.features(model, split)
+    try:
+        return load_features(path)
+    except (FeatureStoreError, FileNotFoundError) as e:
+        raise ParamsError(f"{model}: no {split} features at {path} ({e}); run step 06 with features=true for this "
+                          "model (and step 02 with fusion_frac > 0 for the fusion split)") from None
+
+
+def _card_path(layout, model):
+    return layout.model_dir(RunLayout.fusion_member(model)) / "fusion.json"
+
+
+def _check_fresh(P: FuseParams, layout: RunLayout, model):
+    import shutil
+    d = layout.model_dir(RunLayout.fusion_member(model))
+    if not d.exists() or not any(d.iterdir()) or P.resume:
+        return
+    if not P.overwrite:
+        raise ParamsError(f"{d} already holds fusion heads: pass overwrite=true to retrain them (make demo does), "
+                          "resume=true to continue them, or another run_dir")
+    shutil.rmtree(d)
+
+
+def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
+    "Train the heads over one backbone's features, choose the variant, write the member's stores"
+    import torch
+    from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
+    from ..io import atomic_write
+    layout = RunLayout.of(P.run_dir)
+    member = RunLayout.fusion_member(model)
+    out_dir = layout.model_dir(member)
+    if not prep.n_fusion:
+        raise ParamsError("the split has no fusion products: run step 02 with fusion_frac > 0 (force=true remakes the "
+                          "split; every backbone must then be retrained, since some of its training products move)")
+    fs = {s: _features(layout, model, s) for s in ("fusion", "valid", "test")}
+    device = torch.device(P.device) if P.device else None
+    groups = {s: product_groups(f.product_id, f.img_idx) for s, f in fs.items()}
+    labels = {s: prep.truth(s).reindex(groups[s].product_id).to_numpy() for s in ("fusion", "valid")}
+    for s in ("fusion", "valid"):
+        if np.isnan(labels[s].astype(float)).any():
+            raise ValueError(f"{layout.features(model, s)} holds products that are not in the {s} split: step 02 was "
+                             f"run again after step 06; run step 06 again")
+    variants = VARIANTS if P.order == "auto" else (P.order,)
+    rows, heads, hist = {}, {}, {}
+    for variant in variants:
+        spec = HeadSpec(fs["fusion"].d, prep.catalog.n_classes, P.hidden, P.dropout, variant, P.pool, P.gate)
+        for seed in P.seeds:
+            name = f"{variant}_seed{seed}"
+            done = (out_dir / f"{name}.pth").exists() and P.resume
+            if done:
+                net = load_head(spec, out_dir / f"{name}.pth", device or "cpu")
+            else:
+                net, hist[(model, variant, seed)] = train_head(
+                    spec, fs["fusion"].x, groups["fusion"], labels["fusion"].astype(np.int64), fs["valid"].x,
+                    groups["valid"], labels["valid"].astype(np.int64), out_dir, name, P.epochs, P.lr, P.bs, P.wd,
+                    P.label_smoothing, seed, P.resume, device)
+            heads[(variant, seed)] = (spec, net)
+    # each head alone on validation and test; the chosen variant's heads together make the member
+    per_head = {}
+    for split in SPLITS:
+        truth = prep.truth(split)
+        for variant in variants:
+            nets = [heads[(variant, s)][1] for s in P.seeds]
+            tmp = layout.store(member, split).with_name(f".{member}_{split}.{variant}.store")
+            _, accs, blend = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth)
+            per_head[(variant, split)] = (tmp, accs, blend)
+    for variant in variants:
+        for i, seed in enumerate(P.seeds):
+            rows[(model, variant, str(seed))] = {s: per_head[(variant, s)][1][i] for s in SPLITS}
+        rows[(model, variant, "blend")] = {s: per_head[(variant, s)][2] for s in SPLITS}
+    valid_of = {v: np.mean([rows[(model, v, str(s))]["valid"] for s in P.seeds]) for v in variants}
+    chosen = max(variants, key=lambda v: (valid_of[v], v == "aware"))
+    stores = {}
+    import shutil
+    for split in SPLITS:
+        for variant in variants:
+            tmp = per_head[(variant, split)][0]
+            if variant == chosen:
+                final = layout.store(member, split)
+                if final.exists(): shutil.rmtree(final) if final.is_dir() else final.unlink()
+                tmp.rename(final)
+                stores[(member, split)] = final
+            else:
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    card = dict(backbone=model, member=member, chosen=chosen, variants=list(variants), seeds=list(P.seeds),
+                spec={v: asdict(heads[(v, P.seeds[0])][0]) for v in variants},
+                features={s: str(layout.features(model, s)) for s in fs}, params=P.model_dump())
+    atomic_write(out_dir / "fusion.json", lambda tmp: open(tmp, "w").write(json.dumps(card, indent=1)))
+    log(f"{member}: {chosen} heads chosen (validation {valid_of[chosen]:.4f} per head); stores {stores}")
+    return rows, chosen, stores, hist
+
+
+def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResult:
+    "Train the fusion heads of every backbone of P.models and write their members' stores"
+    from .predict import store_accuracy
+    from ..store import load_store
+    t0 = time.time()
+    layout = RunLayout.of(P.run_dir)
+    for m in P.models:
+        _check_fresh(P, layout, m)
+    if save:
+        save_params(P, layout.step_params("fuse"))
+    prep = prep or load_prepared(P.data_dir, P.work_dir)
+    rows, chosen, stores, hist, base = {}, {}, {}, {}, {}
+    for m in P.models:
+        r, chosen[m], s, h = fuse_model(P, prep, m, log)
+        rows.update(r), stores.update(s), hist.update(h)
+        base[m] = {split: store_accuracy(load_store(layout.store(m, split)), prep, split) for split in SPLITS}
+    table = pd.DataFrame.from_dict(rows, orient="index")[list(SPLITS)]
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["model", "variant", "seed"])
+    return FuseResult(table, chosen, stores, pd.DataFrame(base).T[list(SPLITS)], time.time() - t0, hist)
+
+
+def record(run_dir, R: FuseResult):
+    "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
+    from ..report import record as rec
+    sp = R.spread()
+    for m, variant in R.chosen.items():
+        blend = R.table.loc[(m, variant, "blend")]
+        rec(run_dir, "06b fusion", f"{m}: pictures (mean aggregation, step 06)", R.baseline.loc[m].round(4).to_dict())
+        rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(R.table.loc[(m, variant)]) - 1} seeds averaged)",
+            blend.round(4).to_dict())
+    for (m, variant), row in sp.iterrows():
+        rec(run_dir, "06b fusion", f"{m}: one {variant} head, mean and sd over seeds", row.round(4).to_dict())
+    rec(run_dir, "06b fusion", "minutes", round(R.seconds / 60, 2))
+
+
+def plot(R: FuseResult):
+    "Validation and test accuracy: each backbone's pictures (mean) against its fusion heads (mean +- sd over seeds)"
+    import matplotlib.pyplot as plt
+    sp = R.spread()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+    for ax, split in zip(axes, SPLITS):
+        labels, vals, errs = [], [], []
+        for m in R.baseline.index:
+            labels.append(f"{m}\npictures"), vals.append(R.baseline.loc[m, split]), errs.append(0)
+            for v in sp.loc[m].index:
+                labels.append(f"{m}\n{v}"), vals.append(sp.loc[(m, v), f"{split} mean"]), errs.append(sp.loc[(m, v), f"{split} sd"])
+        ax.bar(range(len(vals)), vals, yerr=errs, capsize=3, color=["#999" if "pictures" in lab else "C0" for lab in labels])
+        ax.set_xticks(range(len(vals)), labels, fontsize=7)
+        ax.set(title=f"{split}: product accuracy", ylim=(max(0, min(vals) - 0.1), 1))
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def what_this_shows(R: FuseResult) -> str:
+    sp = R.spread()
+    parts = []
+    for m, v in R.chosen.items():
+        d = sp.loc[(m, v), "valid mean"] - R.baseline.loc[m, "valid"]
+        other = [x for x in sp.loc[m].index if x != v]
+        vs = (f"; {other[0]}: {sp.loc[(m, other[0]), 'valid mean']:.3f}" if other else "")
+        parts.append(f"{m}: one {v} head {sp.loc[(m, v), 'valid mean']:.3f} +- {sp.loc[(m, v), 'valid sd']:.3f} on "
+                     f"validation{vs}, against {R.baseline.loc[m, 'valid']:.3f} for the mean of its pictures ({d:+.3f})")
+    return ("Fusion heads over each backbone's picture features, trained on the fusion split: " + "; ".join(parts) +
+            ". A head that does not beat the mean of its backbone's pictures is reported as such; the ensemble "
+            "(step 07) weighs each member on validation.")
