@@ -11,6 +11,24 @@ on it (stripes, dots, a band, a letter, ...). The hard parts of the real data ar
 of category frequencies, generic pictures (logo, size chart, ...) inside products of any category,
 label noise, test pictures that are byte copies of train pictures, and a train/test lighting shift.
 
+Product-level knobs give each way of combining a product's 1-4 pictures something to do:
+- `main_first`: picture 0 is the main photo, never a generic picture nor a partial view. Generic
+  pictures then go to later pictures only, each with probability noise_picture_rate * E[pictures
+  that could be generic without main_first] / E[later pictures] (at most 1), so that their expected
+  total stays what noise_picture_rate gives without it. Off: generic pictures anywhere, as before,
+  and the main photo is the first picture that is not generic.
+- `partial_view_rate`: share of the rendered pictures after the main photo that are close-ups: the
+  object's surface (colour and pattern) fills most of the frame, its outline mostly outside it, so
+  the picture tells level2 and level3 but hardly level1.
+- `split_info_rate`: share of multi-picture products (with a rendered picture after the main photo)
+  whose information is split: the main photo shows outline and colour with no pattern, one later
+  picture is a close-up of the pattern, any other rendered picture is plain too. Only the two
+  together name the leaf category.
+- `hierarchical_tail`: rare leaves under common parents. Each level2 parent gets a frequency from a
+  mild Zipf (`parent_zipf_exponent`) that its leaves share by a steep one (`leaf_zipf_exponent`);
+  off, one Zipf over all categories (`zipf_exponent`).
+Test pictures that copy a train picture copy one of the same kind (full view, close-up, plain).
+
 Every random choice comes from `seed` through one independent stream per concern, so the same seed
 gives byte-identical files, and changing one knob (say `label_noise_rate`) leaves the draws of the
 others as they were.
@@ -46,6 +64,10 @@ class SynthConfig:
     n_train_products: int = 3600        # documents in train.bson
     n_test_products: int = 900          # documents in test.bson (ids interleave with train's)
     zipf_exponent: float = 1.0          # category frequency ~ 1/rank**s: few common, many rare
+    hierarchical_tail: bool = True      # rare leaves under common parents: the two Zipfs below
+    #                                     replace zipf_exponent (False: one Zipf, as before)
+    parent_zipf_exponent: float = 0.5   # level2 parents' frequencies: a mild tail
+    leaf_zipf_exponent: float = 1.5     # how a parent's leaves share it: steep (4 leaves: 60/21/12/7%)
     min_train_per_category: int = 3     # every category gets this many train products first
     imgs_per_product_probs: tuple = (0.57, 0.22, 0.10, 0.11)  # P(1..4 pictures); mean 1.75 as real
     # pictures
@@ -61,6 +83,12 @@ class SynthConfig:
     n_noise_pictures: int = 6           # generic pictures (logo, size chart, empty packshot, ...)
     noise_picture_rate: float = 0.1     # share of pictures replaced by a generic one
     noise_only_multi: bool = True       # True: only in products with >=2 pictures, one stays real
+    main_first: bool = True             # picture 0 is the main photo: generic pictures and partial
+    #                                     views go to later pictures (rate scaled, same expected total)
+    partial_view_rate: float = 0.3      # share of later rendered pictures that are close-ups: colour
+    #                                     and pattern fill the frame, the outline (level1) mostly not
+    split_info_rate: float = 0.25       # share of multi-picture products whose main photo is plain
+    #                                     (no pattern) and one later close-up shows the pattern
     label_noise_rate: float = 0.05      # share of train products labelled with a random category
     duplicate_rate: float = 0.05        # share of test pictures that are byte copies of a train one
     shift: float = 0.25                 # test lighting/tint change (0 = none); for pseudo-labels
@@ -116,7 +144,8 @@ LEVEL3_QUALIFIERS = ("A LED", "ADULTE", "CONNECTE", "DE LUXE", "DE VOYAGE", "ELE
 
 # One random stream per concern: changing one knob leaves the other draws unchanged.
 _STREAMS = {"catalog": 1, "ids": 2, "train": 3, "test": 4, "label_noise": 5, "noise_pictures": 6,
-            "duplicates": 7, "pixels_train": 8, "pixels_test": 9, "pool": 10}
+            "duplicates": 7, "pixels_train": 8, "pixels_test": 9, "pool": 10, "tail": 11,
+            "partial_views": 12, "split_info": 13, "pool_views": 14}
 
 _RENDER, _NOISE, _DUPLICATE = 0, 1, 2
 _FILES = ("category_names.csv", "train.bson", "test.bson", "sample_submission.csv",
@@ -145,9 +174,16 @@ def _check(cfg: SynthConfig):
     for name, top in limits.items():
         if not 1 <= getattr(cfg, name) <= top:
             raise ValueError(f"{name}={getattr(cfg, name)} must be in 1..{top}")
-    for name in ("label_noise_rate", "duplicate_rate", "noise_picture_rate", "occluder_rate"):
+    for name in ("label_noise_rate", "duplicate_rate", "noise_picture_rate", "occluder_rate",
+                 "partial_view_rate", "split_info_rate"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
+    for name in ("zipf_exponent", "parent_zipf_exponent", "leaf_zipf_exponent"):
+        if not getattr(cfg, name) >= 0.0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
+    for name in ("main_first", "hierarchical_tail", "noise_only_multi"):
+        if not isinstance(getattr(cfg, name), (bool, np.bool_)):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be True or False")
     n_cat = cfg.n_level1 * cfg.n_level2_per_level1 * cfg.n_level3_per_level2
     if cfg.n_train_products < n_cat * cfg.min_train_per_category:
         raise ValueError(f"n_train_products={cfg.n_train_products} is below {n_cat} categories x "
@@ -208,10 +244,22 @@ def _catalog(cfg, seed):
                              f"{name2} {LEVEL3_QUALIFIERS[quals[i3]]}"))
                 looks.append(_Look(SHAPES[shapes[i1]], hsv, PATTERNS[patterns[i3]], pattern_rgb,
                                    LETTERS[rng.integers(len(LETTERS))]))
-    # long tail: a random category gets rank 1, another rank 2, ...
-    ranks = rng.permutation(n_cat) + 1
-    freq = ranks.astype(float) ** -cfg.zipf_exponent
+    if cfg.hierarchical_tail:
+        freq = _hierarchical_freq(cfg, seed)
+    else:  # long tail: a random category gets rank 1, another rank 2, ...
+        freq = (rng.permutation(n_cat) + 1.0) ** -cfg.zipf_exponent
     return np.array([r[0] for r in rows], dtype=np.int64), rows, looks, freq / freq.sum()
+
+
+def _hierarchical_freq(cfg, seed):
+    "Category frequencies: a mild Zipf over level2 parents, each shared by its leaves by a steep one"
+    rng = _rng(seed, "tail")
+    n_parents, n3 = cfg.n_level1 * cfg.n_level2_per_level1, cfg.n_level3_per_level2
+    parent = (rng.permutation(n_parents) + 1.0) ** -cfg.parent_zipf_exponent
+    leaf = np.stack([rng.permutation(n3) + 1.0 for _ in range(n_parents)]) ** -cfg.leaf_zipf_exponent
+    leaf /= leaf.sum(axis=1, keepdims=True)
+    # categories are in nesting order: parent k holds categories k * n3 .. k * n3 + n3 - 1
+    return ((parent / parent.sum())[:, None] * leaf).ravel()
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -225,10 +273,17 @@ class _Split:
     n_imgs: np.ndarray
     kind: np.ndarray       # per picture: _RENDER, _NOISE or _DUPLICATE
     ref: np.ndarray        # per picture: pixel seed / pool slot, noise index, or train picture index
+    partial: np.ndarray    # per picture: a close-up (partial view)
+    plain: np.ndarray      # per picture: drawn without its pattern (split-information products)
+    split_info: np.ndarray  # per product: main photo plain, the pattern on one later close-up
 
     @property
     def starts(self):
         return np.concatenate([[0], np.cumsum(self.n_imgs)])
+
+    def style(self, pic):
+        "What a rendered picture shows: 0 full view, 1 close-up, 2 plain, 3 plain close-up"
+        return int(self.partial[pic]) + 2 * int(self.plain[pic])
 
 
 def _plan(cfg, seed, freq):
@@ -257,7 +312,8 @@ def _plan(cfg, seed, freq):
         pool = cfg.picture_pool_per_category
         ref = rng.integers(pool, size=n_pics) if pool else rng.integers(2**62, size=n_pics)
         splits[name] = _Split(split_ids.astype(np.int64), cats, cats.copy(), n_imgs,
-                              np.full(n_pics, _RENDER, np.int8), ref.astype(np.int64))
+                              np.full(n_pics, _RENDER, np.int8), ref.astype(np.int64),
+                              np.zeros(n_pics, bool), np.zeros(n_pics, bool), np.zeros(n, bool))
 
     train, test = splits["train"], splits["test"]
     rng = _rng(seed, "label_noise")
@@ -270,17 +326,34 @@ def _plan(cfg, seed, freq):
     for split in (train, test):
         _place_noise(cfg, rng, split)
 
+    partial_rng, split_rng = _rng(seed, "partial_views"), _rng(seed, "split_info")
+    for split in (train, test):
+        _place_views(cfg, partial_rng, split_rng, split)
+
     rng = _rng(seed, "duplicates")
     _place_duplicates(cfg, rng, train, test, n_cat)
     return train, test
 
 
+def _later_noise_rate(cfg) -> float:
+    """Under main_first, the chance that a picture after the main photo is generic: noise_picture_rate
+    scaled so that the expected number of generic pictures stays what it is without main_first"""
+    k, p = np.arange(1, 5), np.asarray(cfg.imgs_per_product_probs, dtype=float)
+    could_be = (k * p)[1:].sum() if cfg.noise_only_multi else (k * p).sum()
+    later = ((k - 1) * p).sum()
+    return float(min(1.0, cfg.noise_picture_rate * could_be / later)) if later > 0 else 0.0
+
+
 def _place_noise(cfg, rng, split):
-    "Replace pictures by generic ones, keeping at least one real picture where a product has >= 2"
+    "Replace pictures by generic ones: never the main photo, or anywhere but one (noise_only_multi)"
     prod = np.repeat(np.arange(len(split.n_imgs)), split.n_imgs)
-    hit = rng.random(len(prod)) < cfg.noise_picture_rate
+    u = rng.random(len(prod))
     which = rng.integers(max(cfg.n_noise_pictures, 1), size=len(prod))
-    if cfg.noise_only_multi:
+    if cfg.main_first:
+        hit = (u < _later_noise_rate(cfg)) & (np.arange(len(prod)) > split.starts[prod])
+    else:
+        hit = u < cfg.noise_picture_rate
+    if cfg.noise_only_multi and not cfg.main_first:
         hit &= split.n_imgs[prod] >= 2
         # a product whose pictures all got hit keeps its first one real
         all_hit = np.add.reduceat(hit.astype(int), split.starts[:-1]) == split.n_imgs
@@ -289,18 +362,41 @@ def _place_noise(cfg, rng, split):
     split.ref[hit] = which[hit]
 
 
+def _place_views(cfg, partial_rng, split_rng, split):
+    """Mark the close-ups among the rendered pictures after each product's main photo, and the
+    products whose main photo is plain while one later close-up carries the pattern"""
+    starts, n_pics = split.starts, len(split.kind)
+    prod = np.repeat(np.arange(len(split.n_imgs)), split.n_imgs)
+    pic = np.arange(n_pics)
+    rendered = split.kind == _RENDER
+    # the main photo: picture 0 under main_first, else the first that is not generic (none: n_pics)
+    main = np.minimum.reduceat(np.where(rendered, pic, n_pics), starts[:-1])
+    later = rendered & (pic > main[prod])
+    split.partial = (partial_rng.random(n_pics) < cfg.partial_view_rate) & later
+    n_later = np.add.reduceat(later.astype(np.int64), starts[:-1])
+    chosen = (split_rng.random(len(n_later)) < cfg.split_info_rate) & (n_later >= 1)
+    pick = split_rng.random(len(n_later))
+    split.split_info = chosen
+    split.plain = rendered & chosen[prod]
+    for row in np.flatnonzero(chosen):
+        close_up = starts[row] + np.flatnonzero(later[starts[row]:starts[row + 1]])[
+            int(pick[row] * n_later[row])]
+        split.partial[close_up], split.plain[close_up] = True, False
+
+
 def _place_duplicates(cfg, rng, train, test, n_cat):
     "Make some test pictures byte copies of a correctly labelled train picture of their category"
     train_prod = np.repeat(np.arange(len(train.ids)), train.n_imgs)
     ok = (train.kind == _RENDER) & (train.true_cat == train.label)[train_prod]
-    by_cat = [[] for _ in range(n_cat)]
+    # a copy shows what the picture it stands in for would show: full view, close-up or plain
+    by_cat = [[[] for _ in range(4)] for _ in range(n_cat)]
     for pic in np.flatnonzero(ok):
-        by_cat[train.true_cat[train_prod[pic]]].append(pic)
+        by_cat[train.true_cat[train_prod[pic]]][train.style(pic)].append(pic)
     test_prod = np.repeat(np.arange(len(test.ids)), test.n_imgs)
     hit = (rng.random(len(test_prod)) < cfg.duplicate_rate) & (test.kind == _RENDER)
     pick = rng.random(len(test_prod))
     for pic in np.flatnonzero(hit):
-        sources = by_cat[test.true_cat[test_prod[pic]]]
+        sources = by_cat[test.true_cat[test_prod[pic]]][test.style(pic)]
         if sources:
             test.kind[pic] = _DUPLICATE
             test.ref[pic] = sources[int(pick[pic] * len(sources))]
@@ -470,15 +566,31 @@ def _shift_luts(shift):
     return lut
 
 
-def render_picture(look, cfg, rng, shift=0.0) -> Image.Image:
-    "One picture of a product that looks like `look`, drawn from `rng`"
+def render_picture(look, cfg, rng, shift=0.0, partial=False, plain=False) -> Image.Image:
+    """One picture of a product that looks like `look`, drawn from `rng`: a packshot of the whole
+    object, or with `partial` a close-up of its surface; `plain` leaves the pattern out"""
     s = cfg.image_size
     img = _background(cfg, rng, shift)
     h, sat, val = look.hsv
     colour = _hsv_rgb(h + rng.uniform(-cfg.hue_jitter, cfg.hue_jitter),
                       sat + rng.uniform(-0.06, 0.06), val + rng.uniform(-0.08, 0.08))
     pc = tuple(int(min(255, max(0, c + rng.integers(-12, 13)))) for c in look.pattern_rgb)
+    if plain:
+        pc = colour  # the pattern's draws still happen, so plain and patterned differ only there
+    if partial:
+        x, y, ow, oh = _paste_close_up(img, look, cfg, rng, colour, pc)
+    else:
+        x, y, ow, oh = _paste_packshot(img, look, cfg, rng, colour, pc)
+    if rng.random() < cfg.occluder_rate:
+        _draw_occluder(ImageDraw.Draw(img), rng, x + ow / 2, y + oh / 2, s)
+    if shift:
+        img = img.point(_shift_luts(shift))
+    return img
 
+
+def _paste_packshot(img, look, cfg, rng, colour, pc):
+    "The whole object, mostly inside the frame; returns its box (x, y, w, h)"
+    s = cfg.image_size
     size = s * rng.uniform(*cfg.scale_range)
     ow, oh = int(size), int(size * rng.uniform(0.85, 1.15))
     fill = Image.new("RGB", (ow, oh), colour)
@@ -498,12 +610,49 @@ def render_picture(look, cfg, rng, shift=0.0) -> Image.Image:
     d = int(rng.integers(2, 6))
     img.paste((90, 90, 95), (x + d, y + d), alpha.point(_SHADOW_LUT))
     img.paste(obj, (x, y), alpha)
+    return x, y, ow, oh
 
-    if rng.random() < cfg.occluder_rate:
-        _draw_occluder(ImageDraw.Draw(img), rng, x + ow / 2, y + oh / 2, s)
-    if shift:
-        img = img.point(_shift_luts(shift))
-    return img
+
+CLOSE_UP_ZOOM = (2.0, 3.5)  # a close-up's object side as a multiple of the frame's
+_COVER_STEP = 6             # pixels per cell of the coarse grid where a close-up's frame is placed
+
+
+def _paste_close_up(img, look, cfg, rng, colour, pc):
+    """A close-up: the frame sits where the magnified silhouette covers nearly all of it, so the
+    surface fills the picture and the outline is mostly outside; the pattern is drawn at the frame's
+    scale, so that localised patterns (a band, a letter, a spot) stay in view. Returns the frame box"""
+    s = cfg.image_size
+    size = s * rng.uniform(*CLOSE_UP_ZOOM)
+    aspect = rng.uniform(0.85, 1.15)
+    angle = rng.uniform(-cfg.max_rotation, cfg.max_rotation) if cfg.max_rotation else 0.0
+    k, f = _COVER_STEP, s // _COVER_STEP
+    for _ in range(3):  # thin shapes (ring, crescent) get closer until the surface fills the frame
+        mask = Image.new("L", (int(size), int(size * aspect)), 0)
+        _draw_shape(ImageDraw.Draw(mask), look.shape, *mask.size)
+        # share of a frame-sized window that the turned silhouette covers, on a coarse grid (cheap:
+        # the full-size silhouette is never turned, only the frame's pixels are looked up in it)
+        cells = mask.reduce(k).rotate(angle, resample=Image.BILINEAR, expand=True)
+        acc = np.pad(np.asarray(cells, dtype=np.float64).cumsum(0).cumsum(1) / 255, ((1, 0), (1, 0)))
+        cover = (acc[f:, f:] - acc[:-f, f:] - acc[f:, :-f] + acc[:-f, :-f]) / (f * f)
+        if cover.max() >= 0.85:
+            break
+        size *= 1.5
+    ys, xs = np.nonzero(cover >= 0.9 * cover.max())
+    j = int(rng.integers(len(ys)))
+    # the frame's top-left corner relative to the turned silhouette's centre, in full-size pixels
+    dx = xs[j] * k + int(rng.integers(k)) - cells.width * k / 2
+    dy = ys[j] * k + int(rng.integers(k)) - cells.height * k / 2
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    # frame pixel -> unturned silhouette pixel, as Image.rotate maps them
+    alpha = mask.transform((s, s), Image.AFFINE, (cos, -sin, cos * dx - sin * dy + mask.width / 2,
+                                                  sin, cos, sin * dx + cos * dy + mask.height / 2),
+                           resample=Image.BILINEAR)
+    fill = Image.new("RGB", (s, s), colour)
+    _draw_pattern(ImageDraw.Draw(fill), look, rng, s, s, pc)
+    d = int(rng.integers(2, 6))
+    img.paste((90, 90, 95), (d, d), alpha.point(_SHADOW_LUT))
+    img.paste(fill, (0, 0), alpha)
+    return 0, 0, s, s
 
 
 def _draw_occluder(draw, rng, cx, cy, s):
@@ -585,7 +734,7 @@ class _Pictures:
     "JPEG bytes of each planned picture, drawn on demand or taken from a pre-drawn pool"
 
     def __init__(self, cfg, seed, looks):
-        self.cfg, self.looks = cfg, looks
+        self.cfg, self.seed, self.looks = cfg, seed, looks
         rng = _rng(seed, "noise_pictures")
         self.noise = [_jpeg(render_noise_picture(NOISE_KINDS[k % len(NOISE_KINDS)], cfg, rng),
                             cfg.jpeg_quality) for k in range(cfg.n_noise_pictures)]
@@ -595,22 +744,31 @@ class _Pictures:
             rng = _rng(seed, "pool")
             self.pool = {dom: [[self._draw(look, rng, dom) for _ in range(cfg.picture_pool_per_category)]
                                for look in looks] for dom in ("train", "test")}
+        self.view_pool = {}  # (domain, style, category) -> close-ups or plain pictures, drawn when asked
         self.train_kept = {}  # train picture index -> bytes, for the test duplicates
 
-    def _draw(self, look, rng, domain):
+    def _draw(self, look, rng, domain, style=0):
         shift = self.cfg.shift if domain == "test" else 0.0
-        return _jpeg(render_picture(look, self.cfg, rng, shift), self.cfg.jpeg_quality)
+        img = render_picture(look, self.cfg, rng, shift, partial=bool(style & 1), plain=bool(style & 2))
+        return _jpeg(img, self.cfg.jpeg_quality)
 
     def get(self, domain, split, pic, cat):
-        kind, ref = split.kind[pic], int(split.ref[pic])
+        kind, ref, style = split.kind[pic], int(split.ref[pic]), split.style(pic)
         if kind == _NOISE:
             return self.noise[ref]
         if kind == _DUPLICATE:
             return self.train_kept[ref]
-        if self.pool is not None:
+        if self.pool is not None and style == 0:
             return self.pool[domain][cat][ref]
+        if self.pool is not None:
+            key = (domain, style, cat)
+            if key not in self.view_pool:  # one stream per key: the same bytes whatever the order
+                rng = np.random.default_rng([self.seed, _STREAMS["pool_views"], int(domain == "test"), style, cat])
+                self.view_pool[key] = [self._draw(self.looks[cat], rng, domain, style)
+                                       for _ in range(self.cfg.picture_pool_per_category)]
+            return self.view_pool[key][ref]
         rng = np.random.default_rng([ref, _STREAMS[f"pixels_{domain}"]])
-        return self._draw(self.looks[cat], rng, domain)
+        return self._draw(self.looks[cat], rng, domain, style)
 
 
 def _write_bson(path, domain, split, cat_ids, pictures, keep=frozenset()):
@@ -692,12 +850,20 @@ def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
         "train_label_noise_products": int((train.label != train.true_cat).sum()),
         "train_noise_pictures": int((train.kind == _NOISE).sum()),
         "test_noise_pictures": int((test.kind == _NOISE).sum()),
+        "train_partial_views": int(train.partial.sum()),
+        "test_partial_views": int(test.partial.sum()),
+        "train_split_info_products": int(train.split_info.sum()),
+        "test_split_info_products": int(test.split_info.sum()),
+        "train_plain_pictures": int(train.plain.sum()),
+        "test_plain_pictures": int(test.plain.sum()),
         "test_duplicate_pictures": int((test.kind == _DUPLICATE).sum()),
         "train_categories_present": int(len(np.unique(train.label))),
         "test_categories_present": int(len(np.unique(test.true_cat))),
         "most_frequent_train_category": top,
     }
     meta = {"preset": preset, "seed": seed, "config": asdict(cfg), "counts": counts,
+            # under main_first: the chance that a picture after the main photo is generic
+            "later_picture_noise_rate": round(_later_noise_rate(cfg), 6) if cfg.main_first else None,
             "noise_picture_md5": [hashlib.md5(b).hexdigest() for b in pictures.noise]}
     timed("synth.json", _write_json, out / "synth.json", meta)
     mark_complete(out)

@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 
 import bson
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,6 +15,8 @@ from cdkit import synth
 
 # small and quick: a few dozen products is enough to see every knob act
 SMALL = dict(n_train_products=60, n_test_products=30, min_train_per_category=2)
+# the product-level knobs off: the data set as it was before they existed
+LEVERS_OFF = dict(main_first=False, partial_view_rate=0.0, split_info_rate=0.0, hierarchical_tail=False)
 
 
 def read_docs(path):
@@ -188,7 +191,7 @@ def test_shift_changes_only_test_pictures(tmp_path):
 
 def test_every_category_has_train_products_and_frequencies_are_long_tailed(tmp_path):
     summary = synth.write_dataset(tmp_path, preset="tiny", seed=0, label_noise_rate=0.0,
-                                  n_train_products=600, zipf_exponent=1.2)
+                                  n_train_products=600, zipf_exponent=1.2, hierarchical_tail=False)
     counts = defaultdict(int)
     for d in read_docs(tmp_path / "train.bson"):
         counts[d["category_id"]] += 1
@@ -198,10 +201,20 @@ def test_every_category_has_train_products_and_frequencies_are_long_tailed(tmp_p
 
 
 def test_pool_mode_samples_pre_drawn_pictures(tmp_path):
-    summary = synth.write_dataset(tmp_path, preset="tiny", seed=0, picture_pool_per_category=2,
-                                  noise_picture_rate=0.0, duplicate_rate=0.0)
-    pics = {im["picture"] for d in read_docs(tmp_path / "train.bson") for im in d["imgs"]}
+    kw = dict(preset="tiny", seed=0, picture_pool_per_category=2, noise_picture_rate=0.0,
+              duplicate_rate=0.0)
+    summary = synth.write_dataset(tmp_path / "off", partial_view_rate=0.0, split_info_rate=0.0, **kw)
+    pics = {im["picture"] for d in read_docs(tmp_path / "off" / "train.bson") for im in d["imgs"]}
     assert len(pics) <= 2 * summary["categories"]
+    # close-ups and plain pictures come from pools of their own: 2 per category and kind
+    summary = synth.write_dataset(tmp_path / "on", label_noise_rate=0.0, **kw)
+    assert summary["counts"]["train_partial_views"] and summary["counts"]["train_plain_pictures"]
+    by_cat = defaultdict(set)
+    for d in read_docs(tmp_path / "on" / "train.bson"):
+        for im in d["imgs"]:
+            by_cat[d["category_id"]].add(im["picture"])
+    assert len(set().union(*by_cat.values())) > 2 * summary["categories"]
+    assert max(len(p) for p in by_cat.values()) <= 2 * 4
 
 
 def test_unknown_knob_or_preset_fails_naming_it(tmp_path):
@@ -218,3 +231,147 @@ def test_presets_are_valid_overrides():
     for name, overrides in synth.PRESETS.items():
         cfg = synth.make_config(name)
         assert all(getattr(cfg, k) == v for k, v in overrides.items())
+
+
+# --- product-level knobs: each lever of a product's pictures has something to show ----------------
+
+def plan(preset="tiny", seed=0, **overrides):
+    "The knobs, the categories' looks and frequencies, and the train and test plans, without pixels"
+    cfg = synth.make_config(preset, **overrides)
+    _, _, looks, freq = synth._catalog(cfg, seed)
+    return cfg, looks, freq, synth._plan(cfg, seed, freq)
+
+
+def plan_digest(freq, train, test):
+    h = hashlib.sha256()
+    for split in (train, test):
+        for name in ("ids", "true_cat", "label", "n_imgs", "kind", "ref"):
+            h.update(np.ascontiguousarray(getattr(split, name), dtype="<i8").tobytes())
+    h.update(np.round(freq, 12).tobytes())
+    return h.hexdigest()
+
+
+def background_share(img):
+    "Share of light, grey pixels: the backdrop"
+    a = np.asarray(img).astype(int)
+    return ((a.min(axis=2) > 190) & (a.max(axis=2) - a.min(axis=2) < 40)).mean()
+
+
+def test_levers_off_give_the_data_set_as_it_was():
+    "Digest of the tiny preset's plan (seed 0) taken before the product-level knobs existed"
+    _, _, freq, (train, test) = plan(**LEVERS_OFF)
+    assert plan_digest(freq, train, test) == \
+        "1c46e7dcdacee83f691cd03f03b45b7cce5caf41fb9bbb36016b77e1d9d37a86"
+    for split in (train, test):
+        assert not split.partial.any() and not split.plain.any() and not split.split_info.any()
+
+
+def test_generic_pictures_and_close_ups_never_come_first(tmp_path):
+    summary = synth.write_dataset(tmp_path, preset="tiny", seed=0, noise_picture_rate=0.3)
+    generic = set(json.loads((tmp_path / "synth.json").read_text())["noise_picture_md5"])
+    for name in ("train.bson", "test.bson"):
+        docs = read_docs(tmp_path / name)
+        assert not any(hashlib.md5(d["imgs"][0]["picture"]).hexdigest() in generic for d in docs)
+        assert any(hashlib.md5(im["picture"]).hexdigest() in generic for d in docs for im in d["imgs"])
+    _, _, _, (train, test) = plan(noise_picture_rate=0.3)
+    for split, domain in ((train, "train"), (test, "test")):
+        first = split.starts[:-1]
+        assert (split.kind[first] != synth._NOISE).all() and not split.partial[first].any()
+        assert split.partial.sum() == summary["counts"][f"{domain}_partial_views"] > 0
+    # without main_first generic pictures may lead, as before
+    _, _, _, (train, _) = plan(noise_picture_rate=0.3, main_first=False)
+    assert (train.kind[train.starts[:-1]] == synth._NOISE).any()
+
+
+def test_main_first_keeps_the_share_of_generic_pictures():
+    kw = dict(n_train_products=20_000, n_test_products=20, noise_picture_rate=0.1)
+    for only_multi in (True, False):
+        counts = [(plan(main_first=first, noise_only_multi=only_multi, **kw)[3][0].kind == synth._NOISE).sum()
+                  for first in (True, False)]
+        assert abs(counts[0] / counts[1] - 1) < 0.06, (only_multi, counts)
+
+
+def test_close_ups_are_drawn_after_the_main_photo_at_the_asked_rate():
+    cfg, _, _, (train, _) = plan(n_train_products=6000, noise_picture_rate=0.0, split_info_rate=0.0)
+    later = np.ones(len(train.kind), bool)
+    later[train.starts[:-1]] = False
+    assert abs(train.partial[later].mean() - cfg.partial_view_rate) < 0.03
+    assert not train.partial[~later].any()
+
+
+def test_close_ups_fill_the_frame_with_the_surface():
+    cfg = synth.make_config("tiny", occluder_rate=0.0)
+    for shape in ("circle", "star", "ring", "bottle"):
+        look = synth._Look(shape, (210, 0.8, 0.5), "stripes", (35, 35, 40), "A")
+        whole, close = (np.mean([background_share(synth.render_picture(
+            look, cfg, np.random.default_rng(i), partial=partial)) for i in range(12)])
+            for partial in (False, True))
+        assert whole > 0.5 and close < 0.15, (shape, whole, close)
+
+
+def test_split_information_products_hide_the_pattern_on_the_main_photo():
+    cfg, _, _, (train, test) = plan(n_train_products=2000, n_test_products=1000, split_info_rate=0.5)
+    for split in (train, test):
+        rows = np.flatnonzero(split.split_info)
+        assert len(rows) > 0.3 * (split.n_imgs >= 2).sum()
+        assert (split.n_imgs[rows] >= 2).all()
+        for row in rows:
+            pics = np.arange(split.starts[row], split.starts[row + 1])
+            shown = pics[split.kind[pics] != synth._NOISE]
+            # the main photo is plain; exactly one later close-up shows the pattern; the rest is plain
+            assert split.plain[pics[0]] and not split.partial[pics[0]]
+            patterned = shown[~split.plain[shown]]
+            assert len(patterned) == 1 and patterned[0] != pics[0] and split.partial[patterned[0]]
+        assert not split.plain[~np.repeat(split.split_info, split.n_imgs)].any()
+    # a plain picture is the patterned one without its pattern: same outline, no pattern colour
+    look = synth._Look("circle", (210, 0.8, 0.5), "stripes", (35, 35, 40), "A")
+    patterned, plain = (np.asarray(synth.render_picture(look, cfg, np.random.default_rng(7), plain=p))
+                        .astype(int) for p in (False, True))
+    dark = lambda a: (np.abs(a - [35, 35, 40]).max(axis=2) < 30).mean()
+    assert dark(patterned) > 0.03 and dark(plain) == 0
+    assert abs(background_share(patterned) - background_share(plain)) < 0.01
+
+
+def test_hierarchical_tail_has_rare_leaves_under_common_parents():
+    cfg, _, freq, (train, _) = plan(n_level3_per_level2=4, n_train_products=20_000, label_noise_rate=0.0)
+    counts = np.bincount(train.label, minlength=len(freq)).reshape(-1, cfg.n_level3_per_level2)
+    leaf_spread = np.median(counts.max(axis=1) / counts.min(axis=1))
+    parents = counts.sum(axis=1)
+    assert leaf_spread > 5 and parents.max() / parents.min() < 3.5 < leaf_spread
+    # the most common parent holds a leaf far rarer than an average leaf
+    top = parents.argmax()
+    assert parents[top] > 1.3 * parents.mean() and counts[top].min() < 0.6 * counts.mean()
+    assert counts.min() >= cfg.min_train_per_category
+    # one Zipf over all leaves: siblings no steeper than the parents
+    cfg, _, freq, (train, _) = plan(n_level3_per_level2=4, n_train_products=20_000, label_noise_rate=0.0,
+                                    hierarchical_tail=False)
+    counts = np.bincount(train.label, minlength=len(freq)).reshape(-1, cfg.n_level3_per_level2)
+    assert np.median(counts.max(axis=1) / counts.min(axis=1)) < leaf_spread
+
+
+def test_each_product_knob_leaves_the_other_draws_alone():
+    _, _, _, (base, _) = plan()
+    _, _, _, (no_split, _) = plan(split_info_rate=0.0)
+    _, _, _, (no_partial, _) = plan(partial_view_rate=0.0)
+    _, _, _, (flat_tail, _) = plan(hierarchical_tail=False)
+    for other in (no_split, no_partial):
+        assert (other.kind == base.kind).all() and (other.ref == base.ref).all()
+    assert (no_partial.split_info == base.split_info).all() and (no_partial.plain == base.plain).all()
+    outside = ~np.repeat(base.split_info, base.n_imgs)
+    assert (no_split.partial[outside] == base.partial[outside]).all()
+    assert (flat_tail.n_imgs == base.n_imgs).all() and (flat_tail.ids == base.ids).all()
+
+
+def test_same_seed_same_bytes_in_pool_mode(tmp_path):
+    kw = dict(preset="tiny", seed=4, picture_pool_per_category=2, **SMALL)
+    synth.write_dataset(tmp_path / "a", **kw)
+    synth.write_dataset(tmp_path / "b", **kw)
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+@pytest.mark.parametrize("knob, value", [
+    ("partial_view_rate", 1.5), ("split_info_rate", -0.1), ("parent_zipf_exponent", -1.0),
+    ("leaf_zipf_exponent", -0.5), ("main_first", "yes"), ("hierarchical_tail", None)])
+def test_bad_product_knobs_are_refused_naming_them(knob, value):
+    with pytest.raises(ValueError, match=knob):
+        synth.make_config("tiny", **{knob: value})
