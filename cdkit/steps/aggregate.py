@@ -36,7 +36,7 @@ class AggregateParams(RunParams):
     models: ModelNames = Field(default_factory=lambda: list(DEMO_MEMBERS), min_length=1)  # members, for rows "all" and the re-ranker
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     rows: Literal["pictures", "all"] = "pictures"  # pictures: one prediction per picture, the ensemble of 07; all: every picture x model x view (the study's wording)
-    method: Literal["auto", "mean", "belief"] = "auto"  # auto: whichever is better on validation
+    method: Literal["auto", "mean", "belief", "rerank"] = "auto"  # auto: whichever is better on validation (the re-ranker's figure is out of fold)
     m: int = Field(5, ge=1)               # candidates: union of each prediction's top-m classes
     z: float = Field(1.96, gt=0)          # 95% Gaussian interval
     rule: Literal["gaussian", "ratio"] = "gaussian"  # gaussian (the study) or ratio (the authors' code: 0.5x / 2x)
@@ -47,11 +47,19 @@ class AggregateParams(RunParams):
     md5_min_share: float = Field(0.5, gt=0, le=1)  # a match counts when this share of its train copies carry its top label (generic pictures shared by many categories do not)
     md5_products: bool = True             # a product whose set of pictures equals a train product's takes its label
     n_grid: int = Field(8, ge=0, le=64)   # products shown where belief aggregation excluded a picture
+    rerank: bool = True                   # second level: LightGBM over the candidates of mean, belief and each member, trained on validation out of fold
+    rerank_k: int = Field(5, ge=1, le=50)  # candidates: each prediction's top-k
+    rerank_folds: int = Field(5, ge=2, le=20)  # folds of the validation products (each scored by the model trained without it)
+    rerank_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one fold assignment and LightGBM seed each; the re-ranker averages them, the report gives their spread
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.md5_products and not self.md5:
             raise ValueError("md5_products=True needs md5=True (the product-set lookup uses the same picture digests)")
+        if self.method == "rerank" and not self.rerank:
+            raise ValueError("method='rerank' contradicts rerank=False: the re-ranker would not be trained")
+        if len(set(self.rerank_seeds)) != len(self.rerank_seeds) or any(x < 0 for x in self.rerank_seeds):
+            raise ValueError(f"rerank_seeds={self.rerank_seeds}: distinct non-negative integers")
         return self
 
 
@@ -68,14 +76,15 @@ class Md5Summary:
 @dataclass
 class AggregateResult:
     stage: str
-    chosen: str                           # mean or belief: the method the products were aggregated with
-    accuracy: pd.DataFrame                # index mean, belief, final (chosen + MD5); columns valid, test
+    chosen: str                           # mean, belief or rerank: the method the products were made with
+    accuracy: pd.DataFrame                # index mean, belief (, rerank), final (chosen + MD5); columns valid, test
     products: dict                        # {split: Path} written
     md5: dict = field(default_factory=dict)           # {split: Md5Summary}
     by_pictures: pd.DataFrame = None      # accuracy by pictures per product, per split and method
     by_level: pd.DataFrame = None         # accuracy at each hierarchy level, per split and method
     predictions: dict = field(default_factory=dict)   # {(split, method): ProductPredictions} (for plots)
     stores: dict = field(default_factory=dict)        # {split: [PredStore]} whose rows were aggregated
+    rerank_seeds: pd.DataFrame = None     # per re-ranker seed: validation (out of fold) and test accuracy
 
     @property
     def final_name(self) -> str:
@@ -106,13 +115,12 @@ def picture_hashes(prep: Prepared, which, log=print):
     return hashes, images
 
 
-def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_sets=True, min_share=0.5, log=print):
-    """MD5 after aggregation on one split: (ProductPredictions, Md5Summary). The lookup table holds
-    the train pictures outside the validation split (all of train for test). A match is used only when
-    at least `min_share` of its train copies carry its top label: a generic picture (a logo, a "no image"
-    placeholder) is byte-identical across many categories, and overriding a product with its spread
-    labels lowered the demo's test accuracy from 0.743 to 0.710, where decisive matches alone raise it
-    to 0.756."""
+def md5_votes(prep: Prepared, split, min_share=0.5, product_sets=True, log=print):
+    """The MD5 lookup of one split, before it touches any prediction: (votes, sets, summary).
+    votes: ProductPredictions of the decisive picture matches (the train labels of a product's pictures
+    that are byte-identical to train pictures, where at least `min_share` of the copies agree), or None;
+    sets: (product_id, cls, prob) of the products whose whole set of pictures equals a train product's, or
+    None. The lookup table holds the train pictures outside the validation split (all of train for test)."""
     from ..md5 import md5_label_table, md5_lookup, product_keys
     train_h, train_img = picture_hashes(prep, "train", log)
     if split == "valid":  # validation products look up the other train products only
@@ -127,12 +135,10 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
     decisive = match.found & (match.prob[:, 0] >= min_share)
     summary = Md5Summary(pictures=int(decisive.sum()), generic=int((match.found & ~decisive).sum()))
     pid, cls, prob = images["product_id"].to_numpy()[decisive], match.cls[decisive], match.prob[decisive]
-    out = pp
+    votes = sets = None
     if len(pid):
-        votes = mean_aggregate(pid, cls, prob, np.zeros(len(pid), np.float32), n_classes,
-                               k_out=min(cls.shape[1], pp.cls.shape[1]))
-        score = np.where(np.isfinite(votes.score), votes.score, 0.0)
-        out, _ = blend_products(pp, votes.product_id, votes.cls, score, alpha)
+        votes = mean_aggregate(pid, cls, prob, np.zeros(len(pid), np.float32), n_classes, k_out=cls.shape[1])
+        votes.score = np.where(np.isfinite(votes.score), votes.score, 0.0)
         summary.products = len(votes.product_id)
     if product_sets:
         tr_pid, tr_key = product_keys(train_h[lookup], train_img["product_id"].to_numpy()[lookup])
@@ -143,9 +149,79 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
         sel = pmatch.found & (pmatch.prob[:, 0] >= min_share)
         summary.product_sets = int(sel.sum())
         if sel.any():
-            out, _ = blend_products(out, te_pid[sel], pmatch.cls[sel], pmatch.prob[sel], alpha)
+            sets = (te_pid[sel], pmatch.cls[sel], pmatch.prob[sel])
+    return votes, sets, summary
+
+
+def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_sets=True, min_share=0.5, log=print,
+              lookup=None):
+    """MD5 after aggregation on one split: (ProductPredictions, Md5Summary). A match is used only when
+    at least `min_share` of its train copies carry its top label: a generic picture (a logo, a "no image"
+    placeholder) is byte-identical across many categories, and overriding a product with its spread
+    labels lowered the demo's test accuracy from 0.743 to 0.710, where decisive matches alone raise it
+    to 0.756. `lookup`: `md5_votes`' result when already computed."""
+    from dataclasses import replace
+    votes, sets, summary = lookup or md5_votes(prep, split, min_share, product_sets, log)
+    summary = replace(summary)
+    out = pp
+    if votes is not None:
+        k = min(votes.cls.shape[1], pp.cls.shape[1])
+        out, _ = blend_products(pp, votes.product_id, votes.cls[:, :k], votes.score[:, :k], alpha)
+    if product_sets and sets is not None:
+        out, _ = blend_products(out, *sets, alpha)
     summary.changed = int((out.pred_class != pp.pred_class).sum())
     return out, summary
+
+
+def rerank_products(P, prep: Prepared, stores, members, md5, log=print):
+    """The second level (`cdkit.rerank`): candidates of the mean and belief products and of each member's
+    own products, picture-position features from the aggregated store, MD5 suggestions; fitted on the
+    validation products out of fold, one re-ranker per seed, their probabilities averaged. Returns
+    ({split: ProductPredictions}, DataFrame of each seed's accuracy)."""
+    from ..rerank import candidate_table, fit_oof
+    truth = prep.truth("valid")
+    n_pics = {"valid": prep.train_index, "test": prep.test_index}
+    tables = {}
+    for split in SPLITS:
+        idx = n_pics[split]
+        npic = pd.Series(idx["n_imgs"].to_numpy(), index=idx["product_id"].to_numpy())
+        pictures = stores[split][0] if len(stores[split]) == 1 else None
+        votes = md5[split][0] if md5.get(split) else None
+        tables[split] = candidate_table(members[split], n_pictures=npic, pictures=pictures, md5=votes, k=P.rerank_k,
+                                        n_classes=prep.catalog.n_classes)
+    per_seed, out, rows = {}, {}, {}
+    for seed in P.rerank_seeds:
+        rr = fit_oof(tables["valid"], truth, n_folds=min(P.rerank_folds, len(tables["valid"].product_id)), seed=seed)
+        per_seed[seed] = {"valid": rr.oof_predictions(), "test": rr.predict(tables["test"])}
+        rows[seed] = {s: prep.accuracy(pp.product_id, pp.pred_class, s) for s, pp in per_seed[seed].items()}
+        log(f"re-ranker seed {seed}: validation (out of fold) {rows[seed]['valid']:.4f}, test {rows[seed]['test']:.4f}")
+    for split in SPLITS:
+        parts = [per_seed[s][split] for s in P.rerank_seeds]
+        out[split] = _average_products(parts, P.rerank_k)
+    return out, pd.DataFrame(rows).T.rename_axis("seed")[list(SPLITS)]
+
+
+def _average_products(parts, k_out):
+    "The mean of several ProductPredictions' scores (same products), as ProductPredictions"
+    if len(parts) == 1:
+        return parts[0]
+    base = parts[0]
+    frames = []
+    for pp in parts:
+        ok = pp.cls >= 0
+        frames.append(pd.DataFrame({"p": np.repeat(np.arange(len(pp.product_id)), pp.cls.shape[1])[ok.ravel()],
+                                    "c": pp.cls[ok], "v": np.where(np.isfinite(pp.score), pp.score, 0.0)[ok] / len(parts)}))
+        if not np.array_equal(pp.product_id, base.product_id):
+            raise ValueError("re-ranker seeds scored different products")
+    long = pd.concat(frames).groupby(["p", "c"], sort=False)["v"].sum().reset_index()
+    long = long.sort_values(["p", "v", "c"], ascending=[True, False, True])
+    long["j"] = long.groupby("p").cumcount()
+    long = long[long["j"] < k_out]
+    cls = np.full((len(base.product_id), k_out), -1, np.int64)
+    score = np.full((len(base.product_id), k_out), -np.inf)
+    cls[long["p"].to_numpy(), long["j"].to_numpy()] = long["c"].to_numpy()
+    score[long["p"].to_numpy(), long["j"].to_numpy()] = long["v"].to_numpy()
+    return ProductPredictions(base.product_id, base.n_preds, cls[:, 0].copy(), cls, score)
 
 
 def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None):
@@ -173,9 +249,20 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         stores[split] = _stores(P, layout, split)
         preds[(split, "mean")] = aggregate_stores(stores[split], "mean")
         preds[(split, "belief")] = aggregate_stores(stores[split], "belief", **belief_kw)
+    lookups = {split: md5_votes(prep, split, P.md5_min_share, P.md5_products, log) for split in SPLITS} if P.md5 else {}
+    rerank_seeds = None
+    if P.rerank:
+        from ..store import load_store
+        members = {split: {"mean": preds[(split, "mean")], "belief": preds[(split, "belief")],
+                           **{m: aggregate_stores([load_store(layout.store(m, split))], "mean") for m in P.models}}
+                   for split in SPLITS}
+        rr, rerank_seeds = rerank_products(P, prep, stores, members, lookups, log)
+        for split in SPLITS:
+            preds[(split, "rerank")] = rr[split]
     acc = {(split, name): prep.accuracy(pp.product_id, pp.pred_class, split) for (split, name), pp in preds.items()}
-    if P.method == "auto":
-        chosen = "belief" if acc[("valid", "belief")] > acc[("valid", "mean")] else "mean"
+    methods = ["mean", "belief"] + (["rerank"] if P.rerank else [])
+    if P.method == "auto":  # ties to the simpler method
+        chosen = max(methods, key=lambda m: (acc[("valid", m)], -methods.index(m)))
     else:
         chosen = P.method
     md5, paths = {}, {}
@@ -183,7 +270,8 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         final = preds[(split, chosen)]
         changed = None
         if P.md5:
-            final, md5[split] = apply_md5(final, prep, split, P.md5_alpha, P.md5_products, P.md5_min_share, log)
+            final, md5[split] = apply_md5(final, prep, split, P.md5_alpha, P.md5_products, P.md5_min_share, log,
+                                          lookup=lookups[split])
             changed = final.pred_class != preds[(split, chosen)].pred_class
             log(f"MD5 ({split}): {md5[split].pictures} pictures ({md5[split].generic} generic ones left out), "
                 f"{md5[split].products} products matched, "
@@ -192,8 +280,8 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         acc[(split, "final")] = prep.accuracy(final.product_id, final.pred_class, split)
         paths[split] = save_products(final, prep, layout.products(P.stage, split), changed)
     by_pictures, by_level = _breakdowns(preds, prep)
-    table = pd.Series(acc).unstack(0).reindex(["mean", "belief", "final"])[list(SPLITS)]
-    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, stores)
+    table = pd.Series(acc).unstack(0).reindex(methods + ["final"])[list(SPLITS)]
+    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, stores, rerank_seeds)
 
 
 def _breakdowns(preds, prep: Prepared):
@@ -230,6 +318,11 @@ def record(run_dir, R: AggregateResult):
                                                for k, v in a.round(4).to_dict(orient="index").items()})
     for split, s in R.md5.items():
         rec(run_dir, section, f"MD5 {split}", dict(s.__dict__))
+    if R.rerank_seeds is not None:
+        t = R.rerank_seeds
+        rec(run_dir, section, "re-ranker, mean and sd over seeds",
+            {f"{s} {stat}": round(float(getattr(t[s], stat)(**({"ddof": 1} if stat == "std" else {}))), 4) if
+             len(t) > 1 or stat == "mean" else 0.0 for s in SPLITS for stat in ("mean", "std")} | {"seeds": len(t)})
 
 
 def plot_by_pictures(R: AggregateResult):
@@ -320,8 +413,11 @@ def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0)
 def what_this_shows(R: AggregateResult) -> str:
     a = R.accuracy
     d = a.loc["belief", "valid"] - a.loc["mean", "valid"]
-    out = (f"on validation belief aggregation is {d:+.3f} against the mean of the same rows, so {R.chosen} "
-           f"aggregation makes the products ({R.stage}).")
+    out = (f"on validation belief aggregation is {d:+.3f} against the mean of the same rows")
+    if "rerank" in a.index:
+        out += (f"; the re-ranker (out of fold, {len(R.rerank_seeds)} seeds averaged) is "
+                f"{a.loc['rerank', 'valid'] - a.loc['mean', 'valid']:+.3f} against the mean")
+    out += f", so the {R.chosen} products are kept ({R.stage})."
     if R.md5:
         s = R.md5.get("test")
         out += (f" The MD5 lookup then moves validation accuracy {a.loc['final', 'valid'] - a.loc[R.chosen, 'valid']:+.3f}"
