@@ -30,11 +30,11 @@ def pipeline_run(tiny_data, tmp_path_factory):
 def test_every_notebook_ran_and_left_its_outputs(pipeline_run):
     run, timings, _ = pipeline_run
     layout = RunLayout(run)
-    assert len(timings) == 10
+    assert len(timings) == 11
     for nb in timings:
         assert (run / "notebooks" / f"{nb}.ipynb").exists()
     assert layout.model_names() == ["inception", "pseudo", "resnet", "xception"]
-    for model in ("resnet", "inception", "xception", "pseudo"):
+    for model in ("resnet", "inception", "xception", "pseudo", "resnet-fusion", "inception-fusion", "xception-fusion"):
         for split in ("valid", "test"):
             assert (layout.store(model, split) / "manifest.json").exists()
     for stage in ("base", "pseudo"):
@@ -82,12 +82,60 @@ def test_pseudo_step_changes_the_final_predictions(pipeline_run):
     b = torch.load(layout.model_dir("pseudo") / "model.pth")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the fine-tune moved the weights
     ens = json.loads((layout.ensemble_store("pseudo", "test") / "manifest.json").read_text())["meta"]
-    assert ens["members"] == ["pseudo", "inception", "xception"]  # in its base model's place
+    assert ens["members"] == ["pseudo", "inception", "xception", "resnet-fusion", "inception-fusion",
+                              "xception-fusion"]  # in its base model's place
     base = pd.read_parquet(layout.products("base", "test")).set_index("product_id")["pred_class"]
     pseudo = pd.read_parquet(layout.products("pseudo", "test")).set_index("product_id")["pred_class"]
     changed = int((base.reindex(pseudo.index) != pseudo).sum())
     results = json.loads(layout.results.read_text())
     assert changed > 0 and results["study"]["+pseudo-labels"]["test products changed"] == changed
+
+
+def test_fusion_members_enter_the_ensemble_with_their_products(pipeline_run):
+    "Step 06b's members: one distribution per product on every picture, weighed into the ensemble that step 08 reads"
+    from cdkit.ensemble import combine
+    from cdkit.steps.predict import store_accuracy
+    from cdkit.store import load_store
+    run, _, prep = pipeline_run
+    layout = RunLayout(run)
+    results = json.loads(layout.results.read_text())
+    meta = json.loads((layout.ensemble_store("base", "test") / "manifest.json").read_text())["meta"]
+    assert [m for m in meta["members"] if m.endswith("-fusion")] == ["resnet-fusion", "inception-fusion", "xception-fusion"]
+    for model in ("resnet", "inception", "xception"):
+        for split in ("valid", "test"):
+            fused, own = load_store(layout.store(f"{model}-fusion", split)), load_store(layout.store(model, split))
+            assert sorted(zip(fused.product_id, fused.img_idx)) == sorted(zip(own.product_id, own.img_idx))
+            first = pd.DataFrame({"p": fused.product_id, "c": fused.cls[:, 0, 0]}).groupby("p")["c"].nunique()
+            assert (first == 1).all()  # every picture of a product carries the product's distribution
+        card = json.loads((layout.model_dir(f"{model}-fusion") / "fusion.json").read_text())
+        assert card["chosen"] in ("aware", "invariant") and len(card["seeds"]) >= 1
+        row = results["06b fusion"][f"{model}: fusion member ({card['chosen']}, {len(card['seeds'])} seeds averaged)"]
+        assert row["test"] == pytest.approx(store_accuracy(load_store(layout.store(f"{model}-fusion", "test")), prep,
+                                                           "test"), abs=1e-4)
+    # the ensemble step 08 aggregates is not the ensemble of the backbones alone: the fusion members are in it
+    w = np.asarray(meta["weights"])
+    plain = [i for i, m in enumerate(meta["members"]) if not m.endswith("-fusion")]
+    alone = combine([load_store(layout.store(meta["members"][i], "test")) for i in plain], weights=w[plain] / w[plain].sum(),
+                    method=meta["method"])
+    saved = load_store(layout.ensemble_store("base", "test"))
+    assert w[[i for i in range(len(w)) if i not in plain]].sum() > 0
+    assert not np.allclose(alone.prob, saved.prob)
+
+
+def test_reranked_products_are_what_step_08_writes_when_chosen(pipeline_run, tmp_path):
+    import shutil
+    from cdkit.params import load_params
+    from cdkit.steps import aggregate as step
+    run, _, prep = pipeline_run
+    copy = tmp_path / "run"  # the module's run folder stays as the pipeline left it
+    for d in ("preds", "params"):
+        shutil.copytree(run / d, copy / d)
+    P = load_params(step.AggregateParams, [RunLayout(run).step_params("aggregate")],
+                    {"method": "rerank", "md5": False, "md5_products": False, "run_dir": str(copy)})
+    R = step.run(P, prep, log=lambda *a: None, save=False)
+    assert R.chosen == "rerank" and list(R.rerank_seeds.index) == P.rerank_seeds
+    final = pd.read_parquet(RunLayout(copy).products("base", "test"))
+    assert np.array_equal(final["pred_class"].to_numpy(), R.predictions[("test", "rerank")].pred_class)
 
 
 def test_submission_is_the_stage_better_on_validation(pipeline_run):

@@ -318,6 +318,22 @@ def record(run_dir, R: AggregateResult):
                                                for k, v in a.round(4).to_dict(orient="index").items()})
     for split, s in R.md5.items():
         rec(run_dir, section, f"MD5 {split}", dict(s.__dict__))
+    if R.by_level is not None and len(R.by_level):
+        lv = R.by_level[R.by_level["method"] == "final"]
+        rec(run_dir, section, "accuracy per hierarchy level (final)",
+            {f"{r.split} {r.level}": round(float(r.accuracy), 4) for r in lv.itertuples()})
+    if R.stage == "base":
+        from .fuse import LEVERS
+        for m, name in (("mean", "mean aggregation of the ensemble"), ("belief", "belief aggregation of the ensemble")):
+            rec(run_dir, LEVERS, name, {**a.loc[m].round(4).to_dict(), "seeds": 1})
+        if R.rerank_seeds is not None:
+            t = R.rerank_seeds
+            sd = t.std(ddof=1) if len(t) > 1 else t.mean() * 0
+            rec(run_dir, LEVERS, "re-ranker, one seed (out of fold on validation)",
+                {"valid": t["valid"].mean(), "valid sd": sd["valid"], "test": t["test"].mean(), "test sd": sd["test"],
+                 "seeds": len(t)})
+            rec(run_dir, LEVERS, "re-ranker, seeds averaged", {**a.loc["rerank"].round(4).to_dict(), "seeds": len(t)})
+        rec(run_dir, LEVERS, f"final ({R.final_name}, chosen on validation)", {**a.loc["final"].round(4).to_dict(), "seeds": 1})
     if R.rerank_seeds is not None:
         t = R.rerank_seeds
         rec(run_dir, section, "re-ranker, mean and sd over seeds",

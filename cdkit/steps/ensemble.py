@@ -87,6 +87,11 @@ def record(run_dir, R: EnsembleResult):
         rec(run_dir, "study", "ensemble (+TTA)", {"test": R.accuracy.get("test"), "valid": R.accuracy.get("valid"),
                                                   "members": len(R.weights)})
     rec(run_dir, f"07 ensemble ({R.stage})", "weights", R.weights.round(4).to_dict())
+    if R.stage == "base" and "ensemble without fusion" in R.table.index:
+        from .fuse import LEVERS
+        for row, name in (("ensemble without fusion", "ensemble of the backbones (mean aggregation)"),
+                          ("ensemble", "ensemble with the fusion members (mean aggregation)")):
+            rec(run_dir, LEVERS, name, {**R.table.loc[row].round(4).to_dict(), "seeds": 1})
     rec(run_dir, f"07 ensemble ({R.stage})", "product accuracy", R.table.round(4).to_dict(orient="index"))
 
 

@@ -31,6 +31,7 @@ from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MODELS
 
 VARIANTS = ("aware", "invariant")
+LEVERS = "levers: mean vs belief vs fusion vs re-ranker (same products; sd over seeds)"
 
 
 class FuseParams(RunParams):
@@ -210,6 +211,12 @@ def record(run_dir, R: FuseResult):
     for (m, variant), row in sp.iterrows():
         rec(run_dir, "06b fusion", f"{m}: one {variant} head, mean and sd over seeds", row.round(4).to_dict())
     rec(run_dir, "06b fusion", "minutes", round(R.seconds / 60, 2))
+    for m, variant in R.chosen.items():  # the comparison of the levers, on the same validation and test products
+        row = sp.loc[(m, variant)]
+        rec(run_dir, LEVERS, f"fusion head over {m} (one {variant} head)",
+            {"valid": row["valid mean"], "valid sd": row["valid sd"], "test": row["test mean"],
+             "test sd": row["test sd"], "seeds": len(R.table.loc[(m, variant)]) - 1})
+        rec(run_dir, LEVERS, f"mean of {m}'s pictures", {**R.baseline.loc[m].round(4).to_dict(), "seeds": 1})
 
 
 def plot(R: FuseResult):
