@@ -14,9 +14,15 @@ estimates of what the re-ranker does on test, and `Reranker.predict(table)` scor
 (test) with the mean of the fold models' raw scores.
 
 Objective: binary (candidate == truth) by default. On demo-like data (`bench/rerank.py --compare`:
-48 classes, 400 validation products, members mean, belief and two per-model means) binary and
-lambdarank were within noise of each other (see OBJECTIVE); binary gives calibrated-looking
-logits and no group bookkeeping, so it is kept; `objective="lambdarank"` remains available.
+48 classes, 1-4 pictures per product, members mean, belief and two per-model means; 400 validation and
+900 test products, 5 seeds; 200 rounds at rate 0.05) the best member scored 0.720 on test, binary
+0.745 out of fold / 0.748 on test, lambdarank 0.737 / 0.746: binary is as good or better, needs no
+group bookkeeping, and its logits mean something alone; `objective="lambdarank"` remains available.
+LightGBM runs one thread by default (see PARAMS).
+
+Cost (bench/rerank.py): `candidate_table` ~25 s per million products (3 members, k=5, one core);
+prediction ~20 us per candidate row and thread. `Reranker.predict_members` streams a test set by
+blocks of products in ~0.3 GB.
 """
 from __future__ import annotations
 
@@ -30,9 +36,9 @@ from cdkit.aggregate import ProductPredictions, Runs, top_runs
 BLOCK_PRODUCTS = 100_000  # products per block in candidate_table / predict_members: ~1 M rows, ~0.2 GB of work arrays
 OBJECTIVES = ("binary", "lambdarank")
 OBJECTIVE = "binary"      # within noise of lambdarank on demo-like data (bench/rerank.py --compare); simpler
-ROUNDS = 200              # boosting rounds; a few hundred validation products need no more
+ROUNDS = 100              # boosting rounds: demo-like OOF / test accuracy 0.742 / 0.748, at 200 rounds and rate 0.05 0.745 / 0.748, at half the prediction cost
 PARAMS = dict(            # small-data-safe LightGBM settings; `params` of fit_oof override them
-    learning_rate=0.05,   # slow enough for 200 rounds not to overfit a few thousand rows
+    learning_rate=0.1,    # with ROUNDS; 0.05 x 200 rounds is no better on demo-like data (bench/rerank.py)
     num_leaves=15,        # shallow trees: a few hundred products
     min_data_in_leaf=10,  # no leaf for a handful of rows
     feature_fraction=0.9,
@@ -227,33 +233,36 @@ def _block(names, aligned, pid, n_preds, k, n_classes, npic, store, pic, md5):
     bi, col = np.nonzero(new)  # row-major: products in order, classes ascending within each
     c = C[bi, col]
     counts = np.bincount(bi, minlength=B)
-    feats, fnames = [], []
-    n_first, n_in, total = np.zeros(len(c)), np.zeros(len(c)), np.zeros(len(c))
-    for name, (mc, ms) in zip(names, aligned):
+    fnames = feature_names(names, npic is not None, store is not None, md5 is not None)
+    X = np.empty((len(c), len(fnames)), np.float32)  # columns written one at a time: no float64 copies of the table
+    col = iter(range(len(fnames)))
+    def put(v): X[:, next(col)] = v
+    n_first, n_in, total = np.zeros(len(c), np.float32), np.zeros(len(c), np.float32), np.zeros(len(c))
+    for mc, ms in aligned:
         eq = mc[bi] == c[:, None]
         has = eq.any(1)
         rank = np.where(has, eq.argmax(1), k)
         score = np.where(has, ms[bi, np.minimum(rank, k - 1)], 0.0)
-        top = ms[:, 0][bi]
-        rel = np.divide(score, top, out=np.zeros_like(score), where=top > 0)
+        top = ms[bi, 0]
         second = ms[:, 1] if k > 1 else np.zeros(B)
-        margin = np.where(mc[:, 0] >= 0, ms[:, 0] - second, 0.0)[bi]
-        feats += [score, rank, rel, rank == 0, margin]
-        fnames += [f"{name}:score", f"{name}:rank", f"{name}:rel", f"{name}:top1", f"{name}:margin"]
+        put(score); put(rank)
+        put(np.divide(score, top, out=np.zeros_like(score), where=top > 0))
+        put(rank == 0)
+        put(np.where(mc[:, 0] >= 0, ms[:, 0] - second, 0.0)[bi])
         n_first += rank == 0; n_in += has; total += score
-    feats += [n_first, n_in, total / M]
-    fnames += ["n_first", "n_in", "mean_score"]
-    if npic is not None:
-        feats.append(npic[bi]); fnames.append("n_pictures")
+    put(n_first); put(n_in); put(total / M)
+    if npic is not None: put(npic[bi])
     if store is not None:
-        feats += list(_picture_features(store, pic[bi], c))
-        fnames += ["pic_first", "pic_later_max", "pic_top1"]
+        for v in _picture_features(store, pic[bi], c): put(v)
     if md5 is not None:
-        feats += [md5[0][bi] == c, md5[1][bi]]
-        fnames += ["md5_is", "md5_share"]
-    X = np.empty((len(c), len(feats)), np.float32)
-    for j, f in enumerate(feats): X[:, j] = f
+        put(md5[0][bi] == c); put(md5[1][bi])
     return Candidates(pid, np.r_[0, np.cumsum(counts)], c, X, fnames, n_preds, k, n_classes)
+
+
+def feature_names(members, n_pictures=False, pictures=False, md5=False):
+    "The table's feature columns, in order (see `Candidates`)"
+    out = [f"{m}:{f}" for m in members for f in ("score", "rank", "rel", "top1", "margin")] + ["n_first", "n_in", "mean_score"]
+    return out + ["n_pictures"] * n_pictures + ["pic_first", "pic_later_max", "pic_top1"] * pictures + ["md5_is", "md5_share"] * md5
 
 
 def _picture_features(store, pic, c):
@@ -337,21 +346,24 @@ class Reranker:
         "Out-of-fold ProductPredictions of the validation products"
         return _to_predictions(self.table, self.oof_raw, k_out or self.k)
 
-    def raw_scores(self, table):
-        "(R,) mean of the fold models' raw scores"
+    def raw_scores(self, table, num_threads=None):
+        """(R,) mean of the fold models' raw scores. Costs ~20 us per row and thread (5 folds x 100 trees),
+        ~5 min of one core for the 1.77 M test products x ~9 candidates; `num_threads` (default: the
+        fit's, 1) on an otherwise idle machine divides it."""
         self._check(table)
         if not len(table): return np.zeros(0)
-        return np.mean([m.predict(table.X, raw_score=True, num_threads=self.params.get("num_threads", 1))
-                        for m in self.models], axis=0)
+        nt = num_threads or self.params.get("num_threads", 1)
+        return np.mean([m.predict(table.X, raw_score=True, num_threads=nt) for m in self.models], axis=0)
 
-    def predict(self, table, k_out=None) -> ProductPredictions:
+    def predict(self, table, k_out=None, num_threads=None) -> ProductPredictions:
         "Re-ranked ProductPredictions of the table's products (test): candidates by mean fold score, softmax per product"
-        return _to_predictions(table, self.raw_scores(table), k_out or self.k)
+        return _to_predictions(table, self.raw_scores(table, num_threads), k_out or self.k)
 
-    def predict_members(self, members, n_pictures=None, pictures=None, md5=None, k_out=None, block=BLOCK_PRODUCTS):
+    def predict_members(self, members, n_pictures=None, pictures=None, md5=None, k_out=None, block=BLOCK_PRODUCTS,
+                        num_threads=None):
         "`predict(candidate_table(...))` a block of products at a time: the memory of one block's table"
-        parts = [self.predict(t, k_out) for t in iter_candidate_tables(members, n_pictures, pictures, md5, self.k,
-                                                                         self.n_classes, block)]
+        parts = [self.predict(t, k_out, num_threads) for t in iter_candidate_tables(members, n_pictures, pictures, md5,
+                                                                                     self.k, self.n_classes, block)]
         return ProductPredictions(*[np.concatenate(x) for x in zip(*[(p.product_id, p.n_preds, p.pred_class, p.cls, p.score)
                                                                       for p in parts])])
 
