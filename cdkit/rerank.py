@@ -127,7 +127,8 @@ def _aligned(pp, universe, k, name):
 
 def _by_product(values, universe, what, fill):
     "A pd.Series (index product_id) or mapping -> (P,) float64 aligned to `universe`, `fill` where absent"
-    if not isinstance(values, pd.Series): values = pd.Series(values)
+    if isinstance(values, dict): values = pd.Series(values)
+    if not isinstance(values, pd.Series): raise ValueError(f"{what} must be a pd.Series indexed by product_id (or a dict)")
     if values.index.has_duplicates: raise ValueError(f"{what}: product ids appear more than once")
     return values.reindex(universe).astype(np.float64).fillna(fill).to_numpy()
 

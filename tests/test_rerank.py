@@ -168,3 +168,7 @@ def test_errors_name_the_problem():
     rr = fit_oof(table, true, rounds=5)
     with pytest.raises(ValueError, match="features"):
         rr.predict(candidate_table(dict(a=members["a"])))
+    with pytest.raises(ValueError, match="n_pictures must be a pd.Series"):
+        candidate_table(members, n_pictures=np.ones(50))
+    t = candidate_table(members, n_pictures=pd.Series(np.arange(50), index=members["a"].product_id[::-1]))
+    assert t.frame().groupby("product_id")["n_pictures"].first().tolist() == list(range(49, -1, -1))
