@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -84,11 +85,17 @@ def _head_args(head_hidden, head_dropout):
     return dict(lin_ftrs=[head_hidden] if head_hidden else [], ps=head_dropout)
 
 
-def create_model(arch: str, n_classes: int, pretrained_file=None, head_hidden=0, head_dropout=0.25) -> nn.Module:
-    "The bare model `make_learner` trains (timm body + fastai head), e.g. to reload a state dict"
+def create_model(arch: str, n_classes: int, pretrained_file=None, head_hidden=0, head_dropout=0.25,
+                 levels=None) -> nn.Module:
+    """The bare model `make_learner` trains (timm body + fastai head), e.g. to reload a state dict.
+
+    `levels`: (level1_of, level2_of, n_level1, n_level2) adds the hierarchy heads (`cdkit.hierarchy`)"""
     from fastai.vision.learner import create_timm_model
     model, _ = create_timm_model(resolve_arch(arch).timm_name, n_classes, **_timm_kwargs(pretrained_file),
                                  **_head_args(head_hidden, head_dropout))
+    if levels is not None:
+        from .hierarchy import add_level_heads
+        add_level_heads(model, *levels)
     return model
 
 
@@ -114,10 +121,12 @@ def ensure_normalized(dls, mean, std):
 
 
 def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None, std=None,
-                 head_hidden=0, head_dropout=0.25, **learner_kw):
+                 head_hidden=0, head_dropout=0.25, levels=None, **learner_kw):
     """A fastai Learner over `dls` with the backbone `arch`, every layer trainable.
 
-    `learner_kw` go to `vision_learner` (loss_func, metrics, cbs, path, wd, ...)."""
+    `levels`: (level1_of, level2_of, n_level1, n_level2) adds the hierarchy heads (`cdkit.hierarchy`)
+    before the optimizer sees the parameters. `learner_kw` go to `vision_learner` (loss_func, metrics,
+    cbs, path, wd, ...)."""
     from fastai.vision.learner import vision_learner
     backbone = resolve_arch(arch)
     if mean is None or std is None:
@@ -125,6 +134,10 @@ def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None
     ensure_normalized(dls, mean, std)
     learn = vision_learner(dls, backbone.timm_name, normalize=False, n_out=n_classes,
                            **_timm_kwargs(pretrained_file), **_head_args(head_hidden, head_dropout), **learner_kw)
+    if levels is not None:
+        from .hierarchy import add_level_heads
+        add_level_heads(learn.model, *levels)
+        learn.opt = None  # vision_learner made one over the old head: unfreeze makes it anew
     learn.unfreeze()  # 12M pictures: the whole network is fine-tuned from the first step
     return learn
 
@@ -145,6 +158,12 @@ class ModelCard:
     label_smoothing: float = 0.0          # caps the model's top probability at 1 - eps + eps / n_classes
     epochs_done: int = 0
     base_model: str = ""                  # a fine-tuned model: the model it started from
+    hierarchy_weights: Optional[list] = None  # loss weights (category, level 2, level 1); None: no level heads
+    n_level1: int = 0                     # outputs of the level heads (0: none), to rebuild them
+    n_level2: int = 0
+
+    @property
+    def has_level_heads(self) -> bool: return self.n_level1 > 0 and self.n_level2 > 0
 
     @property
     def max_prob(self) -> float:
@@ -158,6 +177,7 @@ class Trained:
     model: nn.Module                      # eval mode, ends with logits over classes
     card: ModelCard
     model_dir: object
+    combine_levels: float = 0.0           # weight of the level heads in the outputs (0: category logits alone)
 
     def __getattr__(self, name):  # trained.size, trained.mean, ... read the card
         if name in ModelCard.__dataclass_fields__ or name == "max_prob":
@@ -193,12 +213,32 @@ def read_card(model_dir) -> ModelCard:
     return card
 
 
-def load_trained(model_dir, device="cpu") -> Trained:
-    "The model saved by `save_trained` in `model_dir`, in eval mode on `device`"
+def load_trained(model_dir, device="cpu", combine_levels=0.0) -> Trained:
+    """The model saved by `save_trained` in `model_dir`, in eval mode on `device`.
+
+    `combine_levels` > 0 (a model trained with hierarchy_weights): its outputs reweigh each category by
+    its level-1 and level-2 parents' probabilities to that power (`cdkit.hierarchy.combine_levels`)."""
     from pathlib import Path
     card = read_card(model_dir)
-    model = create_model(card.arch, card.n_classes, head_hidden=card.head_hidden, head_dropout=card.head_dropout)
+    if combine_levels < 0:
+        raise ValueError(f"combine_levels={combine_levels}: must be >= 0")
+    if combine_levels > 0 and not card.has_level_heads:
+        raise ValueError(f"combine_levels={combine_levels}: the model in {model_dir} has no level heads (trained "
+                         "without hierarchy_weights); use combine_levels=0 for it")
+    if combine_levels > 0 and card.hierarchy_weights and min(card.hierarchy_weights[1:]) == 0:
+        raise ValueError(f"combine_levels={combine_levels}: the model in {model_dir} was trained with "
+                         f"hierarchy_weights={card.hierarchy_weights}, a level head without loss is untrained; "
+                         "use combine_levels=0 for it")
+    levels = None
+    if card.has_level_heads:  # placeholders: the state dict holds the maps
+        zeros = torch.zeros(card.n_classes, dtype=torch.long)
+        levels = (zeros, zeros, card.n_level1, card.n_level2)
+    model = create_model(card.arch, card.n_classes, head_hidden=card.head_hidden, head_dropout=card.head_dropout,
+                         levels=levels)
     state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
+    if combine_levels > 0:
+        from .hierarchy import level_heads
+        level_heads(model).combine = float(combine_levels)
     model.to(device).eval()
-    return Trained(model, card, Path(model_dir))
+    return Trained(model, card, Path(model_dir), float(combine_levels))
