@@ -4,7 +4,8 @@
 A model lives in run_dir/models/<name>/ (`RunLayout.model_dir`):
 
     params.yaml              the effective parameters
-    metrics.csv              one line per epoch: losses, image and product accuracy, batch, lr, time
+    metrics.csv              one line per epoch: losses, image and product accuracy (and level-2/level-1
+                             accuracy with hierarchy_weights), batch, lr, time
     checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume)
     model.pth, model.json    the trained weights and the model card (`cdkit.models.load_trained`)
     lr_find.png              when lr_find is on
@@ -51,6 +52,7 @@ class TrainParams(RunParams):
     std: Optional[list[float]] = Field(None, min_length=3, max_length=3)   # idem
     head_hidden: int = Field(0, ge=0)     # 0: one linear layer after pooling; >0: fastai's head with this hidden width
     head_dropout: float = Field(0.25, ge=0, lt=1)  # dropout before the last linear layer
+    hierarchy_weights: Optional[list[float]] = None  # None: categories only; [category, level 2, level 1] loss weights of auxiliary level heads (rwightman: [0.8, 0.1, 0.1])
     # optimization
     bs: int = Field(32, ge=1)             # pictures per batch and process (study: 64x4 or 160x2)
     acc_steps: int = Field(1, ge=1)       # batches per optimizer step (gradient accumulation)
@@ -109,6 +111,10 @@ class TrainParams(RunParams):
             raise ValueError(f"stop_after={self.stop_after} is beyond epochs={self.epochs}")
         if self.max_bs is not None and self.max_bs < self.bs:
             raise ValueError(f"max_bs={self.max_bs} is below bs={self.bs}")
+        w = self.hierarchy_weights
+        if w is not None and (len(w) != 3 or any(x < 0 for x in w) or w[0] <= 0):
+            raise ValueError(f"hierarchy_weights={w}: three loss weights [category, level 2, level 1], each >= 0 and "
+                             "the category's > 0 (e.g. [0.8, 0.1, 0.1]); None for no level heads")
         if self.resume and self.overwrite:
             raise ValueError("resume=True contradicts overwrite=True: continue the run in models/<name>/, or replace it")
         return self
@@ -316,6 +322,7 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     from .. import callbacks as C
     from ..data import make_dataloaders
     from ..distributed import init_state, rank, world_size
+    from ..hierarchy import HierarchyLoss, LevelAccuracy, level_heads
     from ..models import make_learner, norm_stats
     from ..prepare import load_prepared
 
@@ -356,9 +363,19 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch),
                         C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
-    learn = make_learner(dls, P.arch, prep.catalog.n_classes, P.pretrained_file, mean, std, P.head_hidden,
-                         P.head_dropout, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs, opt_func=opt_func(P),
+    cat = prep.catalog
+    levels = (cat.level1, cat.level2, cat.n_level(1), cat.n_level(2)) if P.hierarchy_weights else None
+    learn = make_learner(dls, P.arch, cat.n_classes, P.pretrained_file, mean, std, P.head_hidden,
+                         P.head_dropout, levels=levels, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs,
+                         opt_func=opt_func(P),
                          metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
+    if levels is not None:
+        heads = level_heads(learn.model)
+        learn.loss_func = HierarchyLoss(loss, heads, P.hierarchy_weights)
+        # a head without loss gets no gradient: frozen, so data-parallel training does not wait for it
+        heads.level2.requires_grad_(P.hierarchy_weights[1] > 0)
+        heads.level1.requires_grad_(P.hierarchy_weights[2] > 0)
+        learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
     learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
     learn.model.to(dls.device)
     if resuming:
@@ -427,13 +444,17 @@ def opt_func(P: TrainParams):
     return partial(SGD, mom=P.momentum, decouple_wd=False) if P.optimizer == "sgd" else Adam
 
 
-def model_card(P: TrainParams, n_classes, epochs_done):
-    "The card saved beside the weights: how to rebuild the model and feed it"
+def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
+    """The card saved beside the weights: how to rebuild the model and feed it (`n_levels`: the catalog's
+    level-1 and level-2 counts, recorded when the model has level heads)"""
     from ..models import ModelCard, norm_stats
     mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
+    n1, n2 = (int(n) for n in n_levels) if P.hierarchy_weights else (0, 0)
     return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
                      std=tuple(std), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
-                     label_smoothing=P.label_smoothing, epochs_done=epochs_done)
+                     label_smoothing=P.label_smoothing, epochs_done=epochs_done,
+                     hierarchy_weights=list(P.hierarchy_weights) if P.hierarchy_weights else None,
+                     n_level1=n1, n_level2=n2)
 
 
 def run(P: TrainParams) -> TrainResult:
@@ -481,7 +502,9 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
                     steps = [StepLR(P.lr, P.lr_steps, P.lr_step_factors)] if P.lr_steps else []
                     learn.fit(P.epochs, P.lr, start_epoch=start_epoch, cbs=steps)
             epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
-        if rank() == 0: save_trained(learn.model, run_dir, model_card(P, S.prep.catalog.n_classes, epochs_done))
+        cat = S.prep.catalog
+        if rank() == 0: save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done,
+                                                                      (cat.n_level(1), cat.n_level(2))))
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
         # metrics.csv, the checkpoint or the loggers when they run a validation pass
         learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
