@@ -172,3 +172,20 @@ def test_invalid_hierarchy_weights_are_refused_before_any_work(weights, tmp_path
     with pytest.raises(ParamsError, match="hierarchy_weights"):
         make_params(TrainParams, dict(hierarchy_weights=weights, run_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
+
+
+def test_combine_levels_without_level_heads_is_refused_naming_both(tmp_path):
+    "Step 06: combine_levels > 0 when no model of the run has level heads contradicts the models"
+    import json
+    from cdkit.params import ParamsError
+    from cdkit.steps.predict import PredictParams, check_combine
+    from cdkit.runs import RunLayout
+    layout = RunLayout(tmp_path)
+    for m in ("a", "b"):
+        layout.model_dir(m).mkdir(parents=True)
+        (layout.model_dir(m) / "model.json").write_text(json.dumps(dict(
+            arch="resnet10t", n_classes=4, size=32, item_size=160, mean=[0.5] * 3, std=[0.2] * 3)))
+    P = PredictParams(run_dir=str(tmp_path), models=["a", "b"], combine_levels=1.0)
+    with pytest.raises(ParamsError, match=r"combine_levels=1.0 contradicts models=\['a', 'b'\]"):
+        check_combine(P, layout)
+    check_combine(P.replace(combine_levels=0.0), layout)  # off: nothing to check

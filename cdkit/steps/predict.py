@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..params import RunParams, save_params
+from ..params import ParamsError, RunParams, save_params
 from ..prepare import Prepared, load_prepared
 from ..runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
 
@@ -39,6 +39,7 @@ class PredictParams(RunParams):
     num_shards: int = Field(1, ge=1)      # ... out of this many (the last shard to finish merges them)
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
     features: bool = True                 # also store pooled features (fp16) for the fusion head of step 06b
+    combine_levels: float = Field(0.0, ge=0, le=10)  # models trained with hierarchy_weights: category log-probability + this x its parents' (0: the category head alone)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -75,7 +76,21 @@ def _stamp(P: PredictParams, model_dir: Path, split):
     st = w.stat()
     return dict(model=str(w), model_mtime_ns=st.st_mtime_ns, model_bytes=st.st_size, split=split,
                 n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
-                num_shards=P.num_shards)
+                num_shards=P.num_shards, combine_levels=_combine(P, model_dir))
+
+
+def _combine(P: PredictParams, model_dir: Path) -> float:
+    "combine_levels for this model: P's value where the model has level heads, else 0"
+    from ..models import read_card
+    return P.combine_levels if P.combine_levels and read_card(model_dir).has_level_heads else 0.0
+
+
+def check_combine(P: PredictParams, layout: RunLayout):
+    "combine_levels > 0 needs at least one model trained with hierarchy_weights"
+    from ..models import read_card
+    if P.combine_levels and not any(read_card(layout.model_dir(m)).has_level_heads for m in P.models):
+        raise ParamsError(f"combine_levels={P.combine_levels} contradicts models={P.models}: none was trained with "
+                          "hierarchy_weights (no level heads to combine); train with hierarchy_weights or set combine_levels=0")
 
 
 def store_is_current(path, stamp) -> bool:
@@ -96,7 +111,7 @@ def _device(name):
 def _feature_stamp(P: PredictParams, model_dir: Path, split):
     "What a feature store must have been written with to be reused (the views and k do not matter)"
     st = _stamp(P, model_dir, split)
-    return {k: v for k, v in st.items() if k not in ("n_views", "k", "prob_dtype", "seed")} | {"features": True}
+    return {k: v for k, v in st.items() if k not in ("n_views", "k", "prob_dtype", "seed", "combine_levels")} | {"features": True}
 
 
 def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
@@ -117,7 +132,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
         fpath = layout.features(name, split, P.shard, P.num_shards) if P.features else None
         written = False
         if (path and not store_is_current(path, stamp)) or (fpath and not features_current(fpath, fstamp)):
-            trained = trained or load_trained(model_dir, device=_device(P.device))
+            trained = trained or load_trained(model_dir, device=_device(P.device), combine_levels=_combine(P, model_dir))
             images, bson_path = prep.images(split)
             predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
                              k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
@@ -158,6 +173,7 @@ def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> Predic
     from ..store import load_store
     if save:
         save_params(P, RunLayout.of(P.run_dir).step_params("predict"))
+    check_combine(P, RunLayout.of(P.run_dir))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     stores, written, rows = {}, [], []
     for name in P.models:
