@@ -190,6 +190,14 @@ def test_study_params_reproduce_the_study():
     predict, ensemble, aggregate, pseudo = load("predict"), load("ensemble"), load("aggregate"), load("pseudo")
     assert predict.n_tta == 1 and set(predict.models) == set(trained) == set(ensemble.models) == set(aggregate.models)
     assert (aggregate.rows, aggregate.method, aggregate.md5) == ("all", "belief", False)  # every picture x model x view
+    assert not aggregate.rerank and not predict.features  # neither the re-ranker nor fusion heads are the study's
+    for s in (load("predict"), load("ensemble"), load("aggregate")):
+        assert not any(m.endswith("-fusion") for m in s.models)
+    # the kit's recipe: fusion members in the ensemble and the re-ranker's candidates, 5 views
+    kit = {step: load_params(params_class(notebook_for_params(ROOT / "params" / f"{step}_full.yaml")),
+                             [shared, ROOT / "params" / f"{step}_full.yaml"]) for step in ("predict", "fuse", "ensemble")}
+    assert kit["predict"].n_tta == 4 and kit["predict"].features
+    assert set(kit["ensemble"].models) == set(kit["predict"].models) | {f"{m}-fusion" for m in kit["fuse"].models}
     assert not ensemble.fit_weights
     assert (pseudo.base, pseudo.labels_from, pseudo.alpha_final) == ("study_resnet101", "model", 0.3)
 

@@ -43,7 +43,7 @@ class FuseParams(RunParams):
     hidden: int = Field(512, ge=8, le=8192)  # width of the per-picture projection and the MLP
     dropout: float = Field(0.3, ge=0, lt=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one head per seed; the member averages them, the report gives their spread
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(15, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)   # one-cycle peak (Adam)
     bs: int = Field(128, ge=1)            # products per batch
     wd: float = Field(0.01, ge=0)

@@ -124,14 +124,26 @@ def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
     return product_confidence(aggregate_stores([load_store(layout.store(base, "test"))], "mean", k_out=2))
 
 
+def _reach(layout: RunLayout, member):
+    "(highest probability, label smoothing) of a member: a trained model (model.json) or step 06b's fusion heads (fusion.json)"
+    import json
+    from ..models import read_card
+    d = layout.model_dir(member)
+    if (d / "fusion.json").exists():
+        card = json.loads((d / "fusion.json").read_text())
+        ls, n = card["params"]["label_smoothing"], next(iter(card["spec"].values()))["n_classes"]
+        return 1.0 - ls + ls / n, ls
+    c = read_card(d)
+    return c.max_prob, c.label_smoothing
+
+
 def check_threshold(P: PseudoParams, layout: RunLayout, members):
     "Refuse a threshold that the label source's models cannot reach under their label smoothing"
-    from ..models import read_card
     names = [P.base] if P.labels_from == "model" else members
-    cards = {m: read_card(layout.model_dir(m)) for m in names}
-    reach = max(c.max_prob for c in cards.values())
+    cards = {m: _reach(layout, m) for m in names}
+    reach = max(r for r, _ in cards.values())
     if P.threshold > reach:
-        smooth = ", ".join(f"{m}: label_smoothing={c.label_smoothing}" for m, c in cards.items())
+        smooth = ", ".join(f"{m}: label_smoothing={ls}" for m, (_, ls) in cards.items())
         raise ParamsError(f"threshold={P.threshold} cannot be reached: with {smooth} the highest probability a "
                           f"model gives is {reach:.5f}, so (MD5 matches aside) no product would be selected. "
                           f"Lower threshold below {reach:.5f} or train without label smoothing")
