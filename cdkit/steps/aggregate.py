@@ -181,18 +181,23 @@ def rerank_products(P, prep: Prepared, stores, members, md5, log=print):
     from ..rerank import candidate_table, fit_oof
     truth = prep.truth("valid")
     n_pics = {"valid": prep.train_index, "test": prep.test_index}
-    tables = {}
+    inputs = {}
     for split in SPLITS:
         idx = n_pics[split]
-        npic = pd.Series(idx["n_imgs"].to_numpy(), index=idx["product_id"].to_numpy())
-        pictures = stores[split][0] if len(stores[split]) == 1 else None
-        votes = md5[split][0] if md5.get(split) else None
-        tables[split] = candidate_table(members[split], n_pictures=npic, pictures=pictures, md5=votes, k=P.rerank_k,
-                                        n_classes=prep.catalog.n_classes)
+        inputs[split] = dict(n_pictures=pd.Series(idx["n_imgs"].to_numpy(), index=idx["product_id"].to_numpy()),
+                             pictures=stores[split][0] if len(stores[split]) == 1 else None,
+                             md5=md5[split][0] if md5.get(split) else None)
+    if any(inputs[s]["md5"] is not None for s in SPLITS):  # the same features on both sides, matches or not
+        for s in SPLITS:
+            if inputs[s]["md5"] is None:
+                inputs[s]["md5"] = pd.DataFrame({"product_id": np.zeros(0, np.int64), "cls": np.zeros(0, np.int64),
+                                                 "share": np.zeros(0)})
+    valid = candidate_table(members["valid"], k=P.rerank_k, n_classes=prep.catalog.n_classes, **inputs["valid"])
     per_seed, out, rows = {}, {}, {}
     for seed in P.rerank_seeds:
-        rr = fit_oof(tables["valid"], truth, n_folds=min(P.rerank_folds, len(tables["valid"].product_id)), seed=seed)
-        per_seed[seed] = {"valid": rr.oof_predictions(), "test": rr.predict(tables["test"])}
+        rr = fit_oof(valid, truth, n_folds=min(P.rerank_folds, len(valid.product_id)), seed=seed)
+        # test: the candidate table a block of products at a time (the whole test table would be ~3.7 GB)
+        per_seed[seed] = {"valid": rr.oof_predictions(), "test": rr.predict_members(members["test"], **inputs["test"])}
         rows[seed] = {s: prep.accuracy(pp.product_id, pp.pred_class, s) for s, pp in per_seed[seed].items()}
         log(f"re-ranker seed {seed}: validation (out of fold) {rows[seed]['valid']:.4f}, test {rows[seed]['test']:.4f}")
     for split in SPLITS:

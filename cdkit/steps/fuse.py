@@ -114,6 +114,8 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     import torch
     from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
     from ..io import atomic_write
+    from ..store import load_store
+    from .predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
     member = RunLayout.fusion_member(model)
     out_dir = layout.model_dir(member)
@@ -150,8 +152,9 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         for variant in variants:
             nets = [heads[(variant, s)][1] for s in P.seeds]
             tmp = layout.store(member, split).with_name(f".{member}_{split}.{variant}.store")
-            _, accs, blend = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth)
-            per_head[(variant, split)] = (tmp, accs, blend)
+            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth)
+            # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
+            per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))
     for variant in variants:
         for i, seed in enumerate(P.seeds):
             rows[(model, variant, str(seed))] = {s: per_head[(variant, s)][1][i] for s in SPLITS}
