@@ -36,14 +36,14 @@ LEVERS = "levers: mean vs belief vs fusion vs re-ranker (same products; sd over 
 
 class FuseParams(RunParams):
     "Parameters of notebooks/06b_fusion_head.ipynb and `cdkit fuse`"
-    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # backbones whose features (step 06, features=True) feed a fusion head each
+    models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # backbones whose features (step 06 with features on) feed a fusion head each
     order: Literal["auto", "aware", "invariant"] = "auto"  # aware: position embedding + the main photo's vector; invariant: any order gives the same; auto: both, keep the better on validation
     pool: Literal["max", "sum", "mean"] = "max"  # over a product's pictures (the 2nd place: sum or max)
     gate: bool = True                     # squeeze-excitation gate over the feature channels
-    hidden: int = Field(512, ge=8, le=8192)  # width of the per-picture projection and the MLP
+    hidden: int = Field(256, ge=8, le=8192)  # width of the per-picture projection and the MLP (the full recipe: 1024)
     dropout: float = Field(0.3, ge=0, lt=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one head per seed; the member averages them, the report gives their spread
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(10, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)   # one-cycle peak (Adam)
     bs: int = Field(128, ge=1)            # products per batch
     wd: float = Field(0.01, ge=0)

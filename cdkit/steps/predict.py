@@ -29,7 +29,7 @@ DEMO_MEMBERS = DEMO_MODELS + [f"{m}-fusion" for m in DEMO_MODELS]  # with the fu
 class PredictParams(RunParams):
     "Parameters of notebooks/06_predict_tta.ipynb and `cdkit predict`"
     models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # models in run_dir/models/ (the first is the baseline)
-    n_tta: int = Field(2, ge=0, le=63)    # augmented views besides the original (0: no TTA; the study: 1; the kit's full recipe: 4)
+    n_tta: int = Field(1, ge=0, le=63)    # augmented views besides the original (0: no TTA; 1: the study's "TTA (1-2)", the demo's; the kit's full recipe: 4)
     k: int = Field(20, ge=1)              # classes kept per picture and view (62 bytes at uint8)
     prob_dtype: str = Field("uint8", pattern="^(uint8|float16|float32)$")  # uint8 (sqrt-quantized), float16 or float32
     bs: int = Field(128, ge=1)            # pictures per forward pass
