@@ -113,7 +113,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     "Train the heads over one backbone's features, choose the variant, write the member's stores"
     import torch
     from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
-    from ..io import atomic_write
+    from ..io import atomic_write, replace_dir, tmp_path
     from ..store import load_store
     from .predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
@@ -151,7 +151,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         truth = prep.truth(split)
         for variant in variants:
             nets = [heads[(variant, s)][1] for s in P.seeds]
-            tmp = layout.store(member, split).with_name(f".{member}_{split}.{variant}.store")
+            tmp = tmp_path(layout.store(member, split))  # a killed run's leftovers are swept like any temp
             _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth)
             # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
             per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))
@@ -168,8 +168,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
             tmp = per_head[(variant, split)][0]
             if variant == chosen:
                 final = layout.store(member, split)
-                if final.exists(): shutil.rmtree(final) if final.is_dir() else final.unlink()
-                tmp.rename(final)
+                replace_dir(tmp, final)
                 stores[(member, split)] = final
             else:
                 shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
