@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from typing import Union
+
 from pydantic import Field, model_validator
 
 from ..params import ParamsError, RunParams, save_params
@@ -38,14 +40,19 @@ class PredictParams(RunParams):
     shard: int = Field(0, ge=0)           # this machine's shard of the pictures ...
     num_shards: int = Field(1, ge=1)      # ... out of this many (the last shard to finish merges them)
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
-    features: bool = True                 # also store pooled features (fp16) for the fusion head of step 06b
+    features: Union[bool, list[str]] = True  # store pooled features (fp16) for step 06b's fusion heads: true (every model), false, or the models to fuse (8 KB a test picture each for ResNet-101)
     combine_levels: float = Field(0.0, ge=0, le=10)  # models trained with hierarchy_weights: category log-probability + this x its parents' (0: the category head alone)
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.shard >= self.num_shards:
             raise ValueError(f"shard={self.shard} must be below num_shards={self.num_shards}")
+        if isinstance(self.features, list) and set(self.features) - set(self.models):
+            raise ValueError(f"features={self.features} names models that models={self.models} does not predict")
         return self
+
+    def wants_features(self, model) -> bool:
+        return self.features is True or (isinstance(self.features, list) and model in self.features)
 
 
 @dataclass
@@ -125,11 +132,12 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     layout = RunLayout.of(P.run_dir)
     model_dir = layout.model_dir(name)
     trained, out = None, {}
-    splits = [s for s in FEATURE_SPLITS if s != "fusion" or (P.features and prep.n_fusion)]
+    feats = P.wants_features(name)
+    splits = [s for s in FEATURE_SPLITS if s != "fusion" or (feats and prep.n_fusion)]
     for split in splits:
         stamp, fstamp = _stamp(P, model_dir, split), _feature_stamp(P, model_dir, split)
         path = layout.store(name, split, P.shard, P.num_shards) if split in SPLITS else None
-        fpath = layout.features(name, split, P.shard, P.num_shards) if P.features else None
+        fpath = layout.features(name, split, P.shard, P.num_shards) if feats else None
         written = False
         if (path and not store_is_current(path, stamp)) or (fpath and not features_current(fpath, fstamp)):
             trained = trained or load_trained(model_dir, device=_device(P.device), combine_levels=_combine(P, model_dir))
