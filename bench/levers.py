@@ -115,7 +115,7 @@ def summarise(results) -> pd.DataFrame:
     df = pd.DataFrame(recs)
     g = df.groupby(["row", "recipe"])[["valid", "test"]]
     out = pd.concat({"mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0), "n": g.count()["valid"].to_frame("seeds")}, axis=1)
-    out.columns = [f"{a} {b}" if a != "n" else "seeds" for a, b in out.columns]
+    out.columns = [f"{b} {a}" if a != "n" else "seeds" for a, b in out.columns]  # "valid mean", ...
     order = [r for r, _ in ROWS]
     return out.reset_index().assign(o=lambda d: d["row"].map(order.index)).sort_values(["o", "recipe"]).drop(
         columns="o").set_index(["row", "recipe"])
@@ -141,6 +141,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/levers")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-train-images", type=int, default=3000)
+    ap.add_argument("--resume", action="store_true", help="reuse the runs already in <out>/results.json")
     a = ap.parse_args(argv)
     from cdkit.io import atomic_write
     from cdkit.paths import resolve
@@ -151,8 +152,12 @@ def main(argv=None):
     ensure_data(data, "demo", 0, print)
     prepare.run(prepare.PrepareParams(data_dir=str(data), work_dir=str(work)), log=print)
     results, extra, t0 = {}, {}, time.time()
+    done = json.loads((out / "results.json").read_text()) if a.resume and (out / "results.json").exists() else {}
     for seed in a.seeds:
         for recipe in a.recipes:
+            if f"{recipe}-seed{seed}" in done:  # --resume: a run of an interrupted bench is not repeated
+                results[(recipe, seed)], extra[f"{recipe}-seed{seed}"] = done[f"{recipe}-seed{seed}"], "reused"
+                continue
             t = time.time()
             results[(recipe, seed)], extra[f"{recipe}-seed{seed}"] = one_run(
                 recipe, seed, data, work, out, a.epochs, a.max_train_images, lambda *x: None)
