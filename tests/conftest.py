@@ -32,3 +32,15 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     write_dataset(out, preset="tiny", seed=0)
     return out
+
+
+def quick(tiny_data, tmp_path, **kw):
+    """TrainParams of a seconds-long run: resnet18 at 32 px on part of the tiny preset, one process, no
+    worker processes; step 02 runs once per tmp_path (valid_frac 0.2)"""
+    from cdkit.prepare import create_prepared
+    from cdkit.steps.train import TrainParams
+    if not (tmp_path / "prep" / "split.parquet").exists():
+        create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
+    base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"),
+                arch="resnet18", size=32, bs=16, epochs=1, max_train_images=64, num_workers=0, lr=0.01)
+    return TrainParams(**{**base, **kw})

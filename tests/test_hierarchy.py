@@ -11,6 +11,7 @@ from cdkit.hierarchy import HierarchyLoss, LevelHeads, add_level_heads, combine_
 from cdkit.models import ModelCard, create_model, load_trained, save_trained
 from cdkit.params import ParamsError, make_params
 from cdkit.steps.train import TrainParams, train
+from conftest import quick
 
 # 6 categories under 3 level-2 and 2 level-1 parents
 LEVEL1 = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -129,16 +130,6 @@ def test_level_maps_survive_save_and_reload(tmp_path):
     assert level_heads(load_trained(tmp_path / "plain").model) is None
     with pytest.raises(ValueError, match=r"combine_levels=0.5.*plain.*no level heads"):
         load_trained(tmp_path / "plain", combine_levels=0.5)
-
-
-def quick(tiny_data, tmp_path, **kw):
-    "Seconds-long runs: resnet18 at 32 px on part of the tiny preset, one process, no worker processes"
-    from cdkit.prepare import create_prepared
-    if not (tmp_path / "prep" / "split.parquet").exists():
-        create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
-    base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"),
-                arch="resnet18", size=32, bs=16, epochs=1, max_train_images=64, num_workers=0, lr=0.01)
-    return TrainParams(**{**base, **kw})
 
 
 def test_training_with_hierarchy_weights(tiny_data, tmp_path):

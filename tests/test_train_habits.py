@@ -11,16 +11,7 @@ import torch  # noqa: E402
 
 from cdkit.params import ParamsError  # noqa: E402
 from cdkit.steps import train as step  # noqa: E402
-
-
-def quick(tiny_data, tmp_path, **kw):
-    "Seconds-long runs: resnet18 at 32 px on part of the tiny preset, one process, no worker processes"
-    from cdkit.prepare import create_prepared
-    if not (tmp_path / "prep" / "split.parquet").exists():
-        create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
-    base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"),
-                arch="resnet18", size=32, bs=16, epochs=1, max_train_images=64, num_workers=0, lr=0.01)
-    return step.TrainParams(**{**base, **kw})
+from conftest import quick  # noqa: E402
 
 
 @pytest.fixture(scope="module")
