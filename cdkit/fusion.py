@@ -241,17 +241,19 @@ def head_probs(models, x, groups: Groups, lo, hi, device):
 
 
 def fusion_to_store(models, fs, store_path, k=20, prob_dtype="uint8", block=2048, meta=None, device=None,
-                    truth=None, progress=None):
+                    truth=None, progress=None, groups=None):
     """Stream the products of feature store `fs` through `models` (softmax averaged) into a prediction
     store at `store_path`: one row per picture (every picture of the product, beyond max_pictures too)
     carrying its product's distribution. Returns (path, per-head product accuracy (list), blend
-    accuracy) against `truth` (a Series product_id -> class; NaN where absent or None)."""
+    accuracy) against `truth` (a Series product_id -> class; NaN where absent or None). `groups`:
+    `product_groups(fs.product_id, fs.img_idx)` when the caller has it already."""
     from .progress import bar
     from .store import StoreWriter, topk
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = [m.to(device).eval() for m in models]
-    groups = product_groups(fs.product_id, fs.img_idx, models[0].pos.shape[0] if models[0].pos is not None
-                            else MAX_PICTURES)
+    if groups is None:
+        groups = product_groups(fs.product_id, fs.img_idx, models[0].pos.shape[0] if models[0].pos is not None
+                                else MAX_PICTURES)
     n_classes = models[0].head[-1].out_features
     true = truth.reindex(groups.product_id).to_numpy() if truth is not None else None
     hits, hits_blend = np.zeros(len(models)), 0.0

@@ -178,11 +178,11 @@ def check_models_free(plan, only=None):
             continue
         P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
         if s.module == "fuse":
-            for m in P.models:
-                d = RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m))
-                if d.exists() and any(d.iterdir()) and not (P.resume or P.overwrite):
-                    raise ParamsError(f"{s.notebook}: {d} already holds fusion heads; pass overwrite=true to retrain "
-                                      "them (make demo does), resume=true to continue them, or another --run-dir")
+            from .steps.fuse import held_folders
+            held = held_folders(P)
+            if held:
+                raise ParamsError(f"{s.notebook}: {held[0]} already holds fusion heads; pass overwrite=true to retrain "
+                                  "them (make demo does), resume=true to continue them, or another --run-dir")
             continue
         d = RunLayout.of(P.run_dir).model_dir(P.name)
         found = [n for n in RUN_FILES if (d / n).exists()]

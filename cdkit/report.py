@@ -50,6 +50,8 @@ def _clean(v):
     return None if isinstance(v, float) and v != v else v
 
 
+# the section where steps 06b, 07 and 08 put the levers side by side, on the same products
+LEVERS = "levers: mean vs belief vs fusion vs re-ranker (same products; sd over seeds)"
 META = "_meta"  # results[META][section][name] = {"time": unix seconds, "step": module of cdkit.steps}
 
 

@@ -202,31 +202,22 @@ def rerank_products(P, prep: Prepared, stores, members, md5, log=print):
         log(f"re-ranker seed {seed}: validation (out of fold) {rows[seed]['valid']:.4f}, test {rows[seed]['test']:.4f}")
     for split in SPLITS:
         parts = [per_seed[s][split] for s in P.rerank_seeds]
-        out[split] = _average_products(parts, P.rerank_k)
+        out[split] = _average_products(parts, P.rerank_k, prep.catalog.n_classes)
     return out, pd.DataFrame(rows).T.rename_axis("seed")[list(SPLITS)]
 
 
-def _average_products(parts, k_out):
-    "The mean of several ProductPredictions' scores (same products), as ProductPredictions"
-    if len(parts) == 1:
-        return parts[0]
+def _average_products(parts, k_out, n_classes):
+    "The mean of several ProductPredictions' scores over the same products: mean aggregation of their rows"
     base = parts[0]
-    frames = []
-    for pp in parts:
-        ok = pp.cls >= 0
-        frames.append(pd.DataFrame({"p": np.repeat(np.arange(len(pp.product_id)), pp.cls.shape[1])[ok.ravel()],
-                                    "c": pp.cls[ok], "v": np.where(np.isfinite(pp.score), pp.score, 0.0)[ok] / len(parts)}))
-        if not np.array_equal(pp.product_id, base.product_id):
-            raise ValueError("re-ranker seeds scored different products")
-    long = pd.concat(frames).groupby(["p", "c"], sort=False)["v"].sum().reset_index()
-    long = long.sort_values(["p", "v", "c"], ascending=[True, False, True])
-    long["j"] = long.groupby("p").cumcount()
-    long = long[long["j"] < k_out]
-    cls = np.full((len(base.product_id), k_out), -1, np.int64)
-    score = np.full((len(base.product_id), k_out), -np.inf)
-    cls[long["p"].to_numpy(), long["j"].to_numpy()] = long["c"].to_numpy()
-    score[long["p"].to_numpy(), long["j"].to_numpy()] = long["v"].to_numpy()
-    return ProductPredictions(base.product_id, base.n_preds, cls[:, 0].copy(), cls, score)
+    if len(parts) == 1:
+        return base
+    if any(not np.array_equal(pp.product_id, base.product_id) for pp in parts):
+        raise ValueError("re-ranker seeds scored different products")
+    cls = np.concatenate([pp.cls for pp in parts])
+    score = np.concatenate([pp.score for pp in parts])
+    prob = np.where((cls >= 0) & np.isfinite(score), score, 0.0)
+    mean = mean_aggregate(np.tile(base.product_id, len(parts)), cls, prob, None, n_classes, k_out=k_out)
+    return ProductPredictions(base.product_id, base.n_preds, mean.pred_class, mean.cls, mean.score)
 
 
 def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None):
@@ -308,7 +299,7 @@ def _breakdowns(preds, prep: Prepared):
 
 def record(run_dir, R: AggregateResult):
     "The study's rows of this stage, each from its own aggregation"
-    from ..report import record as rec
+    from ..report import LEVERS, record as rec
     a = R.accuracy
     if R.stage == "base":
         rec(run_dir, "study", "ensemble + belief aggregation",
@@ -327,23 +318,21 @@ def record(run_dir, R: AggregateResult):
         lv = R.by_level[R.by_level["method"] == "final"]
         rec(run_dir, section, "accuracy per hierarchy level (final)",
             {f"{r.split} {r.level}": round(float(r.accuracy), 4) for r in lv.itertuples()})
+    if R.rerank_seeds is not None:
+        t = R.rerank_seeds
+        mean, sd = t.mean(), (t.std(ddof=1) if len(t) > 1 else t.mean() * 0)
+        rec(run_dir, section, "re-ranker, mean and sd over seeds",
+            {f"{s} {stat}": round(float(v[s]), 4) for s in SPLITS for stat, v in (("mean", mean), ("std", sd))}
+            | {"seeds": len(t)})
     if R.stage == "base":
-        from .fuse import LEVERS
         for m, name in (("mean", "mean aggregation of the ensemble"), ("belief", "belief aggregation of the ensemble")):
             rec(run_dir, LEVERS, name, {**a.loc[m].round(4).to_dict(), "seeds": 1})
         if R.rerank_seeds is not None:
-            t = R.rerank_seeds
-            sd = t.std(ddof=1) if len(t) > 1 else t.mean() * 0
             rec(run_dir, LEVERS, "re-ranker, one seed (out of fold on validation)",
-                {"valid": t["valid"].mean(), "valid sd": sd["valid"], "test": t["test"].mean(), "test sd": sd["test"],
+                {"valid": mean["valid"], "valid sd": sd["valid"], "test": mean["test"], "test sd": sd["test"],
                  "seeds": len(t)})
             rec(run_dir, LEVERS, "re-ranker, seeds averaged", {**a.loc["rerank"].round(4).to_dict(), "seeds": len(t)})
         rec(run_dir, LEVERS, f"final ({R.final_name}, chosen on validation)", {**a.loc["final"].round(4).to_dict(), "seeds": 1})
-    if R.rerank_seeds is not None:
-        t = R.rerank_seeds
-        rec(run_dir, section, "re-ranker, mean and sd over seeds",
-            {f"{s} {stat}": round(float(getattr(t[s], stat)(**({"ddof": 1} if stat == "std" else {}))), 4) if
-             len(t) > 1 or stat == "mean" else 0.0 for s in SPLITS for stat in ("mean", "std")} | {"seeds": len(t)})
 
 
 def plot_by_pictures(R: AggregateResult):

@@ -44,17 +44,13 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
     "Ensemble the members' stores; `save`: record P as the run folder's step-07 settings (step 09 replays them)"
     if save:
         save_params(P, RunLayout.of(P.run_dir).step_params("ensemble"))
-    from ..ensemble import combine, fit_weights
+    from ..ensemble import combine
     from ..store import load_store, save_store
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     members = {split: [load_store(layout.store(m, split)) for m in P.models] for split in SPLITS}
     valid = members["valid"]
-    if P.fit_weights and len(valid) > 1:
-        labels = prep.truth("valid").reindex(valid[0].product_id).to_numpy()
-        w = np.asarray(fit_weights(valid, labels, method=P.method, p=P.p), float)
-    else:
-        w = np.full(len(valid), 1 / len(valid))
+    w = _weights(P, valid, prep)
     table, stores = {}, {}
     for split in SPLITS:
         ens = combine(members[split], weights=w, method=P.method, p=P.p,
@@ -68,12 +64,7 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
     # what the fusion members add: the ensemble of the other members alone (weights fitted again), measured only
     plain = [i for i, m in enumerate(P.models) if not m.endswith("-fusion")]
     if 0 < len(plain) < len(P.models):
-        vp = [valid[i] for i in plain]
-        if P.fit_weights and len(vp) > 1:
-            labels = prep.truth("valid").reindex(vp[0].product_id).to_numpy()
-            wp = np.asarray(fit_weights(vp, labels, method=P.method, p=P.p), float)
-        else:
-            wp = np.full(len(vp), 1 / len(vp))
+        wp = _weights(P, [valid[i] for i in plain], prep)
         for split in SPLITS:
             ens = combine([members[split][i] for i in plain], weights=wp, method=P.method, p=P.p,
                           k_out=min(P.k_out, max(members[split][i].k for i in plain)))
@@ -81,14 +72,22 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
     return EnsembleResult(P.stage, pd.Series(w, index=P.models, name="weight"), pd.DataFrame(table).T, stores)
 
 
+def _weights(P: EnsembleParams, valid, prep: Prepared) -> np.ndarray:
+    "Member weights: fitted on the validation pictures (log-loss), or equal"
+    from ..ensemble import fit_weights
+    if P.fit_weights and len(valid) > 1:
+        labels = prep.truth("valid").reindex(valid[0].product_id).to_numpy()
+        return np.asarray(fit_weights(valid, labels, method=P.method, p=P.p), float)
+    return np.full(len(valid), 1 / len(valid))
+
+
 def record(run_dir, R: EnsembleResult):
-    from ..report import record as rec
+    from ..report import LEVERS, record as rec
     if R.stage == "base":
         rec(run_dir, "study", "ensemble (+TTA)", {"test": R.accuracy.get("test"), "valid": R.accuracy.get("valid"),
                                                   "members": len(R.weights)})
     rec(run_dir, f"07 ensemble ({R.stage})", "weights", R.weights.round(4).to_dict())
     if R.stage == "base" and "ensemble without fusion" in R.table.index:
-        from .fuse import LEVERS
         for row, name in (("ensemble without fusion", "ensemble of the backbones (mean aggregation)"),
                           ("ensemble", "ensemble with the fusion members (mean aggregation)")):
             rec(run_dir, LEVERS, name, {**R.table.loc[row].round(4).to_dict(), "seeds": 1})

@@ -17,6 +17,7 @@ the aggregation (step 08) like any other member.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -31,7 +32,6 @@ from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MODELS
 
 VARIANTS = ("aware", "invariant")
-LEVERS = "levers: mean vs belief vs fusion vs re-ranker (same products; sd over seeds)"
 
 
 class FuseParams(RunParams):
@@ -94,19 +94,22 @@ def _features(layout: RunLayout, model, split):
                           "model (and step 02 with fusion_frac > 0 for the fusion split)") from None
 
 
-def _card_path(layout, model):
-    return layout.model_dir(RunLayout.fusion_member(model)) / "fusion.json"
+def held_folders(P: FuseParams) -> list:
+    "The fusion folders of P.models that hold heads, when neither resume nor overwrite says what to do with them"
+    layout = RunLayout.of(P.run_dir)
+    dirs = [layout.model_dir(RunLayout.fusion_member(m)) for m in P.models]
+    return [] if P.resume or P.overwrite else [d for d in dirs if d.exists() and any(d.iterdir())]
 
 
-def _check_fresh(P: FuseParams, layout: RunLayout, model):
-    import shutil
-    d = layout.model_dir(RunLayout.fusion_member(model))
-    if not d.exists() or not any(d.iterdir()) or P.resume:
-        return
-    if not P.overwrite:
-        raise ParamsError(f"{d} already holds fusion heads: pass overwrite=true to retrain them (make demo does), "
-                          "resume=true to continue them, or another run_dir")
-    shutil.rmtree(d)
+def _check_fresh(P: FuseParams):
+    "Refuse fusion folders that hold heads (unless resume or overwrite); with overwrite, empty them first"
+    held = held_folders(P)
+    if held:
+        raise ParamsError(f"{held[0]} already holds fusion heads: pass overwrite=true to retrain them (make demo "
+                          "does), resume=true to continue them, or another run_dir")
+    if P.overwrite:
+        for m in P.models:
+            shutil.rmtree(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)), ignore_errors=True)
 
 
 def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
@@ -152,7 +155,8 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         for variant in variants:
             nets = [heads[(variant, s)][1] for s in P.seeds]
             tmp = tmp_path(layout.store(member, split))  # a killed run's leftovers are swept like any temp
-            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth)
+            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth,
+                                         groups=groups[split])
             # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
             per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))
     for variant in variants:
@@ -162,7 +166,6 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     valid_of = {v: np.mean([rows[(model, v, str(s))]["valid"] for s in P.seeds]) for v in variants}
     chosen = max(variants, key=lambda v: (valid_of[v], v == "aware"))
     stores = {}
-    import shutil
     for split in SPLITS:
         for variant in variants:
             tmp = per_head[(variant, split)][0]
@@ -186,8 +189,7 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
     from ..store import load_store
     t0 = time.time()
     layout = RunLayout.of(P.run_dir)
-    for m in P.models:
-        _check_fresh(P, layout, m)
+    _check_fresh(P)
     if save:
         save_params(P, layout.step_params("fuse"))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
@@ -203,7 +205,7 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
 
 def record(run_dir, R: FuseResult):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
-    from ..report import record as rec
+    from ..report import LEVERS, record as rec
     sp = R.spread()
     for m, variant in R.chosen.items():
         blend = R.table.loc[(m, variant, "blend")]

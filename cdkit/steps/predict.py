@@ -115,10 +115,9 @@ def _device(name):
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _feature_stamp(P: PredictParams, model_dir: Path, split):
-    "What a feature store must have been written with to be reused (the views and k do not matter)"
-    st = _stamp(P, model_dir, split)
-    return {k: v for k, v in st.items() if k not in ("n_views", "k", "prob_dtype", "seed", "combine_levels")} | {"features": True}
+def _feature_stamp(stamp: dict) -> dict:
+    "What a feature store must have been written with to be reused: the store's stamp but views, k and the like"
+    return {k: v for k, v in stamp.items() if k not in ("n_views", "k", "prob_dtype", "seed", "combine_levels")} | {"features": True}
 
 
 def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
@@ -135,7 +134,8 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     feats = P.wants_features(name)
     splits = [s for s in FEATURE_SPLITS if s != "fusion" or (feats and prep.n_fusion)]
     for split in splits:
-        stamp, fstamp = _stamp(P, model_dir, split), _feature_stamp(P, model_dir, split)
+        stamp = _stamp(P, model_dir, split)
+        fstamp = _feature_stamp(stamp)
         path = layout.store(name, split, P.shard, P.num_shards) if split in SPLITS else None
         fpath = layout.features(name, split, P.shard, P.num_shards) if feats else None
         written = False
