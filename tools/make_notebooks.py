@@ -59,6 +59,14 @@ def code(text, tags=None):
     return c
 
 
+def step_cell(module, cls, last, figures=True):
+    "The cell that runs a step: its parameters validated by its Params class, run, recorded for the report, then `last`"
+    imports = ["from cdkit.params import take_params", f"from cdkit.steps import {module} as step"]
+    imports += ["from cdkit.report import save_figure"] if figures else []
+    return code("\n".join(imports) + f"\n\nP = take_params(step.{cls}, globals())\nR = step.run(P)\n"
+                f"step.record(P.run_dir, R)\n{last}")
+
+
 TRAIN_DOC = """
 **Inputs**: `data_dir` (train.bson, category_names.csv) and `work_dir` (indices and the validation split of
 step 02: run 02 first).
@@ -192,16 +200,7 @@ the same model file predicted it with the same settings. With `num_shards > 1` e
 the last one merges them.
 """),
         "PARAMS",
-        code("""
-from cdkit.params import take_params
-from cdkit.steps import predict as step
-from cdkit.report import save_figure
-
-P = take_params(step.PredictParams, globals())
-R = step.run(P)
-step.record(P.run_dir, R)
-R.table
-"""),
+        step_cell("predict", "PredictParams", "R.table"),
         md("## One view against all views, per model\nProduct accuracy, mean of the pictures' probabilities."),
         code("if R.complete:\n    save_figure(step.plot(R), P.run_dir, '06_tta_per_model')"),
         md("## What this shows"),
@@ -226,16 +225,7 @@ each with several seeds, whose spread the report gives. `order = 'auto'` keeps t
 product's distribution, so the member enters the ensemble (07) and the aggregation (08) like any other.
 """),
         "PARAMS",
-        code("""
-from cdkit.params import take_params
-from cdkit.steps import fuse as step
-from cdkit.report import save_figure
-
-P = take_params(step.FuseParams, globals())
-R = step.run(P)
-step.record(P.run_dir, R)
-R.table.round(4)
-"""),
+        step_cell("fuse", "FuseParams", "R.table.round(4)"),
         md("## Each backbone's pictures (mean aggregation) against one fusion head (mean and sd over seeds)"),
         code("save_figure(step.plot(R), P.run_dir, '06b_fusion')\nR.spread().round(4)"),
         md("## What this shows"),
@@ -250,16 +240,7 @@ R.table.round(4)
 (or geometric / power mean) over models and TTA views, weights fitted on the validation pictures.
 """),
         "PARAMS",
-        code("""
-from cdkit.params import take_params
-from cdkit.steps import ensemble as step
-from cdkit.report import save_figure
-
-P = take_params(step.EnsembleParams, globals())
-R = step.run(P)
-step.record(P.run_dir, R)
-R.weights.to_frame()
-"""),
+        step_cell("ensemble", "EnsembleParams", "R.weights.to_frame()"),
         md("## Each member (all its views) against the ensemble: product accuracy, mean aggregation"),
         code("save_figure(step.plot(R), P.run_dir, '07_ensemble')\nR.table"),
         md("## What this shows"),
@@ -321,16 +302,7 @@ run again with their own settings as stage `pseudo`: its products are what step 
 `alpha.csv`), its stores, `preds/ensemble-pseudo_*.store`, `products/pseudo_{valid,test}.parquet`.
 """),
         "PARAMS",
-        code("""
-from cdkit.params import take_params
-from cdkit.steps import pseudo as step
-from cdkit.report import save_figure
-
-P = take_params(step.PseudoParams, globals())
-R = step.run(P)
-step.record(P.run_dir, R)
-R.selection_summary.round(4)
-"""),
+        step_cell("pseudo", "PseudoParams", "R.selection_summary.round(4)"),
         md("## The final predictions before and after\nStage `base` (step 08) against stage `pseudo` (the same steps with the fine-tuned model)."),
         code("R.aggregate.accuracy"),
         code("print('products whose final prediction changed:', R.changed)\nR.single_model"),
