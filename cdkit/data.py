@@ -36,6 +36,7 @@ from fastai.torch_core import TensorCategory, TensorImage, default_device
 from fastai.vision.augment import AffineCoordTfm, aug_transforms
 
 from .bsonfile import BsonReader, ImageDecodeError, decode_rgb
+from .split import FUSION_FOLD
 
 log = logging.getLogger(__name__)
 
@@ -399,11 +400,14 @@ def picture_dl(dataset, bs=64, num_workers=0, shuffle=False, drop_last=False, af
 
 def make_dataloaders(images: pd.DataFrame, bson_path, n_classes, valid_mask=None, size=160, item_size=160, bs=64,
                      num_workers=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, aug=None, seed=0, device=None,
-                     valid_bs=None, vocab=None):
+                     valid_bs=None, vocab=None, train_mask=None):
     """Training and validation DataLoaders over the pictures of an image table.
 
     images: table with product_id, img_idx, offset, length, label (and fold, see Prepared.train_images)
     valid_mask: boolean rows of the validation set; default fold == 0 (the saved product split)
+    train_mask: boolean rows to train on; default: the rows outside valid_mask that are not fusion-split
+    products (fold -2, `Prepared.train_mask`'s rule): the fusion head learns on those, so a backbone
+    trained on them would hand it features of pictures it has already fitted
     size: model input side (the batch affine resizes to it); item_size: side of the per-item crop
     aug: AugParams or dict of its fields; seed: shuffle order (augmentations draw from the global
     RNGs, which fastai seeds per worker from torch's; call fastai's set_seed for full repeatability)
@@ -415,12 +419,18 @@ def make_dataloaders(images: pd.DataFrame, bson_path, n_classes, valid_mask=None
         valid_mask = images["fold"].to_numpy() == 0
     valid_mask = np.asarray(valid_mask, bool)
     if len(valid_mask) != len(images): raise ValueError(f"valid_mask has {len(valid_mask)} rows, images {len(images)}")
+    if train_mask is None:
+        train_mask = ~valid_mask & ((images["fold"].to_numpy() != FUSION_FOLD) if "fold" in images else True)
+    train_mask = np.asarray(train_mask, bool)
+    if len(train_mask) != len(images): raise ValueError(f"train_mask has {len(train_mask)} rows, images {len(images)}")
+    if (train_mask & valid_mask).any():
+        raise ValueError(f"train_mask and valid_mask share {int((train_mask & valid_mask).sum())} rows")
     labels = images["label"].to_numpy()
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must lie in 0..{n_classes - 1}, found {labels.min()}..{labels.max()}")
     aug = aug_params(aug)
     device = _device(device)
-    train_ds = PictureDataset(images[~valid_mask], bson_path, item_size, crop="random", split_idx=0)
+    train_ds = PictureDataset(images[train_mask], bson_path, item_size, crop="random", split_idx=0)
     valid_ds = PictureDataset(images[valid_mask], bson_path, item_size, crop="center", split_idx=1)
     train = picture_dl(train_ds, bs, num_workers, shuffle=True, drop_last=len(train_ds) > bs,
                        after_batch=batch_tfms(size, mean, std, aug, item_size), device=device, seed=seed)

@@ -12,6 +12,11 @@ so the normalizer is exact::
 
 each divided by its sum over all n_classes classes. The result is a `PredStore` with one view and
 the k_out best classes.
+
+Weights fitted on the validation pictures and applied to the same pictures make an in-sample
+validation store, which every later step (aggregation, the re-ranker's features, the choices made on
+validation) would read as if it were honest. `combine_out_of_fold` scores each fold of validation
+products with weights fitted on the other folds; test takes the weights fitted on all of validation.
 """
 from __future__ import annotations
 
@@ -118,6 +123,48 @@ def combine(stores, weights=None, method="mean", p=0.5, k_out=None, eps=1e-7, ch
                               members=[str(s.path) if s.path else f"store {i}" for i, s in enumerate(stores)]))
     s0 = stores[0]
     return PredStore(s0.product_id.copy(), s0.img_idx.copy(), cls, prob, rest, s0.n_classes, meta, "float32")
+
+
+def take_rows(store, rows):
+    "The rows `rows` (boolean mask or positions) of a store, as a PredStore"
+    return PredStore(store.product_id[rows], store.img_idx[rows], store.cls[rows], store.prob[rows], store.rest[rows],
+                     store.n_classes, dict(store.meta or {}), store.prob_dtype, store.path)
+
+
+def combine_out_of_fold(stores, labels, folds, method="mean", p=0.5, k_out=None, eps=1e-7, chunk_rows=50_000, **fit_kw):
+    """The ensemble of validation stores scored out of fold: the pictures of each fold's products are
+    combined with weights fitted (`fit_weights`, `fit_kw`) on the other folds' pictures only.
+
+    labels: (n,) true class of each picture in stores[0]'s row order; folds: pd.Series of the fold of
+    each product id (`cdkit.selection.validation_folds`). Returns (PredStore in stores[0]'s order, one
+    view, {fold: weights})."""
+    stores = list(stores)
+    labels = np.asarray(labels, np.int64)
+    if len(labels) != len(stores[0]): raise ValueError(f"labels has {len(labels)} rows, stores[0] {len(stores[0])}")
+    row_fold = []
+    for i, s in enumerate(stores):
+        f = folds.reindex(s.product_id)
+        if f.isna().any():
+            raise ValueError(f"store {i}: {int(f.isna().sum())} picture(s) of products without a fold, e.g. product_id "
+                             f"{s.product_id[f.isna().to_numpy()][:3].tolist()}")
+        row_fold.append(f.to_numpy(np.int64))
+    k_out = max(s.k for s in stores) if k_out is None else k_out
+    n = len(stores[0])
+    cls, prob, rest = np.zeros((n, 1, k_out), np.uint16), np.zeros((n, 1, k_out), np.float32), np.zeros((n, 1), np.float32)
+    weights = {}
+    for f in np.unique(row_fold[0]):
+        fit = [take_rows(s, rf != f) for s, rf in zip(stores, row_fold)]
+        weights[int(f)] = np.asarray(fit_weights(fit, labels[row_fold[0] != f], method=method, p=p, eps=eps,
+                                                 chunk_rows=chunk_rows, **fit_kw), float)
+        here = row_fold[0] == f
+        part = combine([take_rows(s, rf == f) for s, rf in zip(stores, row_fold)], weights[int(f)], method, p, k_out,
+                       eps, chunk_rows)
+        cls[here], prob[here], rest[here] = part.cls, part.prob, part.rest
+    meta = dict(ensemble=dict(method=method, p=p if method == "power" else None, out_of_fold=True,
+                              fold_weights={f: w.tolist() for f, w in weights.items()},
+                              members=[str(s.path) if s.path else f"store {i}" for i, s in enumerate(stores)]))
+    s0 = stores[0]
+    return PredStore(s0.product_id.copy(), s0.img_idx.copy(), cls, prob, rest, s0.n_classes, meta, "float32"), weights
 
 
 def _objective(prep, w, labels, method, p, eps, metric):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .io import atomic_write
 from .paths import resolve
+from .selection import HELD_OUT
 
 # The study's table: each row is a step of the method, as product accuracy on the test truth.
 STUDY_ROWS = [
@@ -28,6 +29,9 @@ STUDY_ROWS = [
     ("+MD5 lookup", "after the chosen aggregation, pictures and product sets identical to train take their labels"),
     ("+pseudo-labels", "steps 06-08 again with the model fine-tuned on pseudo-labeled test products"),
 ]
+
+# rows whose step records no VALID_IS: one model predicting validation pictures, nothing fitted or chosen there
+STUDY_VALID = {"baseline": HELD_OUT, "+TTA": HELD_OUT}
 
 
 def results_path(run_dir):
@@ -53,6 +57,9 @@ def _clean(v):
 # the section where steps 06b, 07 and 08 put the levers side by side, on the same products
 LEVERS = "levers: mean vs belief vs fusion vs re-ranker (same products; sd over seeds)"
 META = "_meta"  # results[META][section][name] = {"time": unix seconds, "step": module of cdkit.steps}
+# what a row's validation figure is (cdkit.selection: out of fold, in-sample, held out): only figures of the
+# same kind compare, and only out-of-fold or held-out ones estimate what test will show
+VALID_IS = "validation figure"
 
 
 def _calling_step():
@@ -162,15 +169,17 @@ def write_report(run_dir) -> Path:
                   "steps after it (e.g. `cdkit demo --only 06,07,08,09,10`) to bring them up to date.", ""]
     lines += ["Product accuracy on the test set (synthetic data: its true labels; on the real data only "
               "the Kaggle leaderboard knows them).", "",
-              "| step | what | test accuracy | validation accuracy |", "| --- | --- | --- | --- |"]
+              "| step | what | test accuracy | validation accuracy | validation figure |",
+              "| --- | --- | --- | --- | --- |"]
     for key, what in STUDY_ROWS:
         v = study.get(key, {})
         if isinstance(v, dict):
-            t, va = v.get("test", "n/a"), v.get("valid", "n/a")
-            notes = ", ".join(f"{k}: {_fmt(x, key=k)}" for k, x in v.items() if k not in ("test", "valid"))
+            t, va, kind = v.get("test", "n/a"), v.get("valid", "n/a"), v.get(VALID_IS, STUDY_VALID.get(key, "n/a"))
+            notes = ", ".join(f"{k}: {_fmt(x, key=k)}" for k, x in v.items() if k not in ("test", "valid", VALID_IS))
         else:
-            t, va, notes = v, "n/a", ""
-        lines.append(f"| {key}{_mark(stale, 'study', key)} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | {_fmt(va)} |")
+            t, va, kind, notes = v, "n/a", "n/a", ""
+        lines.append(f"| {key}{_mark(stale, 'study', key)} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | "
+                     f"{_fmt(va)} | {kind} |")
     figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     shown = set()
     for section, values in res.items():

@@ -2,7 +2,9 @@
 
 Rows: `pictures` aggregates the stage's ensemble store (one prediction per picture, step 07); `all`
 aggregates every picture x model x view of the members' stores (the study's wording). Mean and
-belief aggregation both run; `method="auto"` keeps the one better on validation.
+belief aggregation both run; `method="auto"` keeps the one better on validation for test, and chooses
+inside folds for validation (`cdkit.selection.choose_per_fold`: each fold of validation products takes
+the method better on the other folds), so the final validation figure is out of fold.
 
 MD5 is applied after aggregation, to whichever method won: a product with pictures byte-identical to
 train pictures takes those pictures' train labels (blended with weight `md5_alpha`; 1 = override),
@@ -85,6 +87,8 @@ class AggregateResult:
     predictions: dict = field(default_factory=dict)   # {(split, method): ProductPredictions} (for plots)
     stores: dict = field(default_factory=dict)        # {split: [PredStore]} whose rows were aggregated
     rerank_seeds: pd.DataFrame = None     # per re-ranker seed: validation (out of fold) and test accuracy
+    chosen_per_fold: dict = None          # method="auto": {fold of validation products: method better on the other folds}
+    in_sample: float = None               # method="auto": validation accuracy of `chosen` (+MD5) on all of validation, chosen there
 
     @property
     def final_name(self) -> str:
@@ -257,27 +261,69 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
             preds[(split, "rerank")] = rr[split]
     acc = {(split, name): prep.accuracy(pp.product_id, pp.pred_class, split) for (split, name), pp in preds.items()}
     methods = ["mean", "belief"] + (["rerank"] if P.rerank else [])
-    if P.method == "auto":  # ties to the simpler method
-        chosen = max(methods, key=lambda m: (acc[("valid", m)], -methods.index(m)))
-    else:
-        chosen = P.method
+    chosen, per_fold, in_sample, unfolded = P.method, None, None, {}
+    if P.method == "auto":  # ties to the simpler method (the earlier in `methods`)
+        chosen, per_fold, pick = _choose(preds, methods, prep)
+        unfolded = {"valid": preds[("valid", chosen)]}  # the old figure: chosen on all of validation
+        preds[("valid", "chosen per fold")] = _pick_products({m: preds[("valid", m)] for m in methods}, pick)
     md5, paths = {}, {}
     for split in SPLITS:
-        final = preds[(split, chosen)]
+        made = preds[(split, "chosen per fold")] if (split, "chosen per fold") in preds else preds[(split, chosen)]
+        final = made
         changed = None
         if P.md5:
             final, md5[split] = apply_md5(final, prep, split, P.md5_alpha, P.md5_products, P.md5_min_share, log,
                                           lookup=lookups[split])
-            changed = final.pred_class != preds[(split, chosen)].pred_class
+            changed = final.pred_class != made.pred_class
             log(f"MD5 ({split}): {md5[split].pictures} pictures ({md5[split].generic} generic ones left out), "
                 f"{md5[split].products} products matched, "
                 f"{md5[split].product_sets} whole product sets; {md5[split].changed} predictions changed")
+        if split in unfolded:
+            u = apply_md5(unfolded[split], prep, split, P.md5_alpha, P.md5_products, P.md5_min_share, log,
+                          lookup=lookups[split])[0] if P.md5 else unfolded[split]
+            in_sample = prep.accuracy(u.product_id, u.pred_class, split)
         preds[(split, "final")] = final
         acc[(split, "final")] = prep.accuracy(final.product_id, final.pred_class, split)
         paths[split] = save_products(final, prep, layout.products(P.stage, split), changed)
+    preds.pop(("valid", "chosen per fold"), None)
     by_pictures, by_level = _breakdowns(preds, prep)
     table = pd.Series(acc).unstack(0).reindex(methods + ["final"])[list(SPLITS)]
-    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, stores, rerank_seeds)
+    return AggregateResult(P.stage, chosen, table, paths, md5, by_pictures, by_level, preds, stores, rerank_seeds,
+                           per_fold, in_sample)
+
+
+def _choose(preds, methods, prep: Prepared):
+    """(method better on all validation products, {fold: method better on the other folds}, the method
+    each validation product is scored with), the folds those of `cdkit.selection.validation_folds`"""
+    from ..selection import choose_per_fold, validation_folds
+    truth = prep.truth("valid")
+    ids = preds[("valid", methods[0])].product_id
+    t = truth.reindex(ids).to_numpy()
+    correct = {}
+    for m in methods:
+        pp = preds[("valid", m)]
+        got = pd.Series(pp.pred_class, index=pp.product_id).reindex(ids).to_numpy()
+        correct[m] = (got == t).astype(float)
+    chosen, per_fold, pick, _, _ = choose_per_fold(pd.DataFrame(correct, index=ids), validation_folds(truth.index))
+    return chosen, per_fold, pick
+
+
+def _pick_products(parts: dict, pick: pd.Series) -> ProductPredictions:
+    "ProductPredictions of the products of `pick` (index product_id, ascending), each taken from parts[pick[product]]"
+    ids = pick.index.to_numpy(np.int64)
+    k = max(pp.cls.shape[1] for pp in parts.values())
+    cls, score = np.full((len(ids), k), -1, np.int64), np.full((len(ids), k), -np.inf)
+    pred, n_preds = np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64)
+    for m, pp in parts.items():
+        sel = np.flatnonzero(pick.to_numpy() == m)
+        pos = pd.Series(np.arange(len(pp.product_id)), index=pp.product_id).reindex(ids[sel])
+        if pos.isna().any():
+            raise ValueError(f"method {m!r} has no prediction for product(s) {pos.index[pos.isna()][:3].tolist()}")
+        pos = pos.to_numpy(np.int64)
+        kk = pp.cls.shape[1]
+        cls[sel, :kk], score[sel, :kk] = pp.cls[pos], pp.score[pos]
+        pred[sel], n_preds[sel] = pp.pred_class[pos], pp.n_preds[pos]
+    return ProductPredictions(ids, n_preds, pred, cls, score)
 
 
 def _breakdowns(preds, prep: Prepared):
@@ -299,18 +345,25 @@ def _breakdowns(preds, prep: Prepared):
 
 def record(run_dir, R: AggregateResult):
     "The study's rows of this stage, each from its own aggregation"
-    from ..report import LEVERS, record as rec
+    from ..report import LEVERS, VALID_IS, record as rec
+    from ..selection import IN_SAMPLE, OUT_OF_FOLD
     a = R.accuracy
+    # every row's validation figure is out of fold: the ensemble store is, the re-ranker is fitted out of fold,
+    # and with method="auto" each fold's products take the method chosen on the other folds
     if R.stage == "base":
         rec(run_dir, "study", "ensemble + belief aggregation",
-            {"test": a.loc["belief", "test"], "valid": a.loc["belief", "valid"],
+            {"test": a.loc["belief", "test"], "valid": a.loc["belief", "valid"], VALID_IS: OUT_OF_FOLD,
              "mean of the same rows": a.loc["mean", "test"]})
         if R.md5:
             rec(run_dir, "study", "+MD5 lookup", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
-                                                  "on": R.chosen})
+                                                  VALID_IS: OUT_OF_FOLD, "on": R.chosen})
     section = f"08 aggregation ({R.stage})"
     rec(run_dir, section, "chosen on validation", R.chosen)
-    rec(run_dir, section, "product accuracy", {R.final_name if k == "final" else k: v
+    if R.chosen_per_fold is not None:
+        rec(run_dir, section, "chosen per fold of validation products", R.chosen_per_fold)
+        rec(run_dir, section, f"final, {R.chosen} chosen on all of validation",
+            {"valid": round(float(R.in_sample), 4), VALID_IS: IN_SAMPLE})
+    rec(run_dir, section, "product accuracy", {R.final_name if k == "final" else k: {**v, VALID_IS: OUT_OF_FOLD}
                                                for k, v in a.round(4).to_dict(orient="index").items()})
     for split, s in R.md5.items():
         rec(run_dir, section, f"MD5 {split}", dict(s.__dict__))
@@ -326,13 +379,15 @@ def record(run_dir, R: AggregateResult):
             | {"seeds": len(t)})
     if R.stage == "base":
         for m, name in (("mean", "mean aggregation of the ensemble"), ("belief", "belief aggregation of the ensemble")):
-            rec(run_dir, LEVERS, name, {**a.loc[m].round(4).to_dict(), "seeds": 1})
+            rec(run_dir, LEVERS, name, {**a.loc[m].round(4).to_dict(), "seeds": 1, VALID_IS: OUT_OF_FOLD})
         if R.rerank_seeds is not None:
             rec(run_dir, LEVERS, "re-ranker, one seed (out of fold on validation)",
                 {"valid": mean["valid"], "valid sd": sd["valid"], "test": mean["test"], "test sd": sd["test"],
-                 "seeds": len(t)})
-            rec(run_dir, LEVERS, "re-ranker, seeds averaged", {**a.loc["rerank"].round(4).to_dict(), "seeds": len(t)})
-        rec(run_dir, LEVERS, f"final ({R.final_name}, chosen on validation)", {**a.loc["final"].round(4).to_dict(), "seeds": 1})
+                 "seeds": len(t), VALID_IS: OUT_OF_FOLD})
+            rec(run_dir, LEVERS, "re-ranker, seeds averaged", {**a.loc["rerank"].round(4).to_dict(), "seeds": len(t),
+                                                                VALID_IS: OUT_OF_FOLD})
+        rec(run_dir, LEVERS, f"final ({R.final_name}, chosen on validation)",
+            {**a.loc["final"].round(4).to_dict(), "seeds": 1, VALID_IS: OUT_OF_FOLD})
 
 
 def plot_by_pictures(R: AggregateResult):

@@ -6,10 +6,12 @@ test set (`RunLayout.features`). Here a small network over a product's 1-4 pictu
 (`cdkit.fusion.FusionNet`: dropout, a squeeze-excitation gate, max/sum/mean over the pictures, an
 MLP) learns on the fusion split and validates on the validation products, in two variants:
 order-aware (the first picture is usually the main photo) and order-invariant, each with several
-seeds. `order="auto"` keeps the variant better on validation. Its seeds' heads, averaged, predict
-every validation and test product into `RunLayout.store("<model>-fusion", split)`: one row per
-picture carrying the product's distribution, so the fusion head enters the ensemble (step 07) and
-the aggregation (step 08) like any other member.
+seeds. `order="auto"` keeps the variant whose seeds' heads, averaged, are better on validation: that
+variant predicts every test product into `RunLayout.store("<model>-fusion", "test")`; the validation
+store is made inside folds (`cdkit.selection.choose_per_fold`: each fold of validation products from the
+variant better on the other folds), so the member that steps 07 and 08 read holds no choice made on the
+products it scores. One row per picture carries the product's distribution, so the fusion head enters
+the ensemble (step 07) and the aggregation (step 08) like any other member.
 
     run_dir/models/<model>-fusion/   fusion.json (what was trained and chosen), <variant>_seed<s>.pth,
                                      <variant>_seed<s>_metrics.csv, checkpoints/ (resume)
@@ -74,6 +76,7 @@ class FuseResult:
     baseline: pd.DataFrame                # per model: mean aggregation of its own step-06 store (all views), valid/test
     seconds: float = 0.0
     histories: dict = field(default_factory=dict)  # {(model, variant, seed): metrics DataFrame}
+    member_valid: dict = field(default_factory=dict)  # {model: validation accuracy of the member's store, out of fold}
 
     def spread(self) -> pd.DataFrame:
         "mean and standard deviation over seeds per (model, variant) and split"
@@ -117,7 +120,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     import torch
     from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
     from ..io import atomic_write, replace_dir, tmp_path
-    from ..store import load_store
+    from ..store import load_store, save_store
     from .predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
     member = RunLayout.fusion_member(model)
@@ -163,24 +166,61 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         for i, seed in enumerate(P.seeds):
             rows[(model, variant, str(seed))] = {s: per_head[(variant, s)][1][i] for s in SPLITS}
         rows[(model, variant, "blend")] = {s: per_head[(variant, s)][2] for s in SPLITS}
-    valid_of = {v: np.mean([rows[(model, v, str(s))]["valid"] for s in P.seeds]) for v in variants}
-    chosen = max(variants, key=lambda v: (valid_of[v], v == "aware"))
+    valid_of = {v: per_head[(v, "valid")][2] for v in variants}
+    blends = {v: load_store(per_head[(v, "valid")][0]) for v in variants}
+    chosen, pick = _choose_variant(variants, blends, prep)
     stores = {}
     for split in SPLITS:
+        final = layout.store(member, split)
+        if split == "valid" and pick is not None:  # each fold's products from the variant chosen on the other folds
+            tmp = tmp_path(final)
+            save_store(_pick_rows(blends, pick), tmp, P.prob_dtype, overwrite=True)
+            replace_dir(tmp, final)
         for variant in variants:
             tmp = per_head[(variant, split)][0]
-            if variant == chosen:
-                final = layout.store(member, split)
+            if variant == chosen and not (split == "valid" and pick is not None):
                 replace_dir(tmp, final)
-                stores[(member, split)] = final
             else:
                 shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        stores[(member, split)] = final
     card = dict(backbone=model, member=member, chosen=chosen, variants=list(variants), seeds=list(P.seeds),
                 spec={v: asdict(heads[(v, P.seeds[0])][0]) for v in variants},
                 features={s: str(layout.features(model, s)) for s in fs}, params=P.model_dump())
     atomic_write(out_dir / "fusion.json", lambda tmp: open(tmp, "w").write(json.dumps(card, indent=1)))
-    log(f"{member}: {chosen} heads chosen (validation {valid_of[chosen]:.4f} per head); stores {stores}")
+    log(f"{member}: {chosen} heads chosen (validation {valid_of[chosen]:.4f} for their blend); stores {stores}")
     return rows, chosen, stores, hist
+
+
+def _choose_variant(variants, blends, prep: Prepared):
+    """(variant better on all validation products, the variant each validation product is scored with or
+    None when there is no choice), comparing the blends of each variant's heads product by product"""
+    from ..aggregate import aggregate_stores
+    from ..selection import choose_per_fold, validation_folds
+    if len(variants) == 1:
+        return variants[0], None
+    truth = prep.truth("valid")
+    ids = np.unique(blends[variants[0]].product_id)
+    correct = {}
+    for v in variants:
+        pp = aggregate_stores([blends[v]], "mean")
+        got = pd.Series(pp.pred_class, index=pp.product_id).reindex(ids).to_numpy()
+        correct[v] = (got == truth.reindex(ids).to_numpy()).astype(float)
+    chosen, _, pick, _, _ = choose_per_fold(pd.DataFrame(correct, index=ids), validation_folds(truth.index))
+    return chosen, pick
+
+
+def _pick_rows(stores: dict, pick: pd.Series):
+    "One store whose rows of each product come from stores[pick[product]] (the stores hold the same pictures)"
+    from ..ensemble import align_stores, take_rows
+    names = list(stores)
+    perms = align_stores([stores[v] for v in names])
+    base = take_rows(stores[names[0]], perms[0])
+    out_of = pick.reindex(base.product_id).to_numpy()
+    for v, perm in zip(names[1:], perms[1:]):
+        sel = out_of == v
+        other = stores[v]
+        base.cls[sel], base.prob[sel], base.rest[sel] = other.cls[perm[sel]], other.prob[perm[sel]], other.rest[perm[sel]]
+    return base
 
 
 def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResult:
@@ -193,34 +233,47 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
     if save:
         save_params(P, layout.step_params("fuse"))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
-    rows, chosen, stores, hist, base = {}, {}, {}, {}, {}
+    rows, chosen, stores, hist, base, member_valid = {}, {}, {}, {}, {}, {}
     for m in P.models:
         r, chosen[m], s, h = fuse_model(P, prep, m, log)
         rows.update(r), stores.update(s), hist.update(h)
         base[m] = {split: store_accuracy(load_store(layout.store(m, split)), prep, split) for split in SPLITS}
+        member_valid[m] = store_accuracy(load_store(layout.store(RunLayout.fusion_member(m), "valid")), prep, "valid")
     table = pd.DataFrame.from_dict(rows, orient="index")[list(SPLITS)]
     table.index = pd.MultiIndex.from_tuples(table.index, names=["model", "variant", "seed"])
-    return FuseResult(table, chosen, stores, pd.DataFrame(base).T[list(SPLITS)], time.time() - t0, hist)
+    return FuseResult(table, chosen, stores, pd.DataFrame(base).T[list(SPLITS)], time.time() - t0, hist, member_valid)
 
 
 def record(run_dir, R: FuseResult):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
-    from ..report import LEVERS, record as rec
+    from ..report import LEVERS, VALID_IS, record as rec
+    from ..selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     sp = R.spread()
     for m, variant in R.chosen.items():
         blend = R.table.loc[(m, variant, "blend")]
-        rec(run_dir, "06b fusion", f"{m}: pictures (mean aggregation, step 06)", R.baseline.loc[m].round(4).to_dict())
+        several = len(R.table.loc[m].index.get_level_values("variant").unique()) > 1
+        rec(run_dir, "06b fusion", f"{m}: pictures (mean aggregation, step 06)",
+            {**R.baseline.loc[m].round(4).to_dict(), VALID_IS: HELD_OUT})
+        # the member's validation store is made per fold (each fold from the variant better on the other folds)
         rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(R.table.loc[(m, variant)]) - 1} seeds averaged)",
-            blend.round(4).to_dict())
+            {**blend.round(4).to_dict(), "valid": round(float(R.member_valid.get(m, blend["valid"])), 4),
+             VALID_IS: OUT_OF_FOLD if several else HELD_OUT})
+        if several:
+            rec(run_dir, "06b fusion", f"{m}: {variant} heads, chosen on all of validation",
+                {"valid": round(float(blend["valid"]), 4), VALID_IS: IN_SAMPLE})
     for (m, variant), row in sp.iterrows():
-        rec(run_dir, "06b fusion", f"{m}: one {variant} head, mean and sd over seeds", row.round(4).to_dict())
+        rec(run_dir, "06b fusion", f"{m}: one {variant} head, mean and sd over seeds",
+            {**row.round(4).to_dict(), VALID_IS: HELD_OUT})
     rec(run_dir, "06b fusion", "minutes", round(R.seconds / 60, 2))
     for m, variant in R.chosen.items():  # the comparison of the levers, on the same validation and test products
         row = sp.loc[(m, variant)]
+        several = len(R.table.loc[m].index.get_level_values("variant").unique()) > 1
         rec(run_dir, LEVERS, f"fusion head over {m} (one {variant} head)",
             {"valid": row["valid mean"], "valid sd": row["valid sd"], "test": row["test mean"],
-             "test sd": row["test sd"], "seeds": len(R.table.loc[(m, variant)]) - 1})
-        rec(run_dir, LEVERS, f"mean of {m}'s pictures", {**R.baseline.loc[m].round(4).to_dict(), "seeds": 1})
+             "test sd": row["test sd"], "seeds": len(R.table.loc[(m, variant)]) - 1,
+             VALID_IS: IN_SAMPLE if several else HELD_OUT})
+        rec(run_dir, LEVERS, f"mean of {m}'s pictures", {**R.baseline.loc[m].round(4).to_dict(), "seeds": 1,
+                                                         VALID_IS: HELD_OUT})
 
 
 def plot(R: FuseResult):

@@ -10,7 +10,8 @@
    labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`).
 3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
    stage `pseudo` with the settings they ran with (run_dir/params/*.yaml), the fine-tuned model in
-   its base model's place: `RunLayout.products("pseudo", split)`, which step 10 may submit."""
+   its base model's place and the base model's fusion member left out (`pseudo_members`: its heads
+   read the base model's features): `RunLayout.products("pseudo", split)`, which step 10 may submit."""
 from __future__ import annotations
 
 import time
@@ -83,6 +84,15 @@ class PseudoResult:
     single_model: pd.DataFrame = None     # base vs fine-tuned model alone: product accuracy (1 view, all views)
     changed: dict = field(default_factory=dict)  # {split: products whose final prediction differs from stage base}
     seconds: float = 0.0
+
+
+def pseudo_members(models, base, name) -> list:
+    """Stage pseudo's ensemble members: step 07's, with the fine-tuned model `name` in its base model's place
+    and without the base model's fusion member. That member's heads were trained over the base model's
+    features (not the fine-tuned model's): kept, it carried the base model into stage pseudo (0.70 of the
+    demo's weights against 0.28 for the fine-tuned model), so stage pseudo measured mostly stage base."""
+    base_fusion = RunLayout.fusion_member(base)
+    return [name if m == base else m for m in models if m != base_fusion]
 
 
 def _saved(layout: RunLayout, cls, step):
@@ -169,7 +179,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     if P.base not in P07.models:
         raise ParamsError(f"base={P.base!r} is not among the ensemble's models {P07.models} (step 07): the "
                           "fine-tuned model takes its base model's place")
-    members = [P.name if m == P.base else m for m in P07.models]
+    members = pseudo_members(P07.models, P.base, P.name)
     check_threshold(P, layout, P07.models)
     check_fresh(P, layout.model_dir(P.name))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
@@ -225,8 +235,11 @@ def record(run_dir, R: PseudoResult):
     "The study's pseudo-label row: stage `pseudo`'s final products, computed from its own files"
     from ..report import record as rec
     a = R.aggregate.accuracy
+    from ..report import VALID_IS
+    from ..selection import OUT_OF_FOLD
     rec(run_dir, "study", "+pseudo-labels", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
-                                             "labels from": R.labels_from, "test products changed": R.changed["test"]})
+                                             VALID_IS: OUT_OF_FOLD, "labels from": R.labels_from,
+                                             "test products changed": R.changed["test"]})
     s = R.selection_summary.iloc[0].to_dict()
     rec(run_dir, "09 pseudo-labels", "selection", {k: v for k, v in s.items()})
     rec(run_dir, "09 pseudo-labels", "single model (product accuracy)", R.single_model.round(4).to_dict(orient="index"))
