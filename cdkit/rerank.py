@@ -1,4 +1,4 @@
-"""Second-level re-ranker (issue 11 D): LightGBM over the top-k candidate classes of several product predictions.
+"""Second-level re-ranker: LightGBM over the top-k candidate classes of several product predictions.
 
 Members are product-level predictions (`ProductPredictions`: "mean", "belief", a fusion, per-model
 means, ...). A product's candidates are the union of every member's top-k classes (and the class an
@@ -11,7 +11,10 @@ Training uses the validation products only, out of fold (`fit_oof`): the product
 folds (seeded, by product, so a product's candidates stay together); each fold's model is trained on
 the other folds and scores only its own fold. `Reranker.oof_predictions()` are therefore honest
 estimates of what the re-ranker does on test, and `Reranker.predict(table)` scores other products
-(test) with the mean of the fold models' raw scores.
+(test) with the mean of the fold models' raw scores. That holds only when the members' validation
+predictions are themselves out of sample: a member fitted on validation (one made in-sample raised the
+out-of-fold figure from 0.56 to 0.81 while test fell) is a feature the folds cannot see through, which
+is why step 07 writes its validation ensemble out of fold (docs/CONTRACTS.md, "Which figures are honest").
 
 Objective: binary (candidate == truth) by default. On demo-like data (`bench/rerank.py --compare`:
 48 classes, 1-4 pictures per product, members mean, belief and two per-model means; 400 validation and

@@ -146,9 +146,11 @@ def what_this_shows(R: EnsembleResult) -> str:
     best = t.drop(index=[i for i in ("ensemble", "ensemble without fusion") if i in t.index])["valid"].idxmax()
     d = t.loc["ensemble", "valid"] - t.loc[best, "valid"]
     w = ", ".join(f"{m} {x:.2f}" for m, x in R.weights.items())
-    out = (f"weights fitted on validation: {w}. The ensemble is {d:+.3f} against its best member ({best}) on "
-           "validation (out of fold: each fold's products weighted by the other folds' fit); " + ("it helps." if d > 0 else "it does not help here: a member much weaker than the "
-                             "others adds noise (the fitted weights show how much each was trusted)."))
+    how = ("weights fitted on validation" if R.fold_weights else "equal weights")
+    oof = " (out of fold: each fold's products weighted by the other folds' fit)" if R.fold_weights else ""
+    out = (f"{how}: {w}. The ensemble is {d:+.3f} against its best member ({best}) on validation{oof}; "
+           + ("it helps." if d > 0 else "it does not help here: a member much weaker than the "
+              "others adds noise (the fitted weights show how much each was trusted)."))
     if "ensemble without fusion" in t.index:
         f = t.loc["ensemble", "valid"] - t.loc["ensemble without fusion", "valid"]
         out += (f" The fusion members move the ensemble {f:+.3f} on validation"
