@@ -64,7 +64,6 @@ def choose_stage(P: SubmitParams, prep: Prepared):
 def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
     """Validation accuracy of choosing among `stages` inside folds of validation products (each fold takes the
     stage better on the other folds; ties to the earlier stage, as `choose_stage`); NaN with fewer than 2"""
-    import numpy as np
     from ..selection import choose_per_fold, validation_folds
     if len(stages) < 2:
         return float("nan")
@@ -74,10 +73,8 @@ def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
     for s in stages:
         v = pd.read_parquet(layout.products(s, "valid")).set_index("product_id")["pred_class"]
         correct[s] = (v.reindex(truth.index).to_numpy() == truth.to_numpy()).astype(float)
-    frame = pd.DataFrame(correct, index=truth.index)
-    if not np.isfinite(frame.to_numpy()).all():
-        return float("nan")
-    return choose_per_fold(frame, validation_folds(truth.index))[3]
+    # a product a stage did not predict counts as wrong for it (NaN never equals a class)
+    return choose_per_fold(pd.DataFrame(correct, index=truth.index), validation_folds(truth.index))[3]
 
 
 def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
