@@ -7,7 +7,8 @@
    predictions (its step-06 store, all views). A threshold the source cannot reach under its
    models' label smoothing is refused before anything runs.
 2. Selection (`cdkit.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
-   labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`).
+   labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`, `alpha_form`), on the
+   training step's optimizer and schedule (the same parameters, `train.SCHEDULE_FIELDS`).
 3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
    stage `pseudo` with the settings they ran with (run_dir/params/*.yaml), the fine-tuned model in
    its base model's place: `RunLayout.products("pseudo", split)`, which step 10 may submit."""

@@ -116,8 +116,8 @@ class TrainParams(RunParams):
 
 
 def check_schedule(P):
-    """The lr schedule's parameters (optimizer, momentum, one_cycle, lr_steps, lr_step_factors, epochs) of
-    any step that trains: step 03-05 and step 09's fine-tune share them (`SCHEDULE_FIELDS`), checked here once"""
+    """The lr schedule's consistency (one_cycle, lr_steps, lr_step_factors against epochs) for any step that
+    trains: step 03-05 and step 09's fine-tune share these parameters (`SCHEDULE_FIELDS`), checked here once"""
     if P.one_cycle and P.lr_steps:
         raise ValueError(f"one_cycle=True contradicts lr_steps={P.lr_steps}: two schedules for one lr; set "
                          "one_cycle=False for the stepped schedule")
