@@ -270,8 +270,31 @@ def _exclusions(X, z, rule, min_preds, ddof, atol):
     raise ValueError(f"rule must be 'gaussian' or 'ratio', got {rule!r}")
 
 
+def min_preds_needed(rule, ddof):
+    "The fewest predictions with which a rule can exclude: gaussian needs the others' sd (two values + ddof), ratio one other"
+    return 2 + ddof if rule == "gaussian" else 2
+
+
+# Named sets of belief-aggregation settings (docs/STUDY.md gives each one's sources):
+# poster:  the rule as the study prints it: each prediction's top-1 class is a candidate; a value outside the
+#          95% interval (z=1.96) of the product's other predictions is excluded, with nothing added for
+#          rounding (atol=0); the score sums the included values (their average over all predictions, the
+#          same ranking). The sample sd (ddof=1), hence min_preds=3, is the kit's reading.
+# authors: test_ensemble_final.py's ensemble_predict: top-1 candidates; a value below half or above twice the
+#          mean of the others is excluded (TTA_threshold=0.5); the score is the mean of the kept values, or
+#          the plain mean of all when every one is excluded; two predictions already compare.
+# kit:     the kit's defaults: candidates from each prediction's top 5, the Gaussian interval floored at
+#          0.01 (atol, above the stores' uint8 rounding), sample sd, summed score.
+BELIEF_SETTINGS = {
+    "poster": dict(m=1, rule="gaussian", z=1.96, score="sum", min_preds=3, ddof=1, atol=0.0, all_excluded="zero"),
+    "authors": dict(m=1, rule="ratio", z=1.96, score="mean", min_preds=2, ddof=1, atol=0.0, all_excluded="mean"),
+    "kit": dict(m=5, rule="gaussian", z=1.96, score="sum", min_preds=3, ddof=1, atol=0.01, all_excluded="zero"),
+}
+
+
 def belief_aggregate(product_id, cls, prob, rest, n_classes, m=5, z=1.96, rule="gaussian", score="sum",
-                     min_preds=3, ddof=1, atol=0.01, k_out=None, max_entries=MAX_ENTRIES, threads=None):
+                     min_preds=3, ddof=1, atol=0.01, k_out=None, max_entries=MAX_ENTRIES, threads=None,
+                     all_excluded="zero"):
     """Belief-based prediction aggregation (the study's Algorithm 1), vectorized.
 
     For each product, candidates are the union of the top-m classes of its predictions (m=5; None:
@@ -298,7 +321,12 @@ def belief_aggregate(product_id, cls, prob, rest, n_classes, m=5, z=1.96, rule="
     - Probability of a class outside a prediction's top-k: that row's rest spread uniformly.
     - score="sum" (default): the study's "adds to the score"; a class loses the mass of its excluded
       predictions, which is how an outlier picture is outvoted. score="mean": mean of the included
-      values (0 if none). Ties: the lower class index wins.
+      values. Ties: the lower class index wins.
+    - all_excluded: the score of a candidate whose every prediction is excluded: "zero" (nothing was
+      included), or "mean", the plain mean of all of them (the authors' `ensemble_predict`).
+    - min_preds: >= 2 + ddof with rule="gaussian" (the others' sd needs two values), >= 2 with "ratio".
+
+    `BELIEF_SETTINGS` names three sets of these settings (the poster's rule, the authors' code, the kit's).
 
     Returns `ProductPredictions` whose table holds the k_out (default m) best candidates, padded with
     class -1 / score -inf when a product has fewer, and `excluded` (rows,): True where that input row
@@ -306,16 +334,24 @@ def belief_aggregate(product_id, cls, prob, rest, n_classes, m=5, z=1.96, rule="
     """
     if score not in ("sum", "mean"): raise ValueError(f"score must be 'sum' or 'mean', got {score!r}")
     if rule not in ("gaussian", "ratio"): raise ValueError(f"rule must be 'gaussian' or 'ratio', got {rule!r}")
-    if min_preds < 2 + ddof: raise ValueError(f"min_preds must be >= 2 + ddof = {2 + ddof}, got {min_preds}")
+    if all_excluded not in ("zero", "mean"): raise ValueError(f"all_excluded must be 'zero' or 'mean', got {all_excluded!r}")
+    need = min_preds_needed(rule, ddof)
+    if min_preds < need: raise ValueError(f"min_preds must be >= {need} with rule={rule!r} and ddof={ddof}, got {min_preds}")
     def scorer(X, n):
         cols, Xc, excl = _exclusions(X, z, rule, min_preds, ddof, atol)
         sc = np.where(excl, 0, Xc).sum(0)  # the same summation order as summing the included values
-        if cols is None: s = sc
-        else: s = X.sum(0); s[cols] = sc
         if score == "mean":
-            count = np.maximum(n - excl.sum(0), 1).astype(np.float64)
-            if cols is not None: c = np.full(len(s), float(n)); c[cols] = count; count = c
-            s /= count
+            sc /= np.maximum(n - excl.sum(0), 1).astype(np.float64)
+            if cols is None: s = sc
+            else: s = X.sum(0) / n; s[cols] = sc
+        else:
+            if cols is None: s = sc
+            else: s = X.sum(0); s[cols] = sc
+        if all_excluded == "mean" and excl.size:
+            gone = excl.all(0)  # every prediction excluded: the plain mean of them all
+            if gone.any():
+                idx = np.flatnonzero(gone) if cols is None else cols[gone]
+                s[idx] = Xc[:, gone].mean(0)
         return s, (cols, excl)
     return _aggregate(product_id, cls, prob, rest, n_classes, m, k_out, scorer, True, max_entries, threads)
 

@@ -68,22 +68,36 @@ class GradAccum(Callback):
         self.count, self.seen = 0, 0
 
 
+def growth_factors(growth_epochs, factor):
+    """One factor per growth epoch: `factor` an int (the same at each) or a list (its own at each, e.g.
+    [2, 10] where a stepped lr would fall x0.5 then x0.1)"""
+    if isinstance(factor, (int, np.integer)): return [int(factor)] * len(growth_epochs)
+    factors = [int(f) for f in factor]
+    if len(factors) != len(growth_epochs):
+        raise ValueError(f"{len(factors)} growth factors {factors} for {len(growth_epochs)} growth epochs {list(growth_epochs)}")
+    return factors
+
+
 def grown_batch(epoch, bs, acc_steps, growth_epochs, factor, max_bs=None):
     """(batch size, accumulation steps) in `epoch` when the effective batch bs*acc_steps is multiplied
-    by `factor` at each of `growth_epochs`; beyond `max_bs` samples per step it grows by accumulation"""
-    n = sum(1 for e in growth_epochs if e <= epoch)
-    effective = bs * acc_steps * factor ** n
-    new_bs = bs * factor ** n if max_bs is None else max(bs, min(bs * factor ** n, max_bs))
+    by the factor of each of `growth_epochs` reached (`growth_factors`); beyond `max_bs` samples per
+    step it grows by accumulation"""
+    grow = int(np.prod([f for e, f in zip(growth_epochs, growth_factors(growth_epochs, factor)) if e <= epoch],
+                       dtype=np.int64))
+    effective = bs * acc_steps * grow
+    new_bs = bs * grow if max_bs is None else max(bs, min(bs * grow, max_bs))
     if effective % new_bs:
         raise ValueError(f"batch growth: effective batch {effective} is not a multiple of batch {new_bs}")
     return new_bs, effective // new_bs
 
 
 class BatchGrowth(Callback):
-    "Multiply the effective batch by `factor` at `epochs` instead of decaying the learning rate"
+    "Multiply the effective batch by `factor` (one for all, or one each) at `epochs` instead of decaying the learning rate"
     order, run_valid = GradAccum.order - 1, False
 
-    def __init__(self, epochs=(), factor=2, max_bs=None): store_attr()
+    def __init__(self, epochs=(), factor=2, max_bs=None):
+        growth_factors(epochs, factor)  # a factor list that does not match the epochs fails here
+        store_attr()
 
     def before_fit(self):
         self.base_bs = _inner_dl(self.dls.train).bs
@@ -316,6 +330,18 @@ class StepLR(Callback):
 
     def before_batch(self):
         if self.training: self.opt.set_hyper("lr", self.lr_at(self.epoch))
+
+
+def fit_schedule(learn, epochs, lr, one_cycle=True, pct_start=0.25, lr_steps=(), lr_step_factors=(), start_epoch=0,
+                 cbs=()):
+    """Fit `learn` on the schedule of the training parameters (step 03-05 and step 09 both call this):
+    one-cycle peaking at `lr`, or with one_cycle off a flat `lr` that `StepLR` steps to lr * factor[i]
+    from epoch lr_steps[i] on"""
+    import fastai.callback.schedule  # noqa: F401  (gives Learner its fit_one_cycle)
+    if one_cycle:
+        return learn.fit_one_cycle(epochs, lr, pct_start=pct_start, start_epoch=start_epoch, cbs=list(cbs))
+    steps = [StepLR(lr, list(lr_steps), list(lr_step_factors))] if len(lr_steps) else []
+    return learn.fit(epochs, lr, start_epoch=start_epoch, cbs=steps + list(cbs))
 
 
 class StopAfter(Callback):

@@ -5,7 +5,8 @@ the callback that ramps alpha. Step 09 (`cdkit.steps.pseudo`) puts them together
     L = 1/n sum_i CE(y_i, l_i) + alpha(t) * 1/n' sum_i CE(y'_i, l'_i)
 
 the first mean over the labeled pictures of a step, the second over its pseudo-labeled pictures,
-with alpha(t) = 0 before T1, a_f * (t - T1) / (T2 - T1) between T1 and T2, a_f after T2.
+with alpha(t) one of three published forms (`alpha_schedule`, `ALPHA_FORMS`): the poster's, Lee's,
+or the one the study's authors ran. docs/STUDY.md gives each with its source.
 
 Batches: every training step is ONE batch of `bs` labeled pictures (train.bson) followed by
 `round(pseudo_per_labeled * bs)` pseudo-labeled ones (test.bson), so the ratio holds exactly at every
@@ -30,17 +31,36 @@ LABELED, PSEUDO = 0, 1  # the `part` of an item; also which BSON file it comes f
 # ---------------------------------------------------------------------------------------------
 # the loss weight
 
-def alpha_schedule(t, T1, T2, a_f):
-    """Weight of the pseudo-label loss at time t (Lee 2013, eq. 16), for scalars or arrays.
+ALPHA_FORMS = ("poster", "lee", "authors")
 
-    0 for t < T1; a_f * (t - T1) / (T2 - T1) for T1 <= t < T2; a_f for t >= T2. The study's poster
-    prints the ramp as (t - T1)/(T2 - T1), which would reach 1, not a_f, at T2; Lee's original
-    scales it by a_f so that it meets a_f at T2, and that is what this follows. T1 == T2 is a step
-    to a_f at T1. t, T1, T2 share a unit: (fractional) epochs or iterations (`alpha_unit`)."""
+
+def alpha_schedule(t, T1, T2, a_f, form="lee", a_min=0.5):
+    """Weight of the pseudo-label loss at time t, for scalars or arrays; t, T1, T2 share a unit
+    ((fractional) epochs or iterations, `alpha_unit`). Three forms, as published:
+
+    poster:  0 for t < T1;  (t - T1) / (T2 - T1) for T1 <= t <= T2;  a_f for t > T2.
+             The study's poster (and its authors' README) as printed: the ramp reaches 1 at T2, then
+             the weight jumps to a_f.
+    lee:     0 for t < T1;  a_f * (t - T1) / (T2 - T1) for T1 <= t < T2;  a_f for t >= T2.
+             Lee (2013), eq. 16: the ramp is scaled by a_f and meets it at T2.
+    authors: a_min for t <= T1;  a_f * t / T2 for T1 < t < T2;  a_f for t >= T2.
+             What the authors' `trainer_pseudo.py` ran: `StepAlpha(alpha_f=2, alpha_min=0.5)` per epoch of
+             the pseudo-labeled set, whose breakpoints 0.5 and 2.0 are T1 and T2 here (`epoch * alpha_f / 2`
+             is a_f * t / T2 with T2 = 2). No zero phase: pseudo-labels count from the first step.
+
+    T1 == T2 (poster, lee): a step to a_f at T1."""
+    if form not in ALPHA_FORMS: raise ValueError(f"form must be one of {ALPHA_FORMS}, got {form!r}")
     if not 0 <= T1 <= T2: raise ValueError(f"need 0 <= T1 <= T2, got T1={T1}, T2={T2}")
     t = np.asarray(t, dtype=np.float64)
-    ramp = np.clip((t - T1) / (T2 - T1), 0.0, 1.0) if T2 > T1 else (t >= T1).astype(np.float64)
-    out = a_f * ramp
+    if form == "authors":
+        if T2 <= 0: raise ValueError(f"the authors' form needs T2 > 0, got T2={T2}")
+        out = np.where(t <= T1, float(a_min), np.where(t < T2, a_f * t / T2, float(a_f)))
+    elif T2 == T1:
+        out = np.where(t >= T1, float(a_f), 0.0)
+    elif form == "lee":
+        out = a_f * np.clip((t - T1) / (T2 - T1), 0.0, 1.0)
+    else:
+        out = np.where(t > T2, float(a_f), np.clip((t - T1) / (T2 - T1), 0.0, 1.0))
     return float(out) if out.ndim == 0 else out
 
 
@@ -299,8 +319,9 @@ class AlphaRamp(Callback):
     "Set the pseudo-label weight alpha(t) of a `PseudoLabelLoss` before each training batch; record it"
     order, run_valid = 0, False
 
-    def __init__(self, T1=0.0, T2=1.0, alpha_final=0.3, unit="epoch", record_losses=True):
+    def __init__(self, T1=0.0, T2=1.0, alpha_final=0.3, unit="epoch", record_losses=True, form="lee", alpha_min=0.5):
         if unit not in ("epoch", "iter"): raise ValueError(f"unit must be epoch or iter, got {unit!r}")
+        alpha_schedule(T1, T1, T2, alpha_final, form, alpha_min)  # bad forms and times fail here, not mid-fit
         store_attr()
         self.history = []
 
@@ -311,7 +332,7 @@ class AlphaRamp(Callback):
 
     def before_batch(self):
         self.t = self.epoch + self.iter / self.n_iter if self.unit == "epoch" else float(self.train_iter)
-        self.alpha = alpha_schedule(self.t, self.T1, self.T2, self.alpha_final)
+        self.alpha = alpha_schedule(self.t, self.T1, self.T2, self.alpha_final, self.form, self.alpha_min)
         self.learn.loss_func.alpha = self.alpha
 
     def after_loss(self):
@@ -329,19 +350,37 @@ class AlphaRamp(Callback):
 
 # ---- fine-tuning ----
 
-def finetune_learner(model, dls, wd=0.01, path=None, cbs=()):
+def finetune_learner(model, dls, wd=0.01, path=None, cbs=(), opt_func=None):
     """A fastai Learner over mixed loaders with `PseudoLabelLoss`, every layer trainable, mixed
-    precision on a GPU"""
+    precision on a GPU; `opt_func`: the training step's optimizer (None: fastai's Adam)"""
     import fastai.callback.schedule  # noqa: F401  (gives Learner its fit_one_cycle)
     from fastai.learner import Learner
+    from fastai.optimizer import Adam
     from .callbacks import precision_callbacks
     precision, _ = precision_callbacks("bf16", True, dls.device)
-    return Learner(dls, model, loss_func=PseudoLabelLoss(), wd=wd, path=path or ".", cbs=[*precision, *cbs])
+    return Learner(dls, model, loss_func=PseudoLabelLoss(), wd=wd, path=path or ".", cbs=[*precision, *cbs],
+                   opt_func=opt_func or Adam)
 
 
-def finetune(learn, epochs=2, lr=1e-3, pct_start=0.25, T1=0.0, T2=1.0, alpha_final=0.3, alpha_unit="epoch", cbs=()):
-    """One-cycle fine-tune of `learn` (see `finetune_learner`) with alpha(t) applied by `AlphaRamp`.
-    Returns the per-step history (iter, epoch, t, alpha, n_labeled, n_pseudo, part losses)."""
-    ramp = AlphaRamp(T1, T2, alpha_final, alpha_unit)
-    learn.fit_one_cycle(epochs, lr, pct_start=pct_start, cbs=[ramp, *cbs])
-    return ramp.frame()
+def finetune(learn, epochs=2, lr=1e-3, pct_start=0.25, T1=0.0, T2=1.0, alpha_final=0.3, alpha_unit="epoch", cbs=(),
+             alpha_form="lee", alpha_min=0.5, one_cycle=True, lr_steps=(), lr_step_factors=()):
+    """Fine-tune `learn` (see `finetune_learner`) with alpha(t) applied by `AlphaRamp`, on the training
+    step's schedule (`cdkit.callbacks.fit_schedule`): one-cycle, or flat / stepped lr with one_cycle off.
+    Returns the per-step history (iter, epoch, t, alpha, n_labeled, n_pseudo, part losses, lr)."""
+    from .callbacks import fit_schedule
+    ramp = AlphaRamp(T1, T2, alpha_final, alpha_unit, form=alpha_form, alpha_min=alpha_min)
+    lrs = _LrTrace()
+    fit_schedule(learn, epochs, lr, one_cycle=one_cycle, pct_start=pct_start, lr_steps=lr_steps,
+                 lr_step_factors=lr_step_factors, cbs=[ramp, lrs, *cbs])
+    out = ramp.frame()
+    if len(lrs.lrs) == len(out): out["lr"] = lrs.lrs
+    return out
+
+
+class _LrTrace(Callback):
+    "The lr each training step ran at (after the schedule set it)"
+    order, run_valid = 60, False
+
+    def before_fit(self): self.lrs = []
+    def after_batch(self):
+        if self.training: self.lrs.append(float(self.opt.hypers[-1]["lr"]))

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from cdkit.aggregate import (accuracy_by_level, accuracy_by_n_pictures, belief_aggregate, logmean_aggregate,
                              mean_aggregate, prediction_rows, product_accuracy)
@@ -211,3 +213,118 @@ def test_product_keys_ignore_picture_order():
     assert a_pid.tolist() == [3, 7] and np.array_equal(a_key, b_key)
     c_pid, c_key = product_keys(h[[0, 1, 2, 3, 1]], pid)  # another set of pictures: another key
     assert not np.array_equal(c_key[0], a_key[0]) and np.array_equal(c_key[1], a_key[1])
+
+
+# ---- the three named belief settings, each against a transcription of its definition ----
+
+def poster_by_definition(V):
+    """The poster's Algorithm 1 on one product, V: (n predictions, C) probabilities as Fractions. Candidates:
+    each prediction's top-1 class; a prediction is excluded for a candidate when its probability lies outside
+    mu +- 1.96 sd (sample sd) of the product's other predictions (from 3 predictions on); the score sums the
+    rest. Returns ({class: score}, margin to the nearest exclusion boundary)"""
+    import math
+    from fractions import Fraction
+    n, z2 = len(V), Fraction(196, 100) ** 2
+    scores, margin = {}, float("inf")
+    for c in sorted({max(range(len(v)), key=lambda j: (v[j], -j)) for v in V}):
+        total = Fraction(0)
+        for j in range(n):
+            p, others = V[j][c], [V[i][c] for i in range(n) if i != j]
+            out = False
+            if n >= 3:
+                mu = sum(others) / len(others)
+                var = sum((o - mu) ** 2 for o in others) / (len(others) - 1)
+                out = (p - mu) ** 2 > z2 * var  # |p - mu| > 1.96 sd
+                if p != mu: margin = min(margin, abs(abs(float(p - mu)) - 1.96 * math.sqrt(float(var))))
+            if not out: total += p
+        scores[c] = total
+    return scores, margin
+
+
+def authors_by_definition(V):
+    """test_ensemble_final.py's ensemble_predict on one product, from its definition: candidates are the
+    predictions' top-1 classes; a prediction is excluded when below half or above twice the mean of the
+    other predictions; the score is the mean of the kept ones, or the plain mean of all when none is kept"""
+    n = len(V)
+    scores, margin = {}, float("inf")
+    for c in sorted({max(range(len(v)), key=lambda j: (v[j], -j)) for v in V}):
+        kept = []
+        for j in range(n):
+            p = V[j][c]
+            if n == 1:
+                kept.append(p)
+                continue
+            mu = sum(V[i][c] for i in range(n) if i != j) / (n - 1)
+            margin = min(margin, abs(float(p - mu / 2)), abs(float(p - 2 * mu)))
+            if not (p < mu / 2 or p > 2 * mu): kept.append(p)
+        scores[c] = sum(kept) / len(kept) if kept else sum(V[i][c] for i in range(n)) / n
+    return scores, margin
+
+
+# rows nearly alike and exactly alike: the others' sd is 0 or tiny, where atol and the sd's definition decide
+NEAR = [[100, 1, 2, 3, 4, 5], [101, 1, 2, 3, 4, 5], [97, 1, 2, 3, 4, 5], [3, 100, 2, 1, 4, 5], [60, 1, 2, 3, 4, 70]]
+products = st.lists(  # products of 1..6 predictions over 6 classes, each row of distinct weights (one top-1 class)
+    st.lists(st.permutations([1, 2, 3, 5, 8, 13]).map(list) | st.lists(st.integers(1, 40), min_size=6, max_size=6,
+                                                                         unique=True) | st.sampled_from(NEAR),
+             min_size=1, max_size=6),
+    min_size=1, max_size=8)
+
+
+@pytest.mark.parametrize("belief,definition", [("poster", poster_by_definition), ("authors", authors_by_definition)])
+@settings(max_examples=40, deadline=None)
+@given(weights=products)
+@example(weights=[[NEAR[0], NEAR[0], NEAR[1]], [NEAR[0], NEAR[2], NEAR[1], NEAR[0]], [NEAR[3], NEAR[4]]])
+def test_belief_settings_follow_their_definitions(belief, definition, weights):
+    "step 08's `belief` choice -> belief_aggregate's winner and score equal the definition's (exact arithmetic)"
+    from fractions import Fraction
+    from hypothesis import assume
+    from cdkit.params import make_params
+    from cdkit.steps.aggregate import AggregateParams, belief_kwargs
+    C = 6
+    pid, rows, want = [], [], {}
+    for p, prod in enumerate(weights):
+        V = [[Fraction(w, sum(ws)) for w in ws] for ws in prod]
+        scores, margin = definition(V)
+        assume(margin > 1e-5)  # no prediction within rounding (float32 stores) of an exclusion boundary
+        ranked = sorted(scores.values(), reverse=True)
+        assume(len(ranked) == 1 or float(ranked[0] - ranked[1]) > 1e-5)  # a clear winner
+        best = max(scores, key=lambda c: scores[c])
+        want[p] = (best, float(scores[best]))
+        pid += [p] * len(prod)
+        rows += [[w / sum(ws) for w in ws] for ws in prod]
+    cls, prob, rest = topk(np.array(rows), C)
+    kw = belief_kwargs(make_params(AggregateParams, dict(belief=belief)))
+    got = belief_aggregate(np.array(pid), cls, prob, rest, C, **kw)
+    assert got.pred_class.tolist() == [want[p][0] for p in got.product_id]
+    np.testing.assert_allclose(got.score[:, 0], [want[p][1] for p in got.product_id], rtol=1e-6)  # float32 probabilities
+
+
+def test_belief_authors_scores_an_all_excluded_candidate_by_the_plain_mean():
+    # two predictions: 0.9 and 0.3 for class 0, each outside [half, twice] the other: both excluded
+    cls = np.array([[0, 1], [1, 0]])
+    prob = np.array([[0.9, 0.1], [0.7, 0.3]])
+    pid = np.zeros(2, int)
+    r = belief_aggregate(pid, cls, prob, np.zeros(2), 4, m=1, rule="ratio", score="mean", min_preds=2, atol=0.0,
+                         all_excluded="mean")
+    # class 0: both excluded -> (0.9 + 0.3) / 2 = 0.6; class 1: 0.1 vs 0.7 excluded both -> 0.4
+    assert r.pred_class[0] == 0 and r.score[0, 0] == pytest.approx(0.6)
+    r = belief_aggregate(pid, cls, prob, np.zeros(2), 4, m=1, rule="ratio", score="mean", min_preds=2, atol=0.0)
+    assert r.score[0, 0] == 0  # the kit's "zero": nothing was kept
+
+
+def test_belief_choice_params():
+    from cdkit.aggregate import BELIEF_SETTINGS
+    from cdkit.params import ParamsError, make_params
+    from cdkit.steps.aggregate import AggregateParams, belief_kwargs
+    for name, want in BELIEF_SETTINGS.items():
+        assert belief_kwargs(make_params(AggregateParams, dict(belief=name))) == want
+    assert belief_kwargs(make_params(AggregateParams, {})) == BELIEF_SETTINGS["kit"]  # the default is unchanged
+    with pytest.raises(ParamsError, match="belief='authors' sets m=1"):
+        make_params(AggregateParams, dict(belief="authors", m=5))
+    # min_preds is checked with the parameters, not when the step has run for minutes
+    with pytest.raises(ParamsError, match="min_preds=2"):
+        make_params(AggregateParams, dict(min_preds=2))
+    assert make_params(AggregateParams, dict(min_preds=2, ddof=0)).min_preds == 2
+    assert make_params(AggregateParams, dict(min_preds=2, rule="ratio")).min_preds == 2
+    P = make_params(AggregateParams, dict(belief="poster"))
+    assert P.replace(stage="pseudo").belief == "poster"  # a saved file reloads (step 09 replays step 08)

@@ -3,6 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdkit import pseudolabel as ps
 from cdkit.params import ParamsError, load_params, notebook_parameters
@@ -26,6 +28,42 @@ def test_alpha_schedule_arrays_iterations_and_step():
     assert ps.alpha_schedule(1.99, 2, 2, 0.3) == 0 and ps.alpha_schedule(2, 2, 2, 0.3) == 0.3  # T1 == T2: a step
     with pytest.raises(ValueError):
         ps.alpha_schedule(1, 3, 2, 0.3)
+
+
+def alpha_by_definition(t, T1, T2, a_f, form, a_min):
+    "alpha(t) transcribed case by case from each form's definition (docs/STUDY.md)"
+    if form == "poster":  # as printed: 0 | (t-T1)/(T2-T1) on [T1, T2] | a_f after T2
+        if t < T1: return 0.0
+        if t <= T2: return (t - T1) / (T2 - T1)
+        return a_f
+    if form == "lee":  # Lee 2013, eq. 16
+        if t < T1: return 0.0
+        if t < T2: return a_f * (t - T1) / (T2 - T1)
+        return a_f
+    # the authors' StepAlpha: alpha_min up to T1 (0.5), then epoch * alpha_f / 2 (T2 = 2) up to T2, then alpha_f
+    if t <= T1: return a_min
+    if t < T2: return a_f * t / T2
+    return a_f
+
+
+@settings(max_examples=40, deadline=None)
+@given(form=st.sampled_from(["poster", "lee", "authors"]), T1=st.floats(0, 5), width=st.floats(0.01, 5),
+       a_f=st.floats(0, 10), a_min=st.floats(0, 10), t=st.floats(0, 12))
+def test_alpha_forms_follow_their_definitions(form, T1, width, a_f, a_min, t):
+    T2 = T1 + width
+    assert ps.alpha_schedule(t, T1, T2, a_f, form, a_min) == pytest.approx(
+        alpha_by_definition(t, T1, T2, a_f, form, a_min), rel=1e-12, abs=1e-12)
+
+
+def test_alpha_forms_differ_where_published():
+    # the poster's ramp reaches 1 at T2 whatever a_f; Lee's reaches a_f; the authors' starts at alpha_min
+    assert ps.alpha_schedule(1.0, 0.0, 1.0, 0.3, "poster") == 1.0 and ps.alpha_schedule(1.01, 0.0, 1.0, 0.3, "poster") == 0.3
+    assert ps.alpha_schedule(1.0, 0.0, 1.0, 0.3, "lee") == 0.3 and ps.alpha_schedule(0.5, 0.0, 1.0, 0.3, "lee") == 0.15
+    # StepAlpha(alpha_f=2, alpha_min=0.5) at the epochs of the authors' fine-tune
+    authors = [ps.alpha_schedule(e, 0.5, 2.0, 2.0, "authors", 0.5) for e in (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
+    assert authors == pytest.approx([0.5, 0.5, 0.75, 1.0, 1.5, 2.0, 2.0])
+    with pytest.raises(ValueError, match="form"):
+        ps.alpha_schedule(1.0, 0.0, 1.0, 0.3, "study")
 
 
 # ---- the loss ----
@@ -175,6 +213,54 @@ def test_params_checked_and_files_consistent():
     with pytest.raises(ParamsError, match="alpha_finale"):
         load_params(PseudoParams, overrides=dict(alpha_finale=0.3))
     nb = NOTEBOOKS / "09_pseudo_label_finetune.ipynb"
-    assert notebook_parameters(nb) == defaults(PseudoParams)
+    nbp = notebook_parameters(nb)  # tests/test_notebooks.py checks the cell holds every default
+    assert nbp == {k: v for k, v in defaults(PseudoParams).items() if k in nbp}
     for f in PARAMS.glob("pseudo*.yaml"):
         load_params(PseudoParams, [f])
+
+
+def test_finetune_takes_the_training_steps_optimizer_and_schedule():
+    "The same names, bounds and checks as TrainParams (one definition), and the same refusals"
+    from cdkit.params import make_params
+    from cdkit.steps.pseudo import PseudoParams
+    from cdkit.steps.train import SCHEDULE_FIELDS, TrainParams
+    for name in SCHEDULE_FIELDS:
+        f, g = PseudoParams.model_fields[name], TrainParams.model_fields[name]
+        assert (f.annotation, f.metadata) == (g.annotation, g.metadata), name
+    for bad, match in ((dict(momentum=1.0), "momentum"), (dict(optimizer="rmsprop"), "optimizer"),
+                       (dict(lr_steps=[1], lr_step_factors=[0.5]), "one_cycle=True contradicts lr_steps"),
+                       (dict(one_cycle=False, epochs=4, lr_steps=[1, 3], lr_step_factors=[0.5]), "differ in length"),
+                       (dict(one_cycle=False, epochs=2, lr_steps=[2], lr_step_factors=[0.5]), "1..epochs-1")):
+        for cls in (TrainParams, PseudoParams):
+            with pytest.raises(ParamsError, match=match):
+                make_params(cls, bad)
+
+
+def test_finetune_runs_sgd_on_stepped_lr_with_the_authors_alpha(base_run):
+    "step 09's fine-tune with the authors' optimizer and schedule: SGD momentum 0.1, lr stepped per epoch, StepAlpha"
+    from cdkit.models import load_trained
+    from cdkit.params import make_params
+    from cdkit.steps.pseudo import PseudoParams
+    from cdkit.steps.train import opt_func
+    prep, run = base_run
+    P = make_params(PseudoParams, dict(optimizer="sgd", momentum=0.1, wd=1e-4, one_cycle=False, lr=0.01, epochs=3,
+                                       lr_steps=[1, 2], lr_step_factors=[0.5, 0.05], alpha_form="authors",
+                                       alpha_final=2.0, alpha_min=0.5, T1=0.5, T2=2.0))
+    base = load_trained(run)
+    images = prep.train_images()
+    labeled, valid = images[images["fold"] != 0], images[images["fold"] == 0]
+    conf = pd.DataFrame(dict(product_id=prep.test_index["product_id"], pred_class=0, prob=1.0, margin=1.0))
+    pseudo = ps.pseudo_images(ps.select_pseudo(conf), prep.test_images())
+    dls = ps.mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, prep.catalog.n_classes, bs=4,
+                               pseudo_per_labeled=3, size=32, item_size=160, device="cpu")
+    learn = ps.finetune_learner(base.model, dls, wd=P.wd, opt_func=opt_func(P))
+    hist = ps.finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit,
+                       alpha_form=P.alpha_form, alpha_min=P.alpha_min, one_cycle=P.one_cycle, lr_steps=P.lr_steps,
+                       lr_step_factors=P.lr_step_factors)
+    epoch = np.floor(hist["epoch"].to_numpy() + 1e-9)
+    assert set(epoch) == {0, 1, 2}
+    assert hist["lr"].to_numpy() == pytest.approx(np.select([epoch == 0, epoch == 1], [0.01, 0.005], 0.0005))
+    assert hist["alpha"].to_numpy() == pytest.approx(ps.alpha_schedule(hist["epoch"].to_numpy(), 0.5, 2.0, 2.0, "authors", 0.5))
+    assert hist["alpha"].iloc[0] == 0.5 and hist["alpha"].iloc[-1] == 2.0
+    h = learn.opt.hypers[-1]
+    assert type(learn.opt).__name__ == "Optimizer" and (h["mom"], h["wd"]) == (0.1, 1e-4)  # fastai's SGD, L2

@@ -256,6 +256,12 @@ picture x model x view, as the study words it), `work_dir`, `train.bson`/`test.b
 asked for), then the MD5 lookup: pictures byte-identical to train pictures, and whole products whose set of
 pictures equals a train product's, take the train labels. The lookup comes after aggregation because belief
 aggregation would exclude the one-hot train labels as outliers.
+
+Belief aggregation comes in three named settings (`belief`; docs/STUDY.md): `poster`, the rule as the study
+prints it (each prediction's top class a candidate, a prediction outside the 95% interval of the product's
+other predictions excluded, the rest summed); `authors`, as their code ran it (excluded below half or above
+twice the others' mean, the mean of the kept scored, the plain mean when none is kept); `kit` (the
+default), the settings `m`, `z`, `rule`, `score`, `min_preds`, `ddof`, `atol`, `all_excluded` as given.
 """),
         "PARAMS",
         code("""
@@ -289,10 +295,22 @@ R.accuracy
 # 09 · Pseudo-label fine-tuning, fed back into the final predictions
 
 Fine-tunes a trained model on labeled train pictures plus test pictures labeled by the kit's best product
-predictions (Lee, 2013), the step that gave the study its best test score (0.712 against 0.703 with TTA alone):
+predictions (Lee, 2013), the study's last step (its test figures: docs/STUDY.md):
 
-$$L = \frac{1}{n}\sum_i CE(y_i, l_i) + \alpha(t)\,\frac{1}{n'}\sum_i CE(y'_i, l'_i),\qquad
-\alpha(t) = \begin{cases}0 & t < T_1\\ a_f\,\frac{t - T_1}{T_2 - T_1} & T_1 \le t < T_2\\ a_f & t \ge T_2\end{cases}$$
+$$L = \frac{1}{n}\sum_i CE(y_i, l_i) + \alpha(t)\,\frac{1}{n'}\sum_i CE(y'_i, l'_i)$$
+
+with $\alpha(t)$ in one of three published forms (`alpha_form`; docs/STUDY.md gives their sources):
+
+| `alpha_form` | $t < T_1$ | between $T_1$ and $T_2$ | after $T_2$ |
+| --- | --- | --- | --- |
+| `lee` (Lee 2013; the default) | $0$ | $a_f\,\frac{t - T_1}{T_2 - T_1}$ | $a_f$ |
+| `poster` (the study as printed) | $0$ | $\frac{t - T_1}{T_2 - T_1}$, reaching 1 at $T_2$ | $a_f$ |
+| `authors` (the study's code, `StepAlpha`) | $\alpha_{min}$ | $a_f\,t / T_2$ | $a_f$ |
+
+The study's file (`params/study_pseudo.yaml`) runs `authors`, with $a_f = 2$, $\alpha_{min} = 0.5$, $T_1 = 0.5$,
+$T_2 = 2$ epochs, the only form published with numbers. The optimizer and schedule are the training step's
+parameters (`optimizer`, `momentum`, `one_cycle`, `lr_steps`, ...): Adam with one cycle by default, the
+authors' SGD with a stepped lr in the study's file.
 
 Labels come from step 08's final products (`labels_from = 'products'`: ensemble, TTA, aggregation and MD5) or
 from the base model alone (`'model'`). The fine-tuned model then takes its base model's place and steps 06-08

@@ -44,6 +44,10 @@ class AggregateParams(RunParams):
     rule: Literal["gaussian", "ratio"] = "gaussian"  # gaussian (the study) or ratio (the authors' code: 0.5x / 2x)
     score: Literal["sum", "mean"] = "sum"  # sum of included probabilities (the study) or their mean
     min_preds: int = Field(3, ge=2)       # below this many predictions nothing is excluded
+    ddof: int = Field(1, ge=0, le=1)      # sd of the other predictions: 1 sample, 0 population (gaussian rule)
+    atol: float = Field(0.01, ge=0, le=1)  # a value within this of the others' mean is never excluded (0: the literal rule)
+    all_excluded: Literal["zero", "mean"] = "zero"  # score of a candidate whose every prediction is excluded: 0, or the plain mean (the authors')
+    belief: Literal["poster", "authors", "kit"] = "kit"  # named settings of belief aggregation (docs/STUDY.md): poster and authors fix m, z, rule, score, min_preds, ddof, atol, all_excluded; kit takes them as given
     md5: bool = True                      # pictures identical to train pictures take their train labels (after aggregation)
     md5_alpha: float = Field(1.0, ge=0, le=1)  # weight of the train labels in that blend (1: override)
     md5_min_share: float = Field(0.5, gt=0, le=1)  # a match counts when this share of its train copies carry its top label (generic pictures shared by many categories do not)
@@ -54,8 +58,28 @@ class AggregateParams(RunParams):
     rerank_folds: int = Field(5, ge=2, le=20)  # folds of the validation products (each scored by the model trained without it)
     rerank_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one fold assignment and LightGBM seed each; the re-ranker averages them, the report gives their spread
 
+    @model_validator(mode="before")
+    @classmethod
+    def _belief_settings(cls, data):
+        "belief='poster' or 'authors' fills in its settings; a value given that differs is refused after"
+        from ..aggregate import BELIEF_SETTINGS
+        if isinstance(data, dict) and data.get("belief") in ("poster", "authors"):
+            data = {**BELIEF_SETTINGS[data["belief"]], **data}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self):
+        from ..aggregate import BELIEF_SETTINGS, min_preds_needed
+        if self.belief != "kit":
+            bad = {k: v for k, v in BELIEF_SETTINGS[self.belief].items() if getattr(self, k) != v}
+            if bad:
+                raise ValueError(f"belief={self.belief!r} sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items())
+                                 + "; given " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+                                 + ". Drop those keys, or use belief='kit' to set them freely")
+        need = min_preds_needed(self.rule, self.ddof)
+        if self.min_preds < need:
+            raise ValueError(f"min_preds={self.min_preds} with rule={self.rule!r} and ddof={self.ddof}: at least {need} "
+                             "predictions are needed to exclude one (the sd of the others needs two values)")
         if self.md5_products and not self.md5:
             raise ValueError("md5_products=True needs md5=True (the product-set lookup uses the same picture digests)")
         if self.method == "rerank" and not self.rerank:
@@ -63,6 +87,12 @@ class AggregateParams(RunParams):
         if len(set(self.rerank_seeds)) != len(self.rerank_seeds) or any(x < 0 for x in self.rerank_seeds):
             raise ValueError(f"rerank_seeds={self.rerank_seeds}: distinct non-negative integers")
         return self
+
+
+def belief_kwargs(P: AggregateParams) -> dict:
+    "The settings `cdkit.aggregate.belief_aggregate` runs with (those of `P.belief`, filled in by the params)"
+    return dict(m=P.m, z=P.z, rule=P.rule, score=P.score, min_preds=P.min_preds, ddof=P.ddof, atol=P.atol,
+                all_excluded=P.all_excluded)
 
 
 @dataclass
@@ -241,7 +271,7 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         save_params(P, RunLayout.of(P.run_dir).step_params("aggregate"))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
-    belief_kw = dict(m=P.m, z=P.z, rule=P.rule, score=P.score, min_preds=P.min_preds)
+    belief_kw = belief_kwargs(P)
     preds, stores = {}, {}
     for split in SPLITS:
         # a block of whole products at a time: every picture x model x view row of the test set would

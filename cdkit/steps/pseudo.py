@@ -7,7 +7,8 @@
    predictions (its step-06 store, all views). A threshold the source cannot reach under its
    models' label smoothing is refused before anything runs.
 2. Selection (`cdkit.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
-   labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`).
+   labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`, `alpha_form`), on the
+   training step's optimizer and schedule (the same parameters, `train.SCHEDULE_FIELDS`).
 3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
    stage `pseudo` with the settings they ran with (run_dir/params/*.yaml), the fine-tuned model in
    its base model's place and the base model's fusion member left out (`pseudo_members`: its heads
@@ -28,6 +29,7 @@ from ..runs import RunLayout, check_name
 from . import aggregate as step08
 from . import ensemble as step07
 from . import predict as step06
+from .train import check_schedule, train_field
 
 
 class PseudoParams(RunParams):
@@ -41,8 +43,10 @@ class PseudoParams(RunParams):
     rank_by: Literal["prob", "margin"] = "prob"  # confidence used by fraction and cap
     fraction: float = Field(1.0, gt=0, le=1)   # then keep at most this share of all test products, most confident first
     cap_per_category: int = Field(0, ge=0)     # then at most this many products per class (0: no cap)
-    # loss schedule (Lee 2013): alpha = 0 before T1, alpha_final*(t-T1)/(T2-T1) up to T2, alpha_final after
-    alpha_final: float = Field(0.3, ge=0, le=10)  # the authors' alpha
+    # loss weight alpha(t), `cdkit.pseudolabel.alpha_schedule`; docs/STUDY.md gives the three forms and their sources
+    alpha_form: Literal["poster", "lee", "authors"] = "lee"  # lee: a_f*(t-T1)/(T2-T1) up to T2; poster: (t-T1)/(T2-T1) up to T2, then a_f; authors: StepAlpha, alpha_min up to T1, a_f*t/T2 up to T2
+    alpha_final: float = Field(0.3, ge=0, le=10)  # a_f, the weight after T2 (the authors' StepAlpha: 2)
+    alpha_min: float = Field(0.5, ge=0, le=10)  # the weight up to T1 in the authors' form (StepAlpha: 0.5); unused by the others
     T1: float = Field(0.0, ge=0)          # the model is already trained: pseudo-labels count from the start
     T2: float = Field(1.0, ge=0)          # full weight after the first epoch
     alpha_unit: Literal["epoch", "iter"] = "epoch"  # unit of t, T1, T2: (fractional) epochs or optimizer steps
@@ -51,9 +55,15 @@ class PseudoParams(RunParams):
     epoch_size: Literal["pseudo", "labeled"] = "pseudo"  # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
     bs: int = Field(32, ge=1)             # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
     epochs: int = Field(2, ge=1)          # fine-tuning epochs
-    lr: float = Field(1e-4, gt=0, le=1)   # peak of the one-cycle schedule: a fine-tune (1e-3 undid the demo model's training)
-    pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
-    wd: float = Field(0.01, ge=0)         # decoupled weight decay
+    # optimizer and schedule: the training step's parameters (same names, bounds and checks, `train.SCHEDULE_FIELDS`)
+    optimizer: Literal["adam", "sgd"] = train_field("optimizer")  # adam (the kit's fine-tune) or sgd with momentum (the authors')
+    momentum: float = train_field("momentum")  # sgd's momentum (the authors' trainer_pseudo.py: 0.1)
+    one_cycle: bool = train_field("one_cycle")  # one-cycle schedule; False: flat lr, or the steps of lr_steps
+    lr: float = Field(1e-4, gt=0, le=1)   # peak of the one-cycle schedule, or the flat / first lr: a fine-tune (1e-3 undid the demo model's training)
+    lr_steps: list[int] = train_field("lr_steps")  # epochs at which the lr steps down, with one_cycle off (the authors: [1, 3])
+    lr_step_factors: list[float] = train_field("lr_step_factors")  # the lr from each step on, times lr (the authors: [0.5, 0.05])
+    pct_start: float = train_field("pct_start")  # share of the one cycle spent warming up
+    wd: float = train_field("wd")         # weight decay: decoupled with adam, L2 with sgd (the authors: 1e-4)
     max_train_images: int | None = Field(None, ge=1)  # labeled pictures drawn from (whole products); None: all
     num_workers: int = Field(0, ge=0)     # DataLoader worker processes
     seed: int = Field(0, ge=0)            # batch order and augmentation
@@ -67,6 +77,9 @@ class PseudoParams(RunParams):
             raise ValueError(f"name={self.name!r} equals base={self.base!r}: the fine-tuned model needs its own folder")
         if self.T1 > self.T2:
             raise ValueError(f"T1={self.T1} is after T2={self.T2}")
+        if self.alpha_form == "authors" and self.T2 <= 0:
+            raise ValueError("alpha_form='authors' ramps a_f*t/T2: T2 must be > 0")
+        check_schedule(self)
         return self
 
 
@@ -172,7 +185,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     from ..models import load_trained, save_trained
     from ..params import save_params
     from ..pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
-    from .train import _sample_products, check_fresh
+    from .train import _sample_products, check_fresh, opt_func
     t0 = time.time()
     P06, P07, P08 = (_saved(layout, step06.PredictParams, "predict"), _saved(layout, step07.EnsembleParams, "ensemble"),
                      _saved(layout, step08.AggregateParams, "aggregate"))
@@ -209,8 +222,10 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
                             pseudo_per_labeled=P.pseudo_per_labeled, epoch_size=P.epoch_size, size=base.size,
                             item_size=base.item_size, mean=base.mean, std=base.std, num_workers=P.num_workers,
                             seed=P.seed, device=device)
-    learn = finetune_learner(base.model, dls, wd=P.wd, path=layout.model_dir(P.name))
-    alpha = finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit)
+    learn = finetune_learner(base.model, dls, wd=P.wd, path=layout.model_dir(P.name), opt_func=opt_func(P))
+    alpha = finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit,
+                     alpha_form=P.alpha_form, alpha_min=P.alpha_min, one_cycle=P.one_cycle, lr_steps=P.lr_steps,
+                     lr_step_factors=P.lr_step_factors)
     card = base.card
     card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
     save_trained(base.model, layout.model_dir(P.name), card)

@@ -59,7 +59,7 @@ class TrainParams(RunParams):
     epochs: int = Field(3, ge=1)          # passes over the training pictures
     lr: Union[Annotated[float, Field(gt=0, le=10)], Literal["find"]] = 3e-3  # peak learning rate (Adam); "find": lr_find's suggestion (valley)
     optimizer: Literal["adam", "sgd"] = "adam"  # adam (the kit's recipe) or sgd with momentum (the study's)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd's momentum (the study: 0.9)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd's momentum (the study: 0.1, its authors' trainer.py)
     one_cycle: bool = True                # one-cycle schedule; False: flat lr, or the steps of lr_steps, or batch growth in place of decay
     lr_steps: list[int] = Field(default_factory=list)  # epochs at which the lr steps down (the study: [1, 3]), with one_cycle off
     lr_step_factors: list[float] = Field(default_factory=list)  # the lr from each step on, times lr (the study: [0.5, 0.05], 0.01 to 0.005 to 0.0005)
@@ -67,7 +67,7 @@ class TrainParams(RunParams):
     wd: float = Field(0.01, ge=0)         # weight decay: decoupled with adam, L2 (as torch's SGD) with sgd (the study: 1e-4)
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # 0: plain cross-entropy
     batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017), with one_cycle off
-    batch_growth_factor: int = Field(2, ge=2)  # growth factor at each of those epochs
+    batch_growth_factor: Union[Annotated[int, Field(ge=2, le=1000)], list[Annotated[int, Field(ge=2, le=1000)]]] = 2  # growth factor at each of those epochs, or one per epoch (the study: [2, 10], the inverse of the lr steps x0.5, x0.1)
     max_bs: Optional[int] = Field(None, ge=1)  # most pictures per batch that fit in memory; growth beyond goes to accumulation
     # augmentation (the random crop is the shift)
     flip: bool = True                     # random horizontal flip
@@ -95,18 +95,13 @@ class TrainParams(RunParams):
             raise ValueError(f"one_cycle=True contradicts batch_growth_epochs={self.batch_growth_epochs}: the one-cycle "
                              "schedule decays the lr while the batch grows; the study grows the batch instead of "
                              "decaying the lr, so set one_cycle=False with batch growth (or drop batch_growth_epochs)")
-        if self.one_cycle and self.lr_steps:
-            raise ValueError(f"one_cycle=True contradicts lr_steps={self.lr_steps}: two schedules for one lr; set "
-                             "one_cycle=False for the stepped schedule")
-        if len(self.lr_steps) != len(self.lr_step_factors):
-            raise ValueError(f"lr_steps={self.lr_steps} and lr_step_factors={self.lr_step_factors} differ in length")
-        if any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])) or any(not 0 < e < self.epochs for e in self.lr_steps):
-            raise ValueError(f"lr_steps={self.lr_steps}: increasing epochs in 1..epochs-1={self.epochs - 1}")
-        if any(f <= 0 for f in self.lr_step_factors):
-            raise ValueError(f"lr_step_factors={self.lr_step_factors}: each must be > 0")
+        check_schedule(self)
         bad = [e for e in self.batch_growth_epochs if not 0 < e < self.epochs]
         if bad:
             raise ValueError(f"batch_growth_epochs={self.batch_growth_epochs}: each must lie in 1..epochs-1={self.epochs - 1}")
+        if isinstance(self.batch_growth_factor, list) and len(self.batch_growth_factor) != len(self.batch_growth_epochs):
+            raise ValueError(f"batch_growth_factor={self.batch_growth_factor}: one factor per epoch of "
+                             f"batch_growth_epochs={self.batch_growth_epochs} (or one int for all)")
         if self.stop_after is not None and self.stop_after > self.epochs:
             raise ValueError(f"stop_after={self.stop_after} is beyond epochs={self.epochs}")
         if self.max_bs is not None and self.max_bs < self.bs:
@@ -118,6 +113,32 @@ class TrainParams(RunParams):
         if self.resume and self.overwrite:
             raise ValueError("resume=True contradicts overwrite=True: continue the run in models/<name>/, or replace it")
         return self
+
+
+def check_schedule(P):
+    """The lr schedule's consistency (one_cycle, lr_steps, lr_step_factors against epochs) for any step that
+    trains: step 03-05 and step 09's fine-tune share these parameters (`SCHEDULE_FIELDS`), checked here once"""
+    if P.one_cycle and P.lr_steps:
+        raise ValueError(f"one_cycle=True contradicts lr_steps={P.lr_steps}: two schedules for one lr; set "
+                         "one_cycle=False for the stepped schedule")
+    if len(P.lr_steps) != len(P.lr_step_factors):
+        raise ValueError(f"lr_steps={P.lr_steps} and lr_step_factors={P.lr_step_factors} differ in length")
+    if any(b <= a for a, b in zip(P.lr_steps, P.lr_steps[1:])) or any(not 0 < e < P.epochs for e in P.lr_steps):
+        raise ValueError(f"lr_steps={P.lr_steps}: increasing epochs in 1..epochs-1={P.epochs - 1}")
+    if any(f <= 0 for f in P.lr_step_factors):
+        raise ValueError(f"lr_step_factors={P.lr_step_factors}: each must be > 0")
+
+
+# the optimizer and schedule a fine-tune takes from training: the same names, bounds and checks
+SCHEDULE_FIELDS = ("optimizer", "momentum", "one_cycle", "lr_steps", "lr_step_factors", "pct_start", "wd")
+
+
+def train_field(name, default=None):
+    "TrainParams' field `name` (its bounds and choices), with another default where given"
+    from copy import copy
+    f = copy(TrainParams.model_fields[name])
+    if default is not None: f.default, f.default_factory = default, None
+    return f
 
 
 # what may differ when a run resumes: everything else changes the model or the data order
@@ -480,7 +501,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     runs first if it has not)."""
     from ..distributed import distrib_ctx, rank
     from ..models import save_trained
-    from ..callbacks import BatchGrowth, StepLR
+    from ..callbacks import BatchGrowth, fit_schedule
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -497,10 +518,8 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
             for dl, st in zip(learn.dls.loaders, S.rng[1]): _inner_dl(dl).rng.setstate(st)
         if start_epoch < P.epochs:
             with distrib_ctx(learn, sync_bn=P.sync_bn):
-                if P.one_cycle: learn.fit_one_cycle(P.epochs, P.lr, pct_start=P.pct_start, start_epoch=start_epoch)
-                else:
-                    steps = [StepLR(P.lr, P.lr_steps, P.lr_step_factors)] if P.lr_steps else []
-                    learn.fit(P.epochs, P.lr, start_epoch=start_epoch, cbs=steps)
+                fit_schedule(learn, P.epochs, P.lr, P.one_cycle, P.pct_start, P.lr_steps, P.lr_step_factors,
+                             start_epoch=start_epoch)
             epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
         cat = S.prep.catalog
         if rank() == 0: save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done,
