@@ -145,6 +145,7 @@ class RunLayout:
 # and every reader of such a pair goes through it (the pair readers below, or `check_generation`).
 GENERATION = "generation"                     # the key in a store's meta
 PARQUET_GENERATION = b"cdkit.generation"      # the key in a Parquet file's schema metadata
+PARQUET_SPLIT = b"cdkit.split"                # and the split the file holds (a store's meta: "split")
 
 
 class MixedGenerationError(CdkitError, ValueError):
@@ -157,36 +158,70 @@ def new_generation() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def generation_of(path):
-    "The generation id a store, feature store or Parquet file was written with (None: written without one)"
+def _meta_tags(meta):
+    "(generation, split) a store's or feature store's meta records (None where it records none)"
+    meta = meta if isinstance(meta, dict) else {}
+    stamp = meta.get("stamp") if isinstance(meta.get("stamp"), dict) else {}
+    return meta.get(GENERATION), meta.get("split", stamp.get("split"))
+
+
+def _table_tags(table):
+    "(generation, split) in a Parquet table's (or schema's) metadata"
+    schema = getattr(table, "schema", table)
+    md = schema.metadata or {}
+    return tuple(md[k].decode() if md.get(k) else None for k in (PARQUET_GENERATION, PARQUET_SPLIT))
+
+
+def _tags_of(path):
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         if not path.exists():
             raise FileNotFoundError(f"{path} not found")
-        return _table_generation(pq.read_schema(path))
+        return _table_tags(pq.read_schema(path))
     if path.suffix == ".features":
         from .features import read_manifest as read_features_manifest
-        return read_features_manifest(path).get("meta", {}).get(GENERATION)
+        return _meta_tags(read_features_manifest(path).get("meta"))
     from .store import read_manifest
-    return read_manifest(path).get("meta", {}).get(GENERATION)
+    return _meta_tags(read_manifest(path).get("meta"))
+
+
+def generation_of(path):
+    "The generation id a store, feature store or Parquet file was written with (None: written without one)"
+    return _tags_of(path)[0]
+
+
+def _path_split(path):
+    "The split a layout file name says it holds (`<name>_<split>.store`, `<stage>_<split>.parquet`), or None"
+    m = _SPLIT_NAME.search(Path(path).name)
+    return m.group(1) if m else None
+
+
+_SPLIT_NAME = re.compile(r"_(valid|test|fusion)(?:\.shard\d+of\d+)?\.(?:store|features|parquet)$")
 
 
 def check_generation(paths, rewrites: str):
     """The generation shared by `paths` (None: all written before generation ids); MixedGenerationError
-    naming two files that differ and `rewrites`, the step (and command) that writes them again"""
+    naming two files that differ, or a file that holds another split than its name says, and `rewrites`,
+    the step (and command) that writes them again"""
     paths = [Path(p) for p in paths]
-    return _same([(p, generation_of(p)) for p in paths], rewrites)
+    return _same([(p, *_tags_of(p)) for p in paths], rewrites)
 
 
 def same_generation(loaded, rewrites: str):
     "`check_generation` for stores already loaded (a PredStore or FeatureStore: `.path`, `.meta`)"
-    return _same([(s.path, (s.meta or {}).get(GENERATION)) for s in loaded], rewrites)
+    return _same([(s.path, *_meta_tags(s.meta)) for s in loaded], rewrites)
 
 
 def _same(items, rewrites):
-    (p0, g0), rest = items[0], items[1:]
-    for p, g in rest:
+    for p, _, split in items:  # a file copied or moved onto another split's name
+        named = _path_split(p) if p is not None else None
+        if split and named and split != named:
+            raise MixedGenerationError(f"{p} holds the {split} split's pictures, not the {named} split's its name "
+                                       f"says (a file copied or moved onto another's name): run {rewrites} again "
+                                       "to rewrite it")
+    (p0, g0, _), rest = items[0], items[1:]
+    for p, g, _ in rest:
         if g != g0:
             raise MixedGenerationError(
                 f"{p0} (generation {g0 or 'none'}) and {p} (generation {g or 'none'}) were not "
@@ -209,13 +244,16 @@ def rewrites_products(stage) -> str:
     return "step 08 (`cdkit aggregate`)" if stage == "base" else "step 09 (`cdkit pseudo`)"
 
 
-def write_products(df, path, generation):
-    "A stage's products as Parquet, atomically, with their generation in the schema metadata"
+def write_products(df, path, generation, split=None):
+    """A stage's products as Parquet, atomically, with their generation and split (default: the one its
+    name says) in the schema metadata"""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from .io import atomic_write
+    split = split or _path_split(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_GENERATION: generation.encode()})
+    tags = {PARQUET_GENERATION: generation.encode(), **({PARQUET_SPLIT: split.encode()} if split else {})}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **tags})
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
@@ -238,12 +276,5 @@ def read_products(layout: RunLayout, stage) -> dict:
             raise FileNotFoundError(f"{p} not found ({rewrites_products(stage)} writes it)")
     # the generation is read from the very tables returned: a file replaced in between cannot slip through
     tables = {s: pq.read_table(p) for s, p in paths.items()}
-    _same([(paths[s], _table_generation(t)) for s, t in tables.items()], rewrites_products(stage))
+    _same([(paths[s], *_table_tags(t)) for s, t in tables.items()], rewrites_products(stage))
     return {s: t.to_pandas() for s, t in tables.items()}
-
-
-def _table_generation(table):
-    "The generation in a Parquet table's (or schema's) metadata"
-    schema = getattr(table, "schema", table)
-    value = (schema.metadata or {}).get(PARQUET_GENERATION)
-    return value.decode() if value else None

@@ -32,11 +32,12 @@ def prep(tiny_data, tmp_path_factory):
     return create_prepared(tiny_data, tmp_path_factory.mktemp("work"), valid_frac=0.2, log=lambda *a: None)
 
 
-def write_member(path, images, n_classes, generation, seed=0, rebuild="step 06 (`cdkit predict`)"):
+def write_member(path, images, n_classes, generation, seed=0, rebuild="step 06 (`cdkit predict`)", split=None):
     "A member store over `images` with random (seeded) probabilities"
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.ones(n_classes), len(images)).astype(np.float32)
-    with StoreWriter(path, n_classes, min(5, n_classes), 1, "float32", dict(generation=generation, rebuild=rebuild),
+    meta = dict(generation=generation, rebuild=rebuild, **({"stamp": {"split": split}} if split else {}))
+    with StoreWriter(path, n_classes, min(5, n_classes), 1, "float32", meta,
                      chunk_rows=max(len(images) // 3, 1), overwrite=True) as w:
         w.add(images["product_id"].to_numpy(), images["img_idx"].to_numpy(), p)
     return path
@@ -47,7 +48,7 @@ def members(prep, run_dir, names=("a", "b"), gens=None):
     for i, m in enumerate(names):
         for split in ("valid", "test"):
             g = (gens or {}).get((m, split), f"gen-{m}")
-            write_member(layout.store(m, split), prep.images(split)[0], prep.catalog.n_classes, g, seed=i)
+            write_member(layout.store(m, split), prep.images(split)[0], prep.catalog.n_classes, g, seed=i, split=split)
     return layout
 
 
@@ -158,6 +159,36 @@ def test_read_products_reads_one_generation(tmp_path):
     write_products(pd.DataFrame({"product_id": [3]}), layout.products("pseudo", "test"), new_generation())
     with pytest.raises(MixedGenerationError, match=r"pseudo_valid.parquet .*pseudo_test.parquet .*step 09"):
         read_products(layout, "pseudo")
+
+
+@pytest.mark.parametrize("kind", ["member", "ensemble", "products"])
+@pytest.mark.parametrize("src", ["valid", "test"])
+def test_a_file_copied_onto_the_other_split_is_refused(prep, tmp_path, kind, src):
+    "Same generation, wrong split: a store or products file copied over its pair is named by its reader"
+    from cdkit.runs import check_ensemble, check_stores
+    run = tmp_path / "run"
+    layout = members(prep, run)
+    dst = "test" if src == "valid" else "valid"
+    if kind == "member":
+        path = {s: layout.store("a", s) for s in ("valid", "test")}
+        check = lambda: check_stores(layout, "a")  # noqa: E731
+    elif kind == "ensemble":
+        run_07(prep, run)
+        path = {s: layout.ensemble_store("base", s) for s in ("valid", "test")}
+        check = lambda: check_ensemble(layout, "base")  # noqa: E731
+    else:
+        run_07(prep, run)
+        run_08(prep, run)
+        path = {s: layout.products("base", s) for s in ("valid", "test")}
+        check = lambda: read_products(layout, "base")  # noqa: E731
+    check()
+    if path[dst].is_dir():
+        shutil.rmtree(path[dst])
+        shutil.copytree(path[src], path[dst])
+    else:
+        shutil.copy(path[src], path[dst])
+    with pytest.raises(MixedGenerationError, match=rf"{path[dst].name} holds the {src} split's pictures, not the {dst}"):
+        check()
 
 
 # 2. nothing stale or damaged is reused

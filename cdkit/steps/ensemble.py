@@ -60,7 +60,7 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
         ens = combine(members[split], weights=w, method=P.method, p=P.p,
                       k_out=min(P.k_out, max(s.k for s in members[split])))
         ens.meta = dict(ens.meta or {}, members=list(P.models), weights=w.tolist(), method=P.method, stage=P.stage,
-                        generation=generation, rebuild=rewrites_ensemble(P.stage),
+                        generation=generation, split=split, rebuild=rewrites_ensemble(P.stage),
                         inputs={m: s.meta.get("generation") for m, s in zip(P.models, members[split])})
         stores[split] = save_store(ens, layout.ensemble_store(P.stage, split), overwrite=True)
         for m, s in zip(P.models, members[split]):

@@ -158,7 +158,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         for variant in variants:
             nets = [heads[(variant, s)][1] for s in P.seeds]
             tmp = tmp_path(layout.store(member, split))  # a killed run's leftovers are swept like any temp
-            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, meta=meta, device=device,
+            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, meta={**meta, "split": split}, device=device,
                                          truth=truth, groups=groups[split])
             # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
             per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))

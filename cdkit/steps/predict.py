@@ -102,12 +102,16 @@ def data_identity(prep: Prepared, split) -> dict:
     (product_id, img_idx) list (another split, another data set or an edited file changes it)"""
     import hashlib
     import numpy as np
+    cache = prep.__dict__.setdefault("_data_identity", {})  # the image table of 12 M pictures: once per split
+    if split in cache:
+        return cache[split]
     images, bson_path = prep.images(split)
     index = prep.test_index if split == "test" else prep.train_index
     source = (index.attrs.get("source_fingerprint") or {}).get("sha256") if index is not None else None
     h = hashlib.sha256(np.ascontiguousarray(images["product_id"].to_numpy(np.int64)).tobytes())
     h.update(np.ascontiguousarray(images["img_idx"].to_numpy(np.int64)).tobytes())
-    return dict(bson=source, pictures=h.hexdigest(), n=len(images))
+    cache[split] = dict(bson=source, pictures=h.hexdigest(), n=len(images))
+    return cache[split]
 
 
 # the stamp's fields that say which pictures a store holds; the rest (model, card, settings) is what
