@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
 from .io import atomic_write, sweep_temps
 
 NO_LABEL = -1  # category_id of a product in a test file
@@ -38,7 +39,7 @@ _TYPE_NAMES = {0x01: "a double", 0x02: "a string", 0x03: "a document", 0x04: "an
                0x12: "an int64", 0x13: "a decimal128"}
 
 
-class BsonFormatError(ValueError):
+class BsonFormatError(CdkitError, ValueError):
     "The file is not a well-formed sequence of BSON documents; the message names file, offset and product"
 
 
@@ -561,9 +562,19 @@ def index_matches(index_path, bson_path, spot_checks=256):
                   f"checked, {same} modification time")
 
 
+# img_idx is int8 (the image table, prediction stores): positions 0..127. The competition's products
+# have 1 to 4 pictures; step 02 refuses a product with more than this many (`cdkit.prepare.check_data`).
+MAX_PICTURES = int(np.iinfo(np.int8).max) + 1
+
+
 def image_table(index):
     "One row per picture (see docs/CONTRACTS.md); products without pictures contribute no row"
     n = index["n_imgs"].to_numpy().astype(np.int64)
+    if len(n) and int(n.max()) > MAX_PICTURES:
+        j = int(np.argmax(n))
+        raise BsonFormatError(f"{index.attrs.get('source', 'the index')}: product _id {int(index['product_id'].iloc[j])} "
+                              f"has {int(n[j])} pictures, more than the {MAX_PICTURES} an int8 img_idx holds "
+                              "(the competition's products have 1 to 4)")
     rows = np.repeat(np.arange(len(index), dtype=np.int32), n)
     starts = np.cumsum(n) - n
     img_idx = (np.arange(int(n.sum()), dtype=np.int64) - np.repeat(starts, n)).astype(np.int8)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
+from .errors import CdkitError
 from .catalog import Catalog
 from .paths import resolve
 from .aggregate import product_accuracy
@@ -112,6 +113,74 @@ class Prepared:
         return pd.read_csv(p) if p.exists() else None
 
 
+class DataSetError(CdkitError, ValueError):
+    "The data set breaks what the competition guarantees and later steps rely on; the message names file, product, count"
+
+
+def _ids_of(values, n=5) -> str:
+    return ", ".join(str(int(v)) for v in np.asarray(values)[:n])
+
+
+def check_data(data_dir, indices, catalog=None):
+    """What step 02 accepts, the later steps can use: products in train.bson and test.bson (test a file of
+    its own, not train again), ids positive, test ids disjoint from train ids, at most `MAX_PICTURES`
+    pictures a product (img_idx is int8), every train product labelled with a category of
+    category_names.csv. DataSetError naming the file, the products and how many otherwise."""
+    from .bsonfile import MAX_PICTURES
+    train_path, test_path = data_dir / "train.bson", data_dir / "test.bson"
+    if indices.get("test") is None:
+        raise DataSetError(f"{test_path} not found: the data set needs the test products (the competition's "
+                           "test.bson, or `python -m cdkit synth` output) to predict and submit")
+    import os
+    if os.path.samefile(train_path, test_path):
+        raise DataSetError(f"{test_path} is the same file as {train_path} (a link): the test set must be its own file")
+    for name, path in (("train", train_path), ("test", test_path)):
+        idx = indices[name]
+        if not len(idx):
+            raise DataSetError(f"{path} holds no product: {name}.bson must hold the competition's {name} products")
+        pid = idx["product_id"].to_numpy()
+        bad = pid <= 0
+        if bad.any():
+            raise DataSetError(f"{path}: {int(bad.sum()):,} product _id(s) are not positive, e.g. {_ids_of(pid[bad])}")
+        n = idx["n_imgs"].to_numpy()
+        many = n > MAX_PICTURES
+        if many.any():
+            raise DataSetError(f"{path}: {int(many.sum()):,} product(s) have more than {MAX_PICTURES} pictures (the "
+                               f"competition's have 1 to 4), e.g. _id {int(pid[many][0])} with {int(n[many][0])}")
+    train, test = indices["train"], indices["test"]
+    both = np.intersect1d(train["product_id"].to_numpy(), test["product_id"].to_numpy())
+    if len(both):
+        raise DataSetError(f"{test_path} and {train_path} share {len(both):,} of the test set's {len(test):,} product "
+                           f"_id(s), e.g. {_ids_of(both)}: test must hold other products than train (a copy of train?)")
+    labelled = train["category_id"].to_numpy() != NO_LABEL
+    if not labelled.all():
+        raise DataSetError(f"{train_path}: {int((~labelled).sum()):,} product(s) have no category_id, e.g. _id "
+                           f"{_ids_of(train['product_id'].to_numpy()[~labelled])}")
+    if catalog is not None:
+        known = np.isin(train["category_id"].to_numpy(), catalog.category_ids)
+        if not known.all():
+            cats = np.unique(train["category_id"].to_numpy()[~known])
+            raise DataSetError(f"{train_path}: {int((~known).sum()):,} product(s) carry {len(cats):,} category_id(s) "
+                               f"missing from {data_dir / 'category_names.csv'}, e.g. {_ids_of(cats)} (product _id "
+                               f"{_ids_of(train['product_id'].to_numpy()[~known], 3)})")
+
+
+def check_split(split, split_path, fusion_frac=0.0):
+    "Every part of the split that later steps need holds products: validation, training, fusion (when asked for)"
+    fold = split["fold"].to_numpy()
+    parts = [("validation", fold == VALID_FOLD, "valid_frac, or more products per category")]
+    if (fold > VALID_FOLD).any():  # K folds: each fold validates in turn, every product trains elsewhere
+        parts = []
+    else:
+        parts.append(("training", (fold != VALID_FOLD) & (fold != FUSION_FOLD), "valid_frac + fusion_frac"))
+        if fusion_frac:
+            parts.append(("fusion", fold == FUSION_FOLD, "fusion_frac, or categories with 3 or more products"))
+    for what, sel, lever in parts:
+        if not sel.any():
+            raise DataSetError(f"{split_path}: the {what} split holds no product ({len(fold):,} products in all): "
+                               f"change {lever}; a category with one product always trains")
+
+
 class SplitMissingError(FileNotFoundError):
     "The work folder has no split: step 02 has not run on this data"
 
@@ -148,10 +217,7 @@ def _check_data_dir(data_dir):
 def _prepared(data_dir, work_dir, split, indices):
     train = indices["train"]
     catalog = Catalog.from_csv(data_dir / "category_names.csv")
-    labelled = train["category_id"].to_numpy() != NO_LABEL
-    if not labelled.all():
-        raise ValueError(f"{data_dir / 'train.bson'}: {int((~labelled).sum())} products have no category_id")
-    catalog.to_class(train["category_id"].to_numpy())  # every category must be in the catalog
+    check_data(data_dir, indices, catalog)
     if len(split) != len(train) or not np.array_equal(split["product_id"].to_numpy(), train["product_id"].to_numpy()):
         raise ValueError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
                          "with force=True (every model must then be retrained on the new split)")
@@ -174,9 +240,12 @@ def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, fo
     if split_path.exists() and not force:
         split = load_split(split_path)
         _check_settings(split_path, split, settings)
+        check_split(split, split_path, fusion_frac)
         log(f"reusing {split_path}")
     else:
+        check_data(data_dir, indices)  # before a split is made of a data set that later steps cannot use
         split = make_split(indices["train"], valid_frac=valid_frac, seed=seed, n_folds=n_folds, fusion_frac=fusion_frac)
+        check_split(split, split_path, fusion_frac)
         save_split(split, split_path, settings)
     return _prepared(data_dir, work_dir, split, indices)
 

@@ -28,6 +28,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
+from .errors import CdkitError
 from .paths import resolve
 
 SPLITS = ("valid", "test")
@@ -135,3 +136,145 @@ class RunLayout:
     @property
     def submission(self) -> Path:
         return self.root / "submission.csv.gz"
+
+
+# Generations. The files one run of a step writes together (a model's valid and test stores, an
+# ensemble's, a stage's products) carry one generation id in their metadata: a store's manifest
+# `meta`, a Parquet file's schema metadata. A kill between two writes, or two runs on one folder,
+# leaves files of different generations side by side; `check_generation` is the one place that tells,
+# and every reader of such a pair goes through it (the pair readers below, or `check_generation`).
+GENERATION = "generation"                     # the key in a store's meta
+PARQUET_GENERATION = b"cdkit.generation"      # the key in a Parquet file's schema metadata
+PARQUET_SPLIT = b"cdkit.split"                # and the split the file holds (a store's meta: "split")
+
+
+class MixedGenerationError(CdkitError, ValueError):
+    "Files that one run of a step writes together come from different runs (a kill between them, two runs)"
+
+
+def new_generation() -> str:
+    "A fresh generation id for the files one run of a step is about to write"
+    import uuid
+    return uuid.uuid4().hex[:16]
+
+
+def _meta_tags(meta):
+    "(generation, split) a store's or feature store's meta records (None where it records none)"
+    meta = meta if isinstance(meta, dict) else {}
+    stamp = meta.get("stamp") if isinstance(meta.get("stamp"), dict) else {}
+    return meta.get(GENERATION), meta.get("split", stamp.get("split"))
+
+
+def _table_tags(table):
+    "(generation, split) in a Parquet table's (or schema's) metadata"
+    schema = getattr(table, "schema", table)
+    md = schema.metadata or {}
+    return tuple(md[k].decode() if md.get(k) else None for k in (PARQUET_GENERATION, PARQUET_SPLIT))
+
+
+def _tags_of(path):
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        return _table_tags(pq.read_schema(path))
+    if path.suffix == ".features":
+        from .features import read_manifest as read_features_manifest
+        return _meta_tags(read_features_manifest(path).get("meta"))
+    from .store import read_manifest
+    return _meta_tags(read_manifest(path).get("meta"))
+
+
+def generation_of(path):
+    "The generation id a store, feature store or Parquet file was written with (None: written without one)"
+    return _tags_of(path)[0]
+
+
+def _path_split(path):
+    "The split a layout file name says it holds (`<name>_<split>.store`, `<stage>_<split>.parquet`), or None"
+    m = _SPLIT_NAME.search(Path(path).name)
+    return m.group(1) if m else None
+
+
+_SPLIT_NAME = re.compile(r"_(valid|test|fusion)(?:\.shard\d+of\d+)?\.(?:store|features|parquet)$")
+
+
+def check_generation(paths, rewrites: str):
+    """The generation shared by `paths` (None: all written before generation ids); MixedGenerationError
+    naming two files that differ, or a file that holds another split than its name says, and `rewrites`,
+    the step (and command) that writes them again"""
+    paths = [Path(p) for p in paths]
+    return _same([(p, *_tags_of(p)) for p in paths], rewrites)
+
+
+def same_generation(loaded, rewrites: str):
+    "`check_generation` for stores already loaded (a PredStore or FeatureStore: `.path`, `.meta`)"
+    return _same([(s.path, *_meta_tags(s.meta)) for s in loaded], rewrites)
+
+
+def _same(items, rewrites):
+    for p, _, split in items:  # a file copied or moved onto another split's name
+        named = _path_split(p) if p is not None else None
+        if split and named and split != named:
+            raise MixedGenerationError(f"{p} holds the {split} split's pictures, not the {named} split's its name "
+                                       f"says (a file copied or moved onto another's name): run {rewrites} again "
+                                       "to rewrite it")
+    (p0, g0, _), rest = items[0], items[1:]
+    for p, g, _ in rest:
+        if g != g0:
+            raise MixedGenerationError(
+                f"{p0} (generation {g0 or 'none'}) and {p} (generation {g or 'none'}) were not "
+                f"written by one run of {rewrites}: run it again to rewrite both")
+    return g0
+
+
+def rewrites_store(member) -> str:
+    "The step that writes a member's stores"
+    if member.endswith("-fusion"):
+        return "step 06b (`cdkit fuse overwrite=true`)"
+    return "step 06 (`cdkit predict`)"
+
+
+def rewrites_ensemble(stage) -> str:
+    return "step 07 (`cdkit ensemble`)" if stage == "base" else "step 09 (`cdkit pseudo`)"
+
+
+def rewrites_products(stage) -> str:
+    return "step 08 (`cdkit aggregate`)" if stage == "base" else "step 09 (`cdkit pseudo`)"
+
+
+def write_products(df, path, generation, split=None):
+    """A stage's products as Parquet, atomically, with their generation and split (default: the one its
+    name says) in the schema metadata"""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from .io import atomic_write
+    split = split or _path_split(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    tags = {PARQUET_GENERATION: generation.encode(), **({PARQUET_SPLIT: split.encode()} if split else {})}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **tags})
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def check_stores(layout: RunLayout, member) -> str:
+    "A member's valid and test stores come from one run of the step that writes them; their generation"
+    return check_generation([layout.store(member, s) for s in SPLITS], rewrites_store(member))
+
+
+def check_ensemble(layout: RunLayout, stage) -> str:
+    "A stage's valid and test ensemble stores come from one run of step 07; their generation"
+    return check_generation([layout.ensemble_store(stage, s) for s in SPLITS], rewrites_ensemble(stage))
+
+
+def read_products(layout: RunLayout, stage) -> dict:
+    "{split: DataFrame} of a stage's products, refused when valid and test come from different runs"
+    import pyarrow.parquet as pq
+    paths = {s: layout.products(stage, s) for s in SPLITS}
+    for p in paths.values():
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found ({rewrites_products(stage)} writes it)")
+    # the generation is read from the very tables returned: a file replaced in between cannot slip through
+    tables = {s: pq.read_table(p) for s, p in paths.items()}
+    _same([(paths[s], *_table_tags(t)) for s, t in tables.items()], rewrites_products(stage))
+    return {s: t.to_pandas() for s, t in tables.items()}

@@ -29,7 +29,11 @@ plus 9 bytes per picture (product_id, img_idx); see `nominal_bytes_per_view` and
 `close` with ``os.replace``; a writer that never closed leaves only that temporary folder, which
 `load_store` refuses and the next writer beside it sweeps away. The manifest holds the sha256 of
 each chunk file, checked at load: a damaged chunk, or one copied in from another store, is a
-StoreError naming the store and the chunk (stores written before the checksums load unchecked).
+StoreError naming the store and the chunk (stores written before the checksums load unchecked);
+the manifest carries the sha256 of its own body too (a flipped digit in `n_classes` is not a valid
+store). `verify_store` checks every chunk without keeping the arrays: the freshness check of step 06
+uses it, so a damaged store is rebuilt rather than reused. A writer may put `rebuild` into `meta` (the
+step and command that write the store again): every damage message then ends with it.
 NaN or infinite probabilities are refused when added, naming the first bad row's product.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import disk_full_as_error, replace_dir, sweep_temps, tmp_path
+from .errors import CdkitError, shorten
+from .io import DiskFullError, disk_full_as_error, replace_dir, sweep_temps, tmp_path
 
 FORMAT = "cdkit-predstore"
 VERSION = 1
@@ -54,7 +59,7 @@ PROB_DTYPES = ("uint8", "float16", "float32")
 MANIFEST = "manifest.json"
 
 
-class StoreError(Exception):
+class StoreError(CdkitError, ValueError):
     "A prediction store is missing, unfinished, corrupt, or incompatible with another"
 
 
@@ -237,7 +242,11 @@ class StoreWriter:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         data = buf.getvalue()
-        with disk_full_as_error(self.path), open(self.tmp / name, "wb") as f: f.write(data)
+        try:
+            with disk_full_as_error(self.path), open(self.tmp / name, "wb") as f: f.write(data)
+        except DiskFullError:
+            self.abort()  # the space the partial store holds goes back at once
+            raise
         self.chunks.append(dict(file=name, rows=self.n_buf, sha256=hashlib.sha256(data).hexdigest()))
         self.n_rows += self.n_buf
         self.buf, self.n_buf = [], 0
@@ -248,8 +257,10 @@ class StoreWriter:
         self.flush()
         manifest = dict(format=FORMAT, version=VERSION, n_classes=self.n_classes, k=self.k, n_views=self.n_views,
                         prob_dtype=self.prob_dtype, n_rows=self.n_rows, chunks=self.chunks, meta=self.meta)
+        manifest = json.loads(json.dumps(manifest, default=_json_default))  # meta as it will read back
+        manifest["sha256"] = _manifest_digest(manifest)
         with disk_full_as_error(self.path), open(self.tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1, default=_json_default)
+            json.dump(manifest, f, indent=1)
             f.flush(); os.fsync(f.fileno())
         self.tmp.joinpath("WRITING").unlink()
         if self.path.exists() and not self.overwrite:
@@ -278,6 +289,17 @@ def _json_default(o):
     raise TypeError(f"meta value {o!r} is not JSON serializable")
 
 
+def _manifest_digest(manifest) -> str:
+    "sha256 of a manifest's content without its own checksum (key order and spacing do not count)"
+    body = {key: v for key, v in manifest.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _rebuild_hint(manifest) -> str:
+    hint = manifest.get("meta", {}).get("rebuild") if isinstance(manifest.get("meta"), dict) else None
+    return f"; {hint} writes it again" if hint else "; run the step that wrote it again"
+
+
 def read_manifest(path):
     "The manifest of a complete store; StoreError saying why otherwise"
     path = Path(path)
@@ -294,6 +316,8 @@ def read_manifest(path):
         raise StoreError(f"{mf} is corrupt (not JSON: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{mf} is not a {FORMAT} manifest")
+    if "sha256" in manifest and manifest["sha256"] != _manifest_digest(manifest):
+        raise StoreError(f"{mf} does not match its own checksum (damaged){_rebuild_hint(manifest)}")
     if manifest.get("version") != VERSION: raise StoreError(f"{mf}: unsupported version {manifest.get('version')}")
     missing = [key for key in ("n_classes", "k", "n_views", "prob_dtype", "n_rows", "chunks", "meta") if key not in manifest]
     if missing: raise StoreError(f"{mf} is corrupt: no {', '.join(missing)}")
@@ -301,32 +325,46 @@ def read_manifest(path):
     for c in manifest["chunks"]:
         if not isinstance(c, dict) or "file" not in c or "rows" not in c:
             raise StoreError(f"{mf} is corrupt: chunk entry {c!r}")
-        if not (path / c["file"]).exists(): raise StoreError(f"{path}: chunk {c['file']} is missing")
+        if not (path / c["file"]).exists():
+            raise StoreError(f"{path}: chunk {c['file']} is missing{_rebuild_hint(manifest)}")
+    if not isinstance(manifest["meta"], dict): raise StoreError(f"{mf} is corrupt: meta is not a mapping")
+    if sum(int(c["rows"]) for c in manifest["chunks"]) != manifest["n_rows"]:
+        raise StoreError(f"{mf} is corrupt: its chunks' rows do not add up to n_rows{_rebuild_hint(manifest)}")
     return manifest
 
 
 _CHUNK_ARRAYS = {"product_id": 1, "img_idx": 1, "cls": 3, "prob": 3, "rest": 2}  # name: ndim
 
 
-def _read_chunk(path, c, views, k):
+def _read_chunk(path, c, views, k, hint=""):
     "The arrays of one chunk, checked against the manifest entry `c` (checksum, rows, shapes)"
     where = f"{path}: chunk {c['file']}"
     data = (path / c["file"]).read_bytes()
     if "sha256" in c and hashlib.sha256(data).hexdigest() != c["sha256"]:
         raise StoreError(f"{where} does not match the checksum in the manifest (damaged, or copied in from "
-                         "another store)")
+                         f"another store){hint}")
     try:
         with np.load(io.BytesIO(data)) as z:
             arrays = {key: z[key] for key in _CHUNK_ARRAYS}
     except (zipfile.BadZipFile, zlib.error, ValueError, KeyError, OSError, EOFError) as e:
-        raise StoreError(f"{where} is unreadable ({type(e).__name__}: {e})") from None
+        raise StoreError(f"{where} is unreadable ({type(e).__name__}: {shorten(str(e))}){hint}") from None
     n = len(arrays["product_id"])
-    if n != c["rows"]: raise StoreError(f"{where}: row count differs from the manifest")
+    if n != c["rows"]: raise StoreError(f"{where}: row count differs from the manifest{hint}")
     for key, ndim in _CHUNK_ARRAYS.items():
         a = arrays[key]
         want = (n, views, k)[:ndim]
-        if a.shape != want: raise StoreError(f"{where}: {key} has shape {a.shape}, the manifest says {want}")
+        if a.shape != want: raise StoreError(f"{where}: {key} has shape {a.shape}, the manifest says {want}{hint}")
     return arrays
+
+
+def verify_store(path):
+    """The manifest of a complete store whose every chunk matches its checksum, rows and shapes;
+    StoreError naming the store, the chunk and the step that rebuilds it otherwise"""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for c in manifest["chunks"]:
+        _read_chunk(path, c, manifest["n_views"], manifest["k"], _rebuild_hint(manifest))
+    return manifest
 
 
 def _load_raw(path):
@@ -338,7 +376,7 @@ def _load_raw(path):
                  prob=np.zeros((0, views, k), manifest["prob_dtype"]), rest=np.zeros((0, views), rdt))
     parts = {key: [v] for key, v in empty.items()}
     for c in manifest["chunks"]:
-        arrays = _read_chunk(path, c, views, k)
+        arrays = _read_chunk(path, c, views, k, _rebuild_hint(manifest))
         for key in parts: parts[key].append(arrays[key])
     return manifest, {key: np.concatenate(v) for key, v in parts.items()}
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
+
 COMPETITION = "cdiscount-image-classification-challenge"
 COLUMNS = ["_id", "category_id"]
 
@@ -150,6 +152,32 @@ def fill_missing(pred, sample_ids, fallback_category):
     if not len(missing): return pred, 0
     extra = pd.Series(np.full(len(missing), fallback, np.int64), index=pd.Index(missing))
     return pd.concat([pred, extra]), len(missing)
+
+
+MAX_MISSING = 0.001  # share of the test products a submission may fill without a prediction (0.1 %)
+
+
+class CoverageError(CdkitError, ValueError):
+    "Product predictions that do not cover the test set they are submitted for"
+
+
+def check_coverage(product_ids, expected_ids, source, max_missing=MAX_MISSING, expected_from="the sample submission"):
+    """Refuse predictions (`product_ids`, read from `source`) that leave more than `max_missing` of
+    `expected_ids` without a prediction: products of another test set (the same catalog, other ids)
+    would otherwise all be filled with one category. Returns the number of expected ids not covered."""
+    pred = np.unique(_as_int64(product_ids, "_id", f" in {source}"))
+    expected = np.unique(_as_int64(expected_ids, "_id", f" of {expected_from}"))
+    missing = np.setdiff1d(expected, pred, assume_unique=True)
+    share = len(missing) / max(len(expected), 1)
+    if share > max_missing:
+        extra = np.setdiff1d(pred, expected, assume_unique=True)
+        raise CoverageError(
+            f"{source} has no prediction for {len(missing):,} of the {len(expected):,} products of {expected_from} "
+            f"({share:.2%}, more than max_missing={max_missing:g}), e.g. ids {_examples(missing)}"
+            + (f"; it predicts {len(extra):,} ids that {expected_from} does not hold, e.g. {_examples(extra)}"
+               if len(extra) else "")
+            + ": were these products made for another test set? Run steps 02-08 on this data")
+    return len(missing)
 
 
 def read_canonical(path):

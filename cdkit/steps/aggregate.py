@@ -132,6 +132,15 @@ def _stores(P: AggregateParams, layout: RunLayout, split):
     return [load_store(layout.ensemble_store(P.stage, split))]
 
 
+def _check_pairs(P: AggregateParams, layout: RunLayout, stores):
+    "Each store's valid and test halves come from one run of the step that wrote them"
+    from ..runs import rewrites_ensemble, rewrites_store, same_generation
+    names = P.models if P.rows == "all" else [f"ensemble-{P.stage}"]
+    for i, name in enumerate(names):
+        same_generation([stores[s][i] for s in SPLITS],
+                        rewrites_store(name) if P.rows == "all" else rewrites_ensemble(P.stage))
+
+
 def picture_hashes(prep: Prepared, which, log=print):
     "MD5 digests (n, 16) of every picture of train or test in image-table order, hashed once and cached"
     from ..bsonfile import BsonReader
@@ -254,15 +263,15 @@ def _average_products(parts, k_out, n_classes):
     return ProductPredictions(base.product_id, base.n_preds, mean.pred_class, mean.cls, mean.score)
 
 
-def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None):
-    "product_id, pred_class, category_id, score (+ md5: the lookup changed it) as Parquet, atomically"
-    from ..io import atomic_write
+def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None, generation=None):
+    """product_id, pred_class, category_id, score (+ md5: the lookup changed it) as Parquet, atomically,
+    with the generation that the stage's valid and test products share"""
+    from ..runs import new_generation, write_products
     df = pp.to_frame()
     df["category_id"] = prep.catalog.to_category(np.maximum(df["pred_class"].to_numpy(), 0))
     if md5_changed is not None:
         df["md5"] = md5_changed
-    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
-    return path
+    return write_products(df, path, generation or new_generation())
 
 
 def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> AggregateResult:
@@ -279,10 +288,14 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         stores[split] = _stores(P, layout, split)
         preds[(split, "mean")] = aggregate_stores(stores[split], "mean")
         preds[(split, "belief")] = aggregate_stores(stores[split], "belief", **belief_kw)
+    _check_pairs(P, layout, stores)
     lookups = {split: md5_votes(prep, split, P.md5_min_share, P.md5_products, log) for split in SPLITS} if P.md5 else {}
     rerank_seeds = None
     if P.rerank:
         from ..store import load_store
+        from ..runs import check_stores
+        for m in P.models:
+            check_stores(layout, m)
         members = {split: {"mean": preds[(split, "mean")], "belief": preds[(split, "belief")],
                            **{m: aggregate_stores([load_store(layout.store(m, split))], "mean") for m in P.models}}
                    for split in SPLITS}
@@ -297,6 +310,8 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         unfolded = {"valid": preds[("valid", chosen)]}  # the old figure: chosen on all of validation
         preds[("valid", "chosen per fold")] = _pick_products({m: preds[("valid", m)] for m in methods}, pick)
     md5, paths = {}, {}
+    from ..runs import new_generation
+    generation = new_generation()  # valid and test products: one generation, so a kill between them shows
     for split in SPLITS:
         made = preds[(split, "chosen per fold")] if (split, "chosen per fold") in preds else preds[(split, chosen)]
         final = made
@@ -314,7 +329,7 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
             in_sample = prep.accuracy(u.product_id, u.pred_class, split)
         preds[(split, "final")] = final
         acc[(split, "final")] = prep.accuracy(final.product_id, final.pred_class, split)
-        paths[split] = save_products(final, prep, layout.products(P.stage, split), changed)
+        paths[split] = save_products(final, prep, layout.products(P.stage, split), changed, generation)
     preds.pop(("valid", "chosen per fold"), None)
     by_pictures, by_level = _breakdowns(preds, prep)
     table = pd.Series(acc).unstack(0).reindex(methods + ["final"])[list(SPLITS)]

@@ -17,7 +17,8 @@ from pydantic import Field
 
 from ..params import RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, ModelNames, RunLayout
+from ..runs import (SPLITS, ModelNames, RunLayout, new_generation, rewrites_ensemble, rewrites_store,
+                    same_generation)
 from .predict import DEMO_MEMBERS, store_accuracy
 
 
@@ -54,6 +55,9 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     members = {split: [load_store(layout.store(m, split)) for m in P.models] for split in SPLITS}
+    for i, m in enumerate(P.models):  # each member's valid and test stores from one run of the step that wrote them
+        same_generation([members[s][i] for s in SPLITS], rewrites_store(m))
+    generation = new_generation()
     valid = members["valid"]
     w = _weights(P, valid, prep)
     table, stores, fold_weights = {}, {}, None
@@ -63,7 +67,9 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
             ens, fold_weights = _out_of_fold(P, valid, prep, k_out)
         else:
             ens = combine(members[split], weights=w, method=P.method, p=P.p, k_out=k_out)
-        ens.meta = dict(ens.meta or {}, members=list(P.models), weights=w.tolist(), method=P.method, stage=P.stage)
+        ens.meta = dict(ens.meta or {}, members=list(P.models), weights=w.tolist(), method=P.method, stage=P.stage,
+                        generation=generation, split=split, rebuild=rewrites_ensemble(P.stage),
+                        inputs={m: s.meta.get("generation") for m, s in zip(P.models, members[split])})
         stores[split] = save_store(ens, layout.ensemble_store(P.stage, split), overwrite=True)
         for m, s in zip(P.models, members[split]):
             table.setdefault(m, {})[split] = store_accuracy(s, prep, split)

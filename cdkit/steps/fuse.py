@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from ..params import ParamsError, RunParams, save_params
 from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, ModelNames, RunLayout
+from ..runs import SPLITS, ModelNames, RunLayout, same_generation
 from .predict import DEMO_MODELS
 
 VARIANTS = ("aware", "invariant")
@@ -129,6 +129,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
         raise ParamsError("the split has no fusion products: run step 02 with fusion_frac > 0 (force=true remakes the "
                           "split; every backbone must then be retrained, since some of its training products move)")
     fs = {s: _features(layout, model, s) for s in ("fusion", "valid", "test")}
+    same_generation(list(fs.values()), "step 06 (`cdkit predict`)")  # one model, one setting of step 06
     device = torch.device(P.device) if P.device else None
     groups = {s: product_groups(f.product_id, f.img_idx) for s, f in fs.items()}
     labels = {s: prep.truth(s).reindex(groups[s].product_id).to_numpy() for s in ("fusion", "valid")}
@@ -153,13 +154,15 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
             heads[(variant, seed)] = (spec, net)
     # each head alone on validation and test; the chosen variant's heads together make the member
     per_head = {}
+    from ..runs import GENERATION, new_generation, rewrites_store
+    meta = {GENERATION: new_generation(), "rebuild": rewrites_store(member)}  # one generation: valid and test
     for split in SPLITS:
         truth = prep.truth(split)
         for variant in variants:
             nets = [heads[(variant, s)][1] for s in P.seeds]
             tmp = tmp_path(layout.store(member, split))  # a killed run's leftovers are swept like any temp
-            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, device=device, truth=truth,
-                                         groups=groups[split])
+            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, meta={**meta, "split": split}, device=device,
+                                         truth=truth, groups=groups[split])
             # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
             per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))
     for variant in variants:

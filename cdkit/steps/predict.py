@@ -77,13 +77,72 @@ def store_accuracy(store, prep: Prepared, split, views=None) -> float:
     return prep.accuracy(pp.product_id, pp.pred_class, split)
 
 
-def _stamp(P: PredictParams, model_dir: Path, split):
-    "What a store must have been predicted with to be reused"
+# (path, inode, size, mtime_ns, ctime_ns) -> sha256: a file is hashed once per process while unchanged; the
+# ctime is in the key because a write that keeps the size and sets the mtime back still moves it
+_DIGESTS: dict = {}
+
+
+def file_digest(path) -> str:
+    "sha256 of a file's content, cached by its inode, size, mtime and ctime"
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        import hashlib
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def data_identity(prep: Prepared, split) -> dict:
+    """What the pictures of a split are: the BSON file's fingerprint and the sha256 of the split's
+    (product_id, img_idx) list (another split, another data set or an edited file changes it)"""
+    import hashlib
+    import numpy as np
+    cache = prep.__dict__.setdefault("_data_identity", {})  # the image table of 12 M pictures: once per split
+    if split in cache:
+        return cache[split]
+    images, bson_path = prep.images(split)
+    index = prep.test_index if split == "test" else prep.train_index
+    source = (index.attrs.get("source_fingerprint") or {}).get("sha256") if index is not None else None
+    h = hashlib.sha256(np.ascontiguousarray(images["product_id"].to_numpy(np.int64)).tobytes())
+    h.update(np.ascontiguousarray(images["img_idx"].to_numpy(np.int64)).tobytes())
+    cache[split] = dict(bson=source, pictures=h.hexdigest(), n=len(images))
+    return cache[split]
+
+
+# the stamp's fields that say which pictures a store holds; the rest (model, card, settings) is what
+# makes the stores of one model one generation
+_PICTURE_FIELDS = ("split", "data", "shard", "num_shards")
+
+
+def _stamp(P: PredictParams, model_dir: Path, split, prep: Prepared = None):
+    """What a store must have been predicted with to be reused: the content of model.pth and model.json
+    (input size, normalization, classes), the prediction settings, the split and its pictures"""
     w = model_dir / "model.pth"
-    st = w.stat()
-    return dict(model=str(w), model_mtime_ns=st.st_mtime_ns, model_bytes=st.st_size, split=split,
-                n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
-                num_shards=P.num_shards, combine_levels=_combine(P, model_dir))
+    stamp = dict(model=str(w), model_sha256=file_digest(w), card_sha256=file_digest(model_dir / "model.json"),
+                 split=split, n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
+                 num_shards=P.num_shards, combine_levels=_combine(P, model_dir))
+    if prep is not None:
+        stamp["data"] = data_identity(prep, split)
+    return stamp
+
+
+def generation_of_stamp(stamp: dict) -> str:
+    """The generation of a model's stores: the same model, card and settings on every split give the same
+    id, so a valid store reused beside a test store predicted again still make one pair"""
+    import hashlib
+    import json
+    model = {k: v for k, v in stamp.items() if k not in _PICTURE_FIELDS}
+    return hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _store_meta(stamp: dict) -> dict:
+    from ..runs import GENERATION
+    return {"stamp": stamp, GENERATION: generation_of_stamp(stamp), "rebuild": "step 06 (`cdkit predict`)"}
 
 
 def _combine(P: PredictParams, model_dir: Path) -> float:
@@ -100,14 +159,23 @@ def check_combine(P: PredictParams, layout: RunLayout):
                           "hierarchy_weights (no level heads to combine); train with hierarchy_weights or set combine_levels=0")
 
 
-def store_is_current(path, stamp) -> bool:
-    "A complete store exists and its meta matches `stamp` (a retrained model or other settings invalidate it)"
-    from ..store import StoreError, read_manifest
-    try:
-        meta = read_manifest(path).get("meta", {})
-    except (StoreError, OSError, ValueError):
+def store_is_current(path, stamp, log=None) -> bool:
+    """A complete store exists, its meta matches `stamp` (a retrained model, another card or other settings
+    invalidate it) and every chunk matches its checksum; `log` says why a store that exists is rebuilt"""
+    from ..store import StoreError, read_manifest, verify_store
+    if not Path(path).exists():
         return False
-    return meta.get("stamp") == stamp
+    try:
+        if read_manifest(path).get("meta", {}).get("stamp") != stamp:
+            if log:
+                log(f"rebuilding {path}: predicted with another model, card, data or settings")
+            return False
+        verify_store(path)
+    except (StoreError, OSError, ValueError) as e:
+        if log:
+            log(f"rebuilding {path}: {e}")
+        return False
+    return True
 
 
 def _device(name):
@@ -134,20 +202,20 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     feats = P.wants_features(name)
     splits = [s for s in FEATURE_SPLITS if s != "fusion" or (feats and prep.n_fusion)]
     for split in splits:
-        stamp = _stamp(P, model_dir, split)
+        stamp = _stamp(P, model_dir, split, prep)
         fstamp = _feature_stamp(stamp)
         path = layout.store(name, split, P.shard, P.num_shards) if split in SPLITS else None
         fpath = layout.features(name, split, P.shard, P.num_shards) if feats else None
         written = False
-        if (path and not store_is_current(path, stamp)) or (fpath and not features_current(fpath, fstamp)):
+        if (path and not store_is_current(path, stamp, log)) or (fpath and not features_current(fpath, fstamp, log)):
             trained = trained or load_trained(model_dir, device=_device(P.device), combine_levels=_combine(P, model_dir))
             images, bson_path = prep.images(split)
             predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
                              k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
                              mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
                              prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
-                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=dict(stamp=stamp),
-                             overwrite=True, features_path=fpath, features_meta=dict(stamp=fstamp))
+                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=_store_meta(stamp),
+                             overwrite=True, features_path=fpath, features_meta=_store_meta(fstamp))
             log(f"{name}: wrote {' and '.join(str(p) for p in (path, fpath) if p)}")
             written = True
         if fpath and P.num_shards > 1:
@@ -155,8 +223,8 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
             final = layout.features(name, split)
             merged = {**fstamp, "shard": 0, "num_shards": 1}
             if all(features_current(s, {**fstamp, "shard": i}) for i, s in enumerate(shards)) and (
-                    written or not features_current(final, merged)):
-                merge_features(shards, final, meta=dict(stamp=merged), overwrite=True)
+                    written or not features_current(final, merged, log)):
+                merge_features(shards, final, meta=_store_meta(merged), overwrite=True)
                 log(f"{name}: merged {P.num_shards} feature shards into {final}")
         if path is None:
             continue
@@ -165,8 +233,8 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
             final = layout.store(name, split)
             if all(store_is_current(s, {**stamp, "shard": i}) for i, s in enumerate(shards)):
                 merged_stamp = {**stamp, "shard": 0, "num_shards": 1}
-                if written or not store_is_current(final, merged_stamp):
-                    merge_stores(shards, final, overwrite=True, meta=dict(stamp=merged_stamp))
+                if written or not store_is_current(final, merged_stamp, log):
+                    merge_stores(shards, final, overwrite=True, meta=_store_meta(merged_stamp))
                     log(f"{name}: merged {P.num_shards} shards into {final}")
                 path = final
             else:

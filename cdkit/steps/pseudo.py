@@ -121,7 +121,8 @@ def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
     from ..aggregate import aggregate_stores
     from ..pseudolabel import product_confidence
     from ..store import load_store
-    final = pd.read_parquet(layout.products("base", "test"))
+    from ..runs import read_products
+    final = read_products(layout, "base")["test"]  # refuses valid and test products of different runs of step 08
     mean = aggregate_stores([load_store(layout.ensemble_store("base", "test"))], "mean")
     conf = product_confidence(mean).set_index("product_id")
     f = final.set_index("product_id")
@@ -239,9 +240,11 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     base_table = step06.run(P06.replace(models=[P.base], features=False), prep, log, save=False).table
     single = pd.concat([base_table, pred.table])
     changed = {}
+    from ..runs import read_products
+    products = {stage: read_products(layout, stage) for stage in ("base", "pseudo")}
     for split in ("valid", "test"):
-        a = pd.read_parquet(layout.products("base", split)).set_index("product_id")["pred_class"]
-        b = pd.read_parquet(layout.products("pseudo", split)).set_index("product_id")["pred_class"]
+        a = products["base"][split].set_index("product_id")["pred_class"]
+        b = products["pseudo"][split].set_index("product_id")["pred_class"]
         changed[split] = int((a.reindex(b.index).to_numpy() != b.to_numpy()).sum())
     return PseudoResult(P.labels_from, chosen, table, summary, alpha, pred, ens, agg, single, changed, time.time() - t0)
 

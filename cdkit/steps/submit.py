@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from ..params import RunParams
 from ..prepare import Prepared, load_prepared
-from ..runs import STAGES, RunLayout
+from ..runs import STAGES, RunLayout, read_products
 
 
 class SubmitParams(RunParams):
@@ -24,6 +25,7 @@ class SubmitParams(RunParams):
     source: Literal["auto", "base", "pseudo"] = "auto"  # products to submit: auto (better on validation), base (step 08) or pseudo (step 09)
     submit: bool = False                  # True: submit to Kaggle (credentials as the kaggle package finds them)
     message: str = Field("cdkit", min_length=1, max_length=500)  # the submission's description on Kaggle
+    max_missing: float = Field(0.001, ge=0, le=1)  # share of the test products that may lack a prediction (filled with the most frequent category); more is refused
 
 
 @dataclass
@@ -44,7 +46,7 @@ def choose_stage(P: SubmitParams, prep: Prepared):
     present = [s for s in STAGES if layout.products(s, "test").exists() and layout.products(s, "valid").exists()]
     acc = {}
     for s in present:
-        v = pd.read_parquet(layout.products(s, "valid"))
+        v = read_products(layout, s)["valid"]  # refuses valid and test products of different runs
         acc[s] = prep.accuracy(v["product_id"], v["pred_class"], "valid")
     if P.source != "auto":
         if P.source not in present:
@@ -80,13 +82,18 @@ def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
 def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     """Write run_dir/submission.csv.gz from the chosen products, in sample_submission order, validated
     first; products without a prediction get the most frequent train category"""
-    from ..submission import fill_missing, kaggle_submit, make_submission, write_submission
+    from ..submission import check_coverage, fill_missing, kaggle_submit, make_submission, write_submission
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     stage, acc = choose_stage(P, prep)
-    products = pd.read_parquet(layout.products(stage, "test"))
+    products = read_products(layout, stage)["test"]
     sample = prep.data_dir / "sample_submission.csv"
     sample_ids = pd.read_csv(sample, usecols=["_id"])["_id"].to_numpy()
+    # products for this test set: a test product without pictures cannot be predicted and is not counted
+    idx = prep.test_index
+    blank = idx["product_id"].to_numpy()[idx["n_imgs"].to_numpy() == 0] if idx is not None else []
+    check_coverage(products["product_id"].to_numpy(), np.setdiff1d(sample_ids, blank),
+                   f"{layout.products(stage, 'test')} (stage {stage!r})", P.max_missing)
     fallback = int(prep.train_index["category_id"].mode().iloc[0])
     pred, n_filled = fill_missing(products.set_index("product_id")["category_id"], sample_ids, fallback)
     if n_filled:
