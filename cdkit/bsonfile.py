@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
 from .io import atomic_write, sweep_temps
 
 NO_LABEL = -1  # category_id of a product in a test file
@@ -38,11 +39,11 @@ _TYPE_NAMES = {0x01: "a double", 0x02: "a string", 0x03: "a document", 0x04: "an
                0x12: "an int64", 0x13: "a decimal128"}
 
 
-class BsonFormatError(ValueError):
+class BsonFormatError(CdkitError, ValueError):
     "The file is not a well-formed sequence of BSON documents; the message names file, offset and product"
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(CdkitError, ValueError):
     "A picture's bytes decode as no image"
 
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
 from .io import atomic_dir, sweep_temps
 
 DTYPE = np.float16
 
 
-class FeatureStoreError(Exception):
+class FeatureStoreError(CdkitError):
     "A feature store that is missing, incomplete or does not match what reads it"
 
 
@@ -104,7 +105,8 @@ def read_manifest(path) -> dict:
     p = Path(path) / "manifest.json"
     if not p.exists():
         raise FeatureStoreError(f"{path} is not a complete feature store (no manifest.json)")
-    return json.loads(p.read_text())
+    from .errors import read_json
+    return read_json(p)
 
 
 def load_features(path, mmap=True) -> FeatureStore:

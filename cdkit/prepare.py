@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
 from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
@@ -112,7 +113,7 @@ class Prepared:
         return pd.read_csv(p) if p.exists() else None
 
 
-class SplitMissingError(FileNotFoundError):
+class SplitMissingError(CdkitError, FileNotFoundError):
     "The work folder has no split: step 02 has not run on this data"
 
 
@@ -181,7 +182,7 @@ def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, fo
     return _prepared(data_dir, work_dir, split, indices)
 
 
-class SplitSettingsError(ValueError):
+class SplitSettingsError(CdkitError, ValueError):
     "step 02 asks for a split other than the one in the work folder"
 
 

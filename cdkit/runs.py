@@ -33,14 +33,18 @@ from .paths import resolve
 SPLITS = ("valid", "test")
 FEATURE_SPLITS = ("fusion", "valid", "test")  # feature stores: the fusion split trains the fusion head
 STAGES = ("base", "pseudo")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Used with fullmatch (`$` would accept a final newline). At most MAX_NAME characters (plus a fusion member's
+# "-fusion"): a name becomes file names with suffixes (<name>_test.shard03of08.store), 255 bytes at most.
+MAX_NAME = 100
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}(-fusion)?" % (MAX_NAME - 1))
 
 
 def check_name(name: str, what="model name") -> str:
     "A name that can be a file name and is not one the layout reserves"
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.startswith("ensemble") or ".shard" in name:
-        raise ValueError(f"{what} {name!r} must be letters, digits, '_', '.', '-' (not starting with 'ensemble', "
-                         "no '.shard')")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("ensemble") or ".shard" in name:
+        from .errors import shorten
+        raise ValueError(f"{what} {shorten(name, 60)} must be 1-{MAX_NAME} letters, digits, '_', '.', '-' (not "
+                         "starting with 'ensemble', no '.shard')")
     return name
 
 

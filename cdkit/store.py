@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import CdkitError
 from .io import disk_full_as_error, replace_dir, sweep_temps, tmp_path
 
 FORMAT = "cdkit-predstore"
@@ -54,7 +55,7 @@ PROB_DTYPES = ("uint8", "float16", "float32")
 MANIFEST = "manifest.json"
 
 
-class StoreError(Exception):
+class StoreError(CdkitError):
     "A prediction store is missing, unfinished, corrupt, or incompatible with another"
 
 

@@ -39,23 +39,23 @@ class PseudoParams(RunParams):
     margin: float = Field(0.0, ge=0, le=1)     # and whose top-1 minus top-2 probability is at least this
     rank_by: Literal["prob", "margin"] = "prob"  # confidence used by fraction and cap
     fraction: float = Field(1.0, gt=0, le=1)   # then keep at most this share of all test products, most confident first
-    cap_per_category: int = Field(0, ge=0)     # then at most this many products per class (0: no cap)
+    cap_per_category: int = Field(0, ge=0, le=10**9)  # then at most this many products per class (0: no cap)
     # loss schedule (Lee 2013): alpha = 0 before T1, alpha_final*(t-T1)/(T2-T1) up to T2, alpha_final after
     alpha_final: float = Field(0.3, ge=0, le=10)  # the authors' alpha
-    T1: float = Field(0.0, ge=0)          # the model is already trained: pseudo-labels count from the start
-    T2: float = Field(1.0, ge=0)          # full weight after the first epoch
+    T1: float = Field(0.0, ge=0, le=1e9)  # the model is already trained: pseudo-labels count from the start
+    T2: float = Field(1.0, ge=0, le=1e9)  # full weight after the first epoch
     alpha_unit: Literal["epoch", "iter"] = "epoch"  # unit of t, T1, T2: (fractional) epochs or optimizer steps
     # batches
     pseudo_per_labeled: float = Field(3.0, ge=0, le=64)  # pseudo-labeled pictures per labeled picture in every batch (authors: 3)
     epoch_size: Literal["pseudo", "labeled"] = "pseudo"  # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
-    bs: int = Field(32, ge=1)             # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
-    epochs: int = Field(2, ge=1)          # fine-tuning epochs
+    bs: int = Field(32, ge=1, le=65536)   # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
+    epochs: int = Field(2, ge=1, le=1000)  # fine-tuning epochs
     lr: float = Field(1e-4, gt=0, le=1)   # peak of the one-cycle schedule: a fine-tune (1e-3 undid the demo model's training)
     pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
-    wd: float = Field(0.01, ge=0)         # decoupled weight decay
-    max_train_images: int | None = Field(None, ge=1)  # labeled pictures drawn from (whole products); None: all
-    num_workers: int = Field(0, ge=0)     # DataLoader worker processes
-    seed: int = Field(0, ge=0)            # batch order and augmentation
+    wd: float = Field(0.01, ge=0, le=10)  # decoupled weight decay
+    max_train_images: int | None = Field(None, ge=1, le=10**9)  # labeled pictures drawn from (whole products); None: all
+    num_workers: int = Field(0, ge=0, le=256)  # DataLoader worker processes
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # batch order and augmentation
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
     overwrite: bool = False               # replace what models/<name>/ holds (else a finished fine-tune there is refused)
 
@@ -126,11 +126,11 @@ def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
 
 def _reach(layout: RunLayout, member):
     "(highest probability, label smoothing) of a member: a trained model (model.json) or step 06b's fusion heads (fusion.json)"
-    import json
+    from ..errors import read_json
     from ..models import read_card
     d = layout.model_dir(member)
     if (d / "fusion.json").exists():
-        card = json.loads((d / "fusion.json").read_text())
+        card = read_json(d / "fusion.json")
         ls, n = card["params"]["label_smoothing"], next(iter(card["spec"].values()))["n_classes"]
         return 1.0 - ls + ls / n, ls
     c = read_card(d)
