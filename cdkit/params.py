@@ -319,6 +319,43 @@ def defaults(cls) -> dict[str, Any]:
     return {k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()}
 
 
+def field_comments(cls) -> dict:
+    """The trailing comment of each field's line in the class source (base classes first): the one
+    description of a parameter, shown by the notebooks' parameters cells and `cdkit <step> --help`"""
+    import inspect
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if not hasattr(klass, "model_fields") or klass.__module__.startswith("pydantic"):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        lines = src.splitlines()
+        for node in ast.parse(src).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = lines[node.lineno - 1]
+                if "#" in line:
+                    out[node.target.id] = line.split("#", 1)[1].strip()
+    return out
+
+
+def type_name(annotation) -> str:
+    "A parameter's type as a reader says it: 'int', 'int or None', 'list of float', 'adam|sgd'"
+    import types
+    import typing
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is typing.Literal:
+        return "|".join(str(a) if a != "" else "''" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def notebook_parameters(notebook_path):
     "The literals of a notebook's cell tagged `parameters`, as a dict (for checks and tests)"
     nb = json.loads(Path(notebook_path).read_text())
