@@ -42,3 +42,18 @@ def read_json(path):
         what = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
         raise FileFormatError(f"{path}: not valid JSON ({what}); it was truncated or damaged: restore it or rerun "
                               "the step that writes it") from None
+
+
+def read_parquet(path, **kw):
+    """pandas.read_parquet of the file `path` (indices, splits, product predictions, picture tables).
+
+    A file that is truncated or not Parquet raises FileFormatError naming it; a missing or unreadable
+    file raises the OSError that names it."""
+    import pandas as pd
+    try:
+        return pd.read_parquet(path, **kw)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its ArrowIOError an OSError
+        raise FileFormatError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]}); it was "
+                              "truncated or damaged: rerun the step that writes it") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import CdkitError
+from .errors import CdkitError, read_parquet
 from .io import atomic_dir, sweep_temps
 
 DTYPE = np.float16
@@ -114,7 +114,7 @@ def load_features(path, mmap=True) -> FeatureStore:
     path = Path(path)
     man = read_manifest(path)
     x = np.load(path / "features.npy", mmap_mode="r" if mmap else None)
-    pics = pd.read_parquet(path / "pictures.parquet")
+    pics = read_parquet(path / "pictures.parquet")
     if x.shape != (man["n"], man["d"]) or len(pics) != man["n"]:
         raise FeatureStoreError(f"{path}: features {x.shape} / {len(pics)} pictures disagree with the manifest "
                                 f"({man['n']} x {man['d']})")

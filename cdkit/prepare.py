@@ -148,13 +148,15 @@ def _check_data_dir(data_dir):
 
 def _prepared(data_dir, work_dir, split, indices):
     train = indices["train"]
+    if train is None or not len(train):
+        raise DataError(f"{data_dir / 'train.bson'} holds no products: an empty or damaged file; download it again")
     catalog = Catalog.from_csv(data_dir / "category_names.csv")
     labelled = train["category_id"].to_numpy() != NO_LABEL
     if not labelled.all():
-        raise ValueError(f"{data_dir / 'train.bson'}: {int((~labelled).sum())} products have no category_id")
+        raise DataError(f"{data_dir / 'train.bson'}: {int((~labelled).sum())} products have no category_id")
     catalog.to_class(train["category_id"].to_numpy())  # every category must be in the catalog
     if len(split) != len(train) or not np.array_equal(split["product_id"].to_numpy(), train["product_id"].to_numpy()):
-        raise ValueError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
+        raise DataError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
                          "with force=True (every model must then be retrained on the new split)")
     return Prepared(data_dir, work_dir, train, indices["test"], split, catalog)
 
@@ -180,6 +182,10 @@ def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, fo
         split = make_split(indices["train"], valid_frac=valid_frac, seed=seed, n_folds=n_folds, fusion_frac=fusion_frac)
         save_split(split, split_path, settings)
     return _prepared(data_dir, work_dir, split, indices)
+
+
+class DataError(CdkitError, ValueError):
+    "The data set or the split does not hold what step 02 needs: the message names the file"
 
 
 class SplitSettingsError(CdkitError, ValueError):

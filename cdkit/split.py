@@ -72,7 +72,8 @@ def save_split(split, path, settings=None):
 
 
 def load_split(path):
-    return pd.read_parquet(path)
+    from .errors import read_parquet
+    return read_parquet(path)
 
 
 def split_settings(path) -> dict | None:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from ..errors import read_parquet
 from ..params import ParamsError, RunParams, load_params
 from ..prepare import Prepared, load_prepared
 from ..runs import RunLayout, check_name
@@ -98,7 +99,7 @@ def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
     from ..aggregate import aggregate_stores
     from ..pseudolabel import product_confidence
     from ..store import load_store
-    final = pd.read_parquet(layout.products("base", "test"))
+    final = read_parquet(layout.products("base", "test"))
     mean = aggregate_stores([load_store(layout.ensemble_store("base", "test"))], "mean")
     conf = product_confidence(mean).set_index("product_id")
     f = final.set_index("product_id")
@@ -215,8 +216,8 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     single = pd.concat([base_table, pred.table])
     changed = {}
     for split in ("valid", "test"):
-        a = pd.read_parquet(layout.products("base", split)).set_index("product_id")["pred_class"]
-        b = pd.read_parquet(layout.products("pseudo", split)).set_index("product_id")["pred_class"]
+        a = read_parquet(layout.products("base", split)).set_index("product_id")["pred_class"]
+        b = read_parquet(layout.products("pseudo", split)).set_index("product_id")["pred_class"]
         changed[split] = int((a.reindex(b.index).to_numpy() != b.to_numpy()).sum())
     return PseudoResult(P.labels_from, chosen, table, summary, alpha, pred, ens, agg, single, changed, time.time() - t0)
 

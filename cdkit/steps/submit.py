@@ -11,6 +11,7 @@ from typing import Literal, Optional
 import pandas as pd
 from pydantic import Field
 
+from ..errors import read_parquet
 from ..params import RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import STAGES, RunLayout
@@ -40,7 +41,7 @@ def choose_stage(P: SubmitParams, prep: Prepared):
     present = [s for s in STAGES if layout.products(s, "test").exists() and layout.products(s, "valid").exists()]
     acc = {}
     for s in present:
-        v = pd.read_parquet(layout.products(s, "valid"))
+        v = read_parquet(layout.products(s, "valid"))
         acc[s] = prep.accuracy(v["product_id"], v["pred_class"], "valid")
     if P.source != "auto":
         if P.source not in present:
@@ -64,7 +65,7 @@ def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     stage, acc = choose_stage(P, prep)
-    products = pd.read_parquet(layout.products(stage, "test"))
+    products = read_parquet(layout.products(stage, "test"))
     sample = prep.data_dir / "sample_submission.csv"
     sample_ids = pd.read_csv(sample, usecols=["_id"])["_id"].to_numpy()
     fallback = int(prep.train_index["category_id"].mode().iloc[0])
