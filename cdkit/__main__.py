@@ -206,7 +206,25 @@ def index(bson: Path = typer.Argument(..., help="the BSON file (relative to the 
 def demo(ctx: typer.Context):
     "Run every notebook on the synthetic demo data (make demo): [--run-dir D] [--only 06,07] [key=value ...]"
     from .pipeline import main as pipeline_main
-    raise typer.Exit(pipeline_main(ctx.args))
+    raise typer.Exit(pipeline_main(_typed_demo_args(ctx.args)))
+
+
+def _typed_demo_args(args) -> list:
+    "`cdkit demo`'s --run-dir and path-valued key=value made absolute from the current folder"
+    from .params import path_fields
+    from .pipeline import STEPS
+    from .paths import typed
+    keys = set().union(*(path_fields(s.params_class()) for s in STEPS))
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--run-dir" and i + 1 < len(out):
+            out[i + 1] = str(typed(out[i + 1]))
+        elif a.startswith("--run-dir="):
+            out[i] = "--run-dir=" + str(typed(a.split("=", 1)[1]))
+        elif not a.startswith("-") and "=" in a and a.split("=", 1)[0].strip() in keys and a.split("=", 1)[1]:
+            k, v = a.split("=", 1)
+            out[i] = f"{k}={typed(v)}"
+    return out
 
 
 _register()

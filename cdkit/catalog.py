@@ -47,9 +47,7 @@ class Catalog:
         try:
             table = pd.read_csv(path, dtype={"category_id": np.int64})
         except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
-            from .errors import shorten
-            raise CatalogError(f"{path}: not a readable category_names.csv ({shorten(' '.join(str(e).split()), 200)[1:-1]})"
-                               ) from None
+            raise CatalogError(f"{path}: not a readable category_names.csv ({' '.join(str(e).split())[:200]})") from None
         return cls(table, source=str(path))
 
     @property

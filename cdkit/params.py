@@ -97,10 +97,16 @@ class RunParams(DataParams):
     run_dir: PathStr = "runs/demo"        # the run folder: models/, preds/, products/, results.json, report.md
 
 
+def _cut(text: str, limit: int) -> str:
+    "`text` (a message, not a value) cut to `limit` characters"
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
 def _describe(err: dict, values: dict) -> str:
     loc = ".".join(shorten(x, 40) if not isinstance(x, (str, int)) else str(x) for x in err.get("loc", ())) or "(parameters)"
     name = err["loc"][0] if err.get("loc") else None
-    msg = shorten(err.get("msg", "invalid"), 300)[1:-1]
+    msg = _cut(err.get("msg", "invalid"), 300)
     if name is not None and name in values:
         return f"parameter '{loc}' = {shorten(values[name])}: {msg}"
     return f"{msg}" if loc == "(parameters)" else f"parameter '{loc}': {msg}"
@@ -250,7 +256,7 @@ def read_params_file(path) -> dict:
     try:
         data = _yaml_value(text)
     except _PARSE_ERRORS as e:
-        raise ParamsError(f"{path}: invalid YAML: {shorten(' '.join(str(e).split()), 300)[1:-1]}") from None
+        raise ParamsError(f"{path}: invalid YAML: {_cut(e, 300)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -293,11 +299,11 @@ def parse_overrides(pairs) -> dict:
             raise ParamsError(f"override {shorten(p)} is not of the form key=value")
         k, v = p.split("=", 1)
         if len(v.encode("utf-8", "surrogatepass")) > MAX_PARAMS_BYTES:
-            raise ParamsError(f"override '{shorten(k.strip(), 40)[1:-1]}': value larger than {MAX_PARAMS_BYTES} bytes")
+            raise ParamsError(f"override '{_cut(k.strip(), 40)}': value larger than {MAX_PARAMS_BYTES} bytes")
         try:
             out[k.strip()] = _yaml_value(v)
         except _PARSE_ERRORS as e:
-            raise ParamsError(f"override {shorten(p)}: invalid value ({shorten(' '.join(str(e).split()), 300)[1:-1]})") from None
+            raise ParamsError(f"override {shorten(p)}: invalid value ({_cut(e, 300)})") from None
     return out
 
 

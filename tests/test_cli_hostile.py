@@ -213,6 +213,14 @@ def test_typed_paths_are_relative_to_the_current_folder(tmp_path_factory, spelli
     assert KIT_ROOT not in (cwd / "made").parents
 
 
+def test_demo_paths_are_typed_paths(tmp_path, monkeypatch):
+    from cdkit.__main__ import _typed_demo_args
+    monkeypatch.chdir(tmp_path)
+    got = _typed_demo_args(["--run-dir", "r", "--only", "06,07", "run_dir=x", "data_dir=d", "epochs=2", "--run-dir=q"])
+    assert got == ["--run-dir", str(tmp_path / "r"), "--only", "06,07", f"run_dir={tmp_path / 'x'}",
+                   f"data_dir={tmp_path / 'd'}", "epochs=2", f"--run-dir={tmp_path / 'q'}"]
+
+
 def test_command_line_paths_from_another_folder(tiny_data, tmp_path):
     "A -f file, synth's folder and a key=value path from another folder; a path inside a params file stays the root's"
     (tmp_path / "params").mkdir()
