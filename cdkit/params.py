@@ -215,9 +215,10 @@ BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 _PARSE_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError)
 
 
-def _yaml_value(text):
-    "The value of the YAML text (bounded by BoundedLoader)"
+def _yaml_value(text, name):
+    "The value of the YAML text (bounded by BoundedLoader); `name` is what its error marks call it"
     loader = BoundedLoader(text)
+    loader.name = name
     try:
         return loader.get_single_data()
     finally:
@@ -254,7 +255,7 @@ def read_params_file(path) -> dict:
     if "\x00" in text:
         raise ParamsError(f"{path}: not a text file (params files are UTF-8 YAML)")
     try:
-        data = _yaml_value(text)
+        data = _yaml_value(text, path.name)
     except _PARSE_ERRORS as e:
         raise ParamsError(f"{path}: invalid YAML: {_cut(e, 300)}") from None
     if data is None:
@@ -301,7 +302,7 @@ def parse_overrides(pairs) -> dict:
         if len(v.encode("utf-8", "surrogatepass")) > MAX_PARAMS_BYTES:
             raise ParamsError(f"override '{_cut(k.strip(), 40)}': value larger than {MAX_PARAMS_BYTES} bytes")
         try:
-            out[k.strip()] = _yaml_value(v)
+            out[k.strip()] = _yaml_value(v, "the value")
         except _PARSE_ERRORS as e:
             raise ParamsError(f"override {shorten(p)}: invalid value ({_cut(e, 300)})") from None
     return out
