@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import CdkitError
+from .errors import CdkitError, read_parquet
 from .io import atomic_write, sweep_temps
 
 NO_LABEL = -1  # category_id of a product in a test file
@@ -43,7 +43,7 @@ class BsonFormatError(CdkitError, ValueError):
     "The file is not a well-formed sequence of BSON documents; the message names file, offset and product"
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(CdkitError, ValueError):
     "A picture's bytes decode as no image"
 
 
@@ -497,7 +497,7 @@ def _index_meta(path):
 
 def load_index(path):
     "Read an index saved by `save_index`, checking its columns (an index of an older cdkit gets n_bad = 0)"
-    index = pd.read_parquet(path)
+    index = read_parquet(path)
     missing = set(_COLUMNS) - set(index.columns)
     if missing:
         raise ValueError(f"{path}: not a cdkit product index (missing columns {sorted(missing)})")

@@ -4,14 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .errors import CdkitError
+
 COLUMNS = ["category_id", "category_level1", "category_level2", "category_level3"]
 
 
-class UnknownCategoryError(KeyError):
+class UnknownCategoryError(CdkitError, KeyError):
     "A category_id that the catalog (category_names.csv) does not hold"
 
     def __str__(self):
         return str(self.args[0])
+
+
+class CatalogError(CdkitError, ValueError):
+    "category_names.csv cannot be read as the catalog: the message names the file"
 
 
 class Catalog:
@@ -21,10 +27,10 @@ class Catalog:
     def __init__(self, table: pd.DataFrame, source="category_names.csv"):
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
-            raise ValueError(f"{source}: missing columns {missing} (expected {COLUMNS})")
+            raise CatalogError(f"{source}: missing columns {missing} (expected {COLUMNS})")
         dup = table["category_id"].duplicated()
         if dup.any():
-            raise ValueError(f"{source}: category_id {table['category_id'][dup].iloc[0]} listed twice")
+            raise CatalogError(f"{source}: category_id {table['category_id'][dup].iloc[0]} listed twice")
         self.source = source
         self.table = table[COLUMNS].sort_values("category_id", kind="stable").reset_index(drop=True)
         self.category_ids = self.table["category_id"].to_numpy(np.int64)
@@ -38,7 +44,11 @@ class Catalog:
 
     @classmethod
     def from_csv(cls, path):
-        return cls(pd.read_csv(path, dtype={"category_id": np.int64}), source=str(path))
+        try:
+            table = pd.read_csv(path, dtype={"category_id": np.int64})
+        except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+            raise CatalogError(f"{path}: not a readable category_names.csv ({' '.join(str(e).split())[:200]})") from None
+        return cls(table, source=str(path))
 
     @property
     def n_classes(self):

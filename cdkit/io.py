@@ -15,11 +15,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from .errors import CdkitError
 
 TMP_MARK = ".tmp-"
 
 
-class DiskFullError(OSError):
+class DiskFullError(CdkitError, OSError):
     "No space left on the device (or past the file size limit, EFBIG) while writing a named path"
 
 
@@ -161,7 +162,7 @@ def sweep_temps(folder, recursive=False) -> list:
     return removed
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(CdkitError, RuntimeError):
     "Another process holds the lock of a run or work folder"
 
 
@@ -206,7 +207,7 @@ def folder_lock(folder, what="run folder"):
 INCOMPLETE = ".cdkit-incomplete"
 
 
-class IncompleteFolderError(RuntimeError):
+class IncompleteFolderError(CdkitError, RuntimeError):
     "A folder whose writer did not finish (killed, disk full)"
 
 

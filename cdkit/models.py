@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from .errors import CdkitError
 
 ITEM_SIZE = 180  # pictures are stored at 180x180
 
@@ -42,7 +43,7 @@ STUDY = {
 }
 
 
-class UnknownArchError(ValueError):
+class UnknownArchError(CdkitError, ValueError):
     "A backbone name that is neither a study name nor a timm model; the message lists close matches"
 
 
@@ -200,16 +201,20 @@ def save_trained(model: nn.Module, model_dir, card: ModelCard):
 
 
 def read_card(model_dir) -> ModelCard:
-    import json
     from pathlib import Path
     path = Path(model_dir) / "model.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train the model first (step 03-05 writes model.json beside "
                                 "model.pth)")
-    meta = json.loads(path.read_text())
+    from .errors import FileFormatError, read_json
+    meta = read_json(path)
     known = set(ModelCard.__dataclass_fields__)
-    card = ModelCard(**{k: v for k, v in meta.items() if k in known})
-    card.mean, card.std = tuple(card.mean), tuple(card.std)
+    try:
+        card = ModelCard(**{k: v for k, v in meta.items() if k in known})
+        card.mean, card.std = tuple(card.mean), tuple(card.std)
+    except (AttributeError, TypeError, ValueError) as e:  # JSON, but not a model card (fields missing or of the wrong kind)
+        raise FileFormatError(f"{path}: not a model card ({' '.join(str(e).split())[:200]}); retrain the model or "
+                              "restore the file") from None
     return card
 
 

@@ -1,9 +1,16 @@
 """Where things live. Importing this module has no side effects.
 
-One rule for every relative path the kit is given (params, notebooks, the command line, `cdkit synth`
-and `cdkit index` alike): it is taken from the repository root, so a notebook behaves the same in
-JupyterLab (cwd = notebooks/), under papermill and on the command line from any folder. CDKIT_ROOT
-overrides the root; absolute paths are used as they are."""
+The rule for relative paths, the one a shell user expects:
+
+- a path typed on the command line is relative to the current folder: a positional argument
+  (`cdkit synth data/tiny`, `cdkit index BSON --out PATH`), a params file (`-f params/x.yaml`) and a
+  path-valued override (`run_dir=runs/x`, any field typed `params.PathStr`); the command line makes
+  them absolute (`typed`) before anything else sees them;
+- a path written inside a params file or a notebook's parameters cell (and every default) is relative
+  to the repository root (`resolve`), so a notebook behaves the same in JupyterLab (cwd = notebooks/),
+  under papermill and from the command line in any folder.
+
+CDKIT_ROOT overrides the root; absolute paths are used as they are; `~` is expanded in both."""
 from __future__ import annotations
 
 import os
@@ -20,6 +27,11 @@ def resolve(p) -> Path:
     "An absolute path: `p` itself if absolute, else relative to the repository root"
     p = Path(os.path.expanduser(str(p)))
     return p if p.is_absolute() else ROOT / p
+
+
+def typed(p) -> Path:
+    "A path typed on the command line, made absolute: relative to the current folder"
+    return Path(os.path.abspath(os.path.expanduser(str(p))))
 
 
 # ---- where a Kaggle notebook keeps things ----

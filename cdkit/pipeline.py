@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CdkitError
 from .params import ParamsError, notebook_parameters, parse_overrides, read_params_file
 from .paths import NOTEBOOKS, resolve
 
@@ -78,7 +79,7 @@ def notebook_for_params(path):
     return best[1]
 
 
-class NotebookFailed(RuntimeError):
+class NotebookFailed(CdkitError, RuntimeError):
     "A notebook of the pipeline raised; the message names the notebook, the cell and the executed copy"
 
 

@@ -18,8 +18,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .errors import CdkitError
+from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
 from .paths import resolve
 from .aggregate import product_accuracy
@@ -181,7 +181,7 @@ def check_split(split, split_path, fusion_frac=0.0):
                                f"change {lever}; a category with one product always trains")
 
 
-class SplitMissingError(FileNotFoundError):
+class SplitMissingError(CdkitError, FileNotFoundError):
     "The work folder has no split: step 02 has not run on this data"
 
 
@@ -216,10 +216,12 @@ def _check_data_dir(data_dir):
 
 def _prepared(data_dir, work_dir, split, indices):
     train = indices["train"]
+    if train is None or not len(train):
+        raise DataError(f"{data_dir / 'train.bson'} holds no products: an empty or damaged file; download it again")
     catalog = Catalog.from_csv(data_dir / "category_names.csv")
     check_data(data_dir, indices, catalog)
     if len(split) != len(train) or not np.array_equal(split["product_id"].to_numpy(), train["product_id"].to_numpy()):
-        raise ValueError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
+        raise DataError(f"{work_dir / 'split.parquet'} was made for another train index: run step 02 again "
                          "with force=True (every model must then be retrained on the new split)")
     return Prepared(data_dir, work_dir, train, indices["test"], split, catalog)
 
@@ -250,7 +252,11 @@ def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, fo
     return _prepared(data_dir, work_dir, split, indices)
 
 
-class SplitSettingsError(ValueError):
+class DataError(CdkitError, ValueError):
+    "The data set or the split does not hold what step 02 needs: the message names the file"
+
+
+class SplitSettingsError(CdkitError, ValueError):
     "step 02 asks for a split other than the one in the work folder"
 
 

@@ -40,7 +40,11 @@ def results_path(run_dir):
 
 def load_results(run_dir) -> dict:
     p = results_path(run_dir)
-    return json.loads(p.read_text()) if p.exists() else {}
+    from .errors import FileFormatError, read_json
+    results = read_json(p) if p.exists() else {}
+    if not isinstance(results, dict):
+        raise FileFormatError(f"{p}: not the kit's results (a JSON object of step: results); restore it or rerun the steps")
+    return results
 
 
 def _clean(v):

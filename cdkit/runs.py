@@ -34,14 +34,18 @@ from .paths import resolve
 SPLITS = ("valid", "test")
 FEATURE_SPLITS = ("fusion", "valid", "test")  # feature stores: the fusion split trains the fusion head
 STAGES = ("base", "pseudo")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Used with fullmatch (`$` would accept a final newline). At most MAX_NAME characters (plus a fusion member's
+# "-fusion"): a name becomes file names with suffixes (<name>_test.shard03of08.store), 255 bytes at most.
+MAX_NAME = 100
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}(-fusion)?" % (MAX_NAME - 1))
 
 
 def check_name(name: str, what="model name") -> str:
     "A name that can be a file name and is not one the layout reserves"
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.startswith("ensemble") or ".shard" in name:
-        raise ValueError(f"{what} {name!r} must be letters, digits, '_', '.', '-' (not starting with 'ensemble', "
-                         "no '.shard')")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("ensemble") or ".shard" in name:
+        from .errors import shorten
+        raise ValueError(f"{what} {shorten(name, 60)} must be 1-{MAX_NAME} letters, digits, '_', '.', '-' (not "
+                         "starting with 'ensemble', no '.shard')")
     return name
 
 
@@ -165,6 +169,18 @@ def _meta_tags(meta):
     return meta.get(GENERATION), meta.get("split", stamp.get("split"))
 
 
+def _parquet(read, path):
+    "read(path) of a Parquet file; a truncated or damaged one is a FileFormatError naming it"
+    from .errors import FileFormatError
+    try:
+        return read(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its ArrowIOError an OSError
+        raise FileFormatError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]}); it was "
+                              "truncated or damaged: rerun the step that writes it") from None
+
+
 def _table_tags(table):
     "(generation, split) in a Parquet table's (or schema's) metadata"
     schema = getattr(table, "schema", table)
@@ -178,7 +194,7 @@ def _tags_of(path):
         import pyarrow.parquet as pq
         if not path.exists():
             raise FileNotFoundError(f"{path} not found")
-        return _table_tags(pq.read_schema(path))
+        return _table_tags(_parquet(pq.read_schema, path))
     if path.suffix == ".features":
         from .features import read_manifest as read_features_manifest
         return _meta_tags(read_features_manifest(path).get("meta"))
@@ -275,6 +291,6 @@ def read_products(layout: RunLayout, stage) -> dict:
         if not p.exists():
             raise FileNotFoundError(f"{p} not found ({rewrites_products(stage)} writes it)")
     # the generation is read from the very tables returned: a file replaced in between cannot slip through
-    tables = {s: pq.read_table(p) for s, p in paths.items()}
+    tables = {s: _parquet(pq.read_table, p) for s, p in paths.items()}
     _same([(paths[s], *_table_tags(t)) for s, t in tables.items()], rewrites_products(stage))
     return {s: t.to_pandas() for s, t in tables.items()}

@@ -72,15 +72,16 @@ def save_split(split, path, settings=None):
 
 
 def load_split(path):
-    return pd.read_parquet(path)
+    from .errors import read_parquet
+    return read_parquet(path)
 
 
 def split_settings(path) -> dict | None:
     "The settings a saved split was made with (None: a split saved before they were recorded)"
-    import json
     from pathlib import Path
     p = Path(path).with_suffix(".json")
-    return json.loads(p.read_text()) if p.exists() else None
+    from .errors import read_json
+    return read_json(p) if p.exists() else None
 
 
 def attach_split(table, split):

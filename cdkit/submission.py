@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from .errors import CdkitError
+
 
 COMPETITION = "cdiscount-image-classification-challenge"
 COLUMNS = ["_id", "category_id"]
 
 
-class SubmissionError(Exception):
+class SubmissionError(CdkitError):
     "A submission that Kaggle would reject or score wrongly; the message names the problem"
 
 

@@ -6,8 +6,6 @@ share one set of defaults (tests/test_notebooks.py checks it). The other cells a
 per notebook: markdown says why, code cells only call cdkit."""
 from __future__ import annotations
 
-import ast
-import inspect
 import sys
 from pathlib import Path
 
@@ -16,27 +14,8 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cdkit.params import defaults  # noqa: E402
+from cdkit.params import defaults, field_comments  # noqa: E402
 from cdkit.pipeline import STEPS  # noqa: E402
-
-
-def field_comments(cls) -> dict:
-    "The trailing comment of each field's line in the class source (base classes first)"
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not hasattr(klass, "model_fields") or klass.__module__.startswith("pydantic"):
-            continue
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        lines = src.splitlines()
-        for node in ast.parse(src).body[0].body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                line = lines[node.lineno - 1]
-                if "#" in line:
-                    out[node.target.id] = line.split("#", 1)[1].strip()
-    return out
 
 
 def parameters_cell(cls) -> str:

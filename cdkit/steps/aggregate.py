@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, aggregate_stores,
                          blend_products, mean_aggregate, prediction_rows)
-from ..params import RunParams, save_params
+from ..params import RunParams, Seed, save_params
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MEMBERS
@@ -39,11 +39,11 @@ class AggregateParams(RunParams):
     stage: Literal["base", "pseudo"] = "base"  # base: steps 06-08 on the trained models; pseudo: step 09's pass
     rows: Literal["pictures", "all"] = "pictures"  # pictures: one prediction per picture, the ensemble of 07; all: every picture x model x view (the study's wording)
     method: Literal["auto", "mean", "belief", "rerank"] = "auto"  # auto: whichever is better on validation (the re-ranker's figure is out of fold)
-    m: int = Field(5, ge=1)               # candidates: union of each prediction's top-m classes
-    z: float = Field(1.96, gt=0)          # 95% Gaussian interval
+    m: int = Field(5, ge=1, le=100)       # candidates: union of each prediction's top-m classes
+    z: float = Field(1.96, gt=0, le=10)   # 95% Gaussian interval
     rule: Literal["gaussian", "ratio"] = "gaussian"  # gaussian (the study) or ratio (the authors' code: 0.5x / 2x)
     score: Literal["sum", "mean"] = "sum"  # sum of included probabilities (the study) or their mean
-    min_preds: int = Field(3, ge=2)       # below this many predictions nothing is excluded
+    min_preds: int = Field(3, ge=2, le=10000)  # below this many predictions nothing is excluded
     ddof: int = Field(1, ge=0, le=1)      # sd of the other predictions: 1 sample, 0 population (gaussian rule)
     atol: float = Field(0.01, ge=0, le=1)  # a value within this of the others' mean is never excluded (0: the literal rule)
     all_excluded: Literal["zero", "mean"] = "zero"  # score of a candidate whose every prediction is excluded: 0, or the plain mean (the authors')
@@ -56,7 +56,7 @@ class AggregateParams(RunParams):
     rerank: bool = True                   # second level: LightGBM over the candidates of mean, belief and each member, trained on validation out of fold
     rerank_k: int = Field(5, ge=1, le=50)  # candidates: each prediction's top-k
     rerank_folds: int = Field(5, ge=2, le=20)  # folds of the validation products (each scored by the model trained without it)
-    rerank_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one fold assignment and LightGBM seed each; the re-ranker averages them, the report gives their spread
+    rerank_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)  # one fold assignment and LightGBM seed each; the re-ranker averages them, the report gives their spread
 
     @model_validator(mode="before")
     @classmethod

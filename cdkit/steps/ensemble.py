@@ -29,7 +29,7 @@ class EnsembleParams(RunParams):
     method: Literal["mean", "geometric", "power"] = "mean"  # how member distributions combine
     p: float = Field(0.5, gt=0, le=4)     # exponent of the power mean (0.5: blend of square roots)
     fit_weights: bool = True              # fit member weights on validation (log-loss); False: equal
-    k_out: int = Field(20, ge=1)          # classes kept per picture in the ensemble store
+    k_out: int = Field(20, ge=1, le=10000)  # classes kept per picture in the ensemble store
 
 
 @dataclass

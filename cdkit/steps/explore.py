@@ -22,8 +22,8 @@ class ExploreParams(DataParams):
     "Parameters of notebooks/01_explore_data.ipynb"
     synth_preset: Literal["", "tiny", "demo", "bench"] = "demo"  # generate this synthetic preset when data_dir has no train.bson and its name says synth, demo, tiny or bench ('': never)
     n_grid_products: int = Field(12, ge=0, le=64)         # products shown in the sample grid
-    max_hash_pictures: int = Field(200000, ge=1)          # pictures hashed for the duplicate count (sampled beyond this)
-    seed: int = Field(0, ge=0)                            # sampling seed
+    max_hash_pictures: int = Field(200000, ge=1, le=10**9)          # pictures hashed for the duplicate count (sampled beyond this)
+    seed: int = Field(0, ge=0, le=2**32 - 1)               # sampling seed
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..params import ParamsError, RunParams, save_params
+from ..params import ParamsError, RunParams, Seed, save_params
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout, same_generation
 from .predict import DEMO_MODELS
@@ -44,15 +44,15 @@ class FuseParams(RunParams):
     gate: bool = True                     # squeeze-excitation gate over the feature channels
     hidden: int = Field(256, ge=8, le=8192)  # width of the per-picture projection and the MLP (the full recipe: 1024)
     dropout: float = Field(0.3, ge=0, lt=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one head per seed; the member averages them, the report gives their spread
-    epochs: int = Field(10, ge=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)  # one head per seed; the member averages them, the report gives their spread
+    epochs: int = Field(10, ge=1, le=1000)
     lr: float = Field(2e-3, gt=0, le=1)   # one-cycle peak (Adam)
-    bs: int = Field(128, ge=1)            # products per batch
-    wd: float = Field(0.01, ge=0)
+    bs: int = Field(128, ge=1, le=65536)  # products per batch
+    wd: float = Field(0.01, ge=0, le=10)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    k: int = Field(20, ge=1)              # classes kept per product in the member's store
+    k: int = Field(20, ge=1, le=10000)    # classes kept per product in the member's store
     prob_dtype: Literal["uint8", "float16", "float32"] = "uint8"
-    block: int = Field(2048, ge=1)        # products per inference block (memory: block x 4 x d floats)
+    block: int = Field(2048, ge=1, le=1 << 20)  # products per inference block (memory: block x 4 x d floats)
     device: str = ""                      # cpu, cuda, ...; "": the GPU when there is one
     resume: bool = False                  # keep finished heads, continue unfinished ones from their checkpoints
     overwrite: bool = False               # replace what models/<model>-fusion/ holds (else a finished run there is refused)

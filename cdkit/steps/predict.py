@@ -32,13 +32,13 @@ class PredictParams(RunParams):
     "Parameters of notebooks/06_predict_tta.ipynb and `cdkit predict`"
     models: ModelNames = Field(default_factory=lambda: list(DEMO_MODELS), min_length=1)  # models in run_dir/models/ (the first is the baseline)
     n_tta: int = Field(1, ge=0, le=63)    # augmented views besides the original (0: no TTA; 1: the study's "TTA (1-2)", the demo's; the kit's full recipe: 4)
-    k: int = Field(20, ge=1)              # classes kept per picture and view (62 bytes at uint8)
+    k: int = Field(20, ge=1, le=10000)    # classes kept per picture and view (62 bytes at uint8)
     prob_dtype: str = Field("uint8", pattern="^(uint8|float16|float32)$")  # uint8 (sqrt-quantized), float16 or float32
-    bs: int = Field(128, ge=1)            # pictures per forward pass
-    num_workers: int = Field(2, ge=0)     # decoding processes
-    seed: int = Field(0, ge=0)            # TTA draws (the same picture always gets the same views)
-    shard: int = Field(0, ge=0)           # this machine's shard of the pictures ...
-    num_shards: int = Field(1, ge=1)      # ... out of this many (the last shard to finish merges them)
+    bs: int = Field(128, ge=1, le=65536)  # pictures per forward pass
+    num_workers: int = Field(2, ge=0, le=256)  # decoding processes
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # TTA draws (the same picture always gets the same views)
+    shard: int = Field(0, ge=0, le=4095)  # this machine's shard of the pictures ...
+    num_shards: int = Field(1, ge=1, le=4096)  # ... out of this many (the last shard to finish merges them)
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
     features: Union[bool, list[str]] = True  # store pooled features (fp16) for step 06b's fusion heads: true (every model), false, or the models to fuse (8 KB a test picture each for ResNet-101)
     combine_levels: float = Field(0.0, ge=0, le=10)  # models trained with hierarchy_weights: category log-probability + this x its parents' (0: the category head alone)

@@ -17,9 +17,9 @@ from ..prepare import Prepared, create_prepared, summary_table
 class PrepareParams(DataParams):
     "Parameters of notebooks/02_prepare_data.ipynb and `cdkit prepare`"
     valid_frac: float = Field(0.1, gt=0, lt=1)   # share of products held out (demo: 10%; the study held out about 2%)
-    seed: int = Field(0, ge=0)                   # split seed: fixed once, reused by every model
+    seed: int = Field(0, ge=0, le=2**32 - 1)      # split seed: fixed once, reused by every model
     fusion_frac: float = Field(0.15, ge=0, lt=1)  # share of products kept from the backbones for the fusion head (step 06b; 0: no fusion split)
-    n_folds: Optional[int] = Field(None, ge=2)   # K folds instead of one hold-out (None: hold-out)
+    n_folds: Optional[int] = Field(None, ge=2, le=100)  # K folds instead of one hold-out (None: hold-out)
     force: bool = False                          # rebuild indices and split even when they exist (retrain every model after)
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ from ..runs import RunLayout, check_name
 from . import aggregate as step08
 from . import ensemble as step07
 from . import predict as step06
-from .train import check_schedule, train_field
+from .train import LrFactors, LrSteps, check_schedule, train_field
 
 
 class PseudoParams(RunParams):
@@ -42,31 +42,31 @@ class PseudoParams(RunParams):
     margin: float = Field(0.0, ge=0, le=1)     # and whose top-1 minus top-2 probability is at least this
     rank_by: Literal["prob", "margin"] = "prob"  # confidence used by fraction and cap
     fraction: float = Field(1.0, gt=0, le=1)   # then keep at most this share of all test products, most confident first
-    cap_per_category: int = Field(0, ge=0)     # then at most this many products per class (0: no cap)
+    cap_per_category: int = Field(0, ge=0, le=10**9)  # then at most this many products per class (0: no cap)
     # loss weight alpha(t), `cdkit.pseudolabel.alpha_schedule`; docs/STUDY.md gives the three forms and their sources
     alpha_form: Literal["poster", "lee", "authors"] = "lee"  # lee: a_f*(t-T1)/(T2-T1) up to T2; poster: (t-T1)/(T2-T1) up to T2, then a_f; authors: StepAlpha, alpha_min up to T1, a_f*t/T2 up to T2
     alpha_final: float = Field(0.3, ge=0, le=10)  # a_f, the weight after T2 (the authors' StepAlpha: 2)
     alpha_min: float = Field(0.5, ge=0, le=10)  # the weight up to T1 in the authors' form (StepAlpha: 0.5); unused by the others
-    T1: float = Field(0.0, ge=0)          # the model is already trained: pseudo-labels count from the start
-    T2: float = Field(1.0, ge=0)          # full weight after the first epoch
+    T1: float = Field(0.0, ge=0, le=1e9)  # the model is already trained: pseudo-labels count from the start
+    T2: float = Field(1.0, ge=0, le=1e9)  # full weight after the first epoch
     alpha_unit: Literal["epoch", "iter"] = "epoch"  # unit of t, T1, T2: (fractional) epochs or optimizer steps
     # batches
     pseudo_per_labeled: float = Field(3.0, ge=0, le=64)  # pseudo-labeled pictures per labeled picture in every batch (authors: 3)
     epoch_size: Literal["pseudo", "labeled"] = "pseudo"  # an epoch is one pass over the pseudo-labeled pictures, or over the labeled
-    bs: int = Field(32, ge=1)             # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
-    epochs: int = Field(2, ge=1)          # fine-tuning epochs
+    bs: int = Field(32, ge=1, le=65536)   # labeled pictures per step; a step's batch holds bs*(1+pseudo_per_labeled)
+    epochs: int = Field(2, ge=1, le=1000)  # fine-tuning epochs
     # optimizer and schedule: the training step's parameters (same names, bounds and checks, `train.SCHEDULE_FIELDS`)
     optimizer: Literal["adam", "sgd"] = train_field("optimizer")  # adam (the kit's fine-tune) or sgd with momentum (the authors')
     momentum: float = train_field("momentum")  # sgd's momentum (the authors' trainer_pseudo.py: 0.1)
     one_cycle: bool = train_field("one_cycle")  # one-cycle schedule; False: flat lr, or the steps of lr_steps
     lr: float = Field(1e-4, gt=0, le=1)   # peak of the one-cycle schedule, or the flat / first lr: a fine-tune (1e-3 undid the demo model's training)
-    lr_steps: list[int] = train_field("lr_steps")  # epochs at which the lr steps down, with one_cycle off (the authors: [1, 3])
-    lr_step_factors: list[float] = train_field("lr_step_factors")  # the lr from each step on, times lr (the authors: [0.5, 0.05])
+    lr_steps: LrSteps = train_field("lr_steps")  # epochs at which the lr steps down, with one_cycle off (the authors: [1, 3])
+    lr_step_factors: LrFactors = train_field("lr_step_factors")  # the lr from each step on, times lr (the authors: [0.5, 0.05])
     pct_start: float = train_field("pct_start")  # share of the one cycle spent warming up
     wd: float = train_field("wd")         # weight decay: decoupled with adam, L2 with sgd (the authors: 1e-4)
-    max_train_images: int | None = Field(None, ge=1)  # labeled pictures drawn from (whole products); None: all
-    num_workers: int = Field(0, ge=0)     # DataLoader worker processes
-    seed: int = Field(0, ge=0)            # batch order and augmentation
+    max_train_images: int | None = Field(None, ge=1, le=10**9)  # labeled pictures drawn from (whole products); None: all
+    num_workers: int = Field(0, ge=0, le=256)  # DataLoader worker processes
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # batch order and augmentation
     device: str = ""                      # cpu, cuda, cuda:1, ...; "": the GPU when there is one
     overwrite: bool = False               # replace what models/<name>/ holds (else a finished fine-tune there is refused)
 
@@ -150,11 +150,11 @@ def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
 
 def _reach(layout: RunLayout, member):
     "(highest probability, label smoothing) of a member: a trained model (model.json) or step 06b's fusion heads (fusion.json)"
-    import json
+    from ..errors import read_json
     from ..models import read_card
     d = layout.model_dir(member)
     if (d / "fusion.json").exists():
-        card = json.loads((d / "fusion.json").read_text())
+        card = read_json(d / "fusion.json")
         ls, n = card["params"]["label_smoothing"], next(iter(card["spec"].values()))["n_classes"]
         return 1.0 - ls + ls / n, ls
     c = read_card(d)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from ..errors import read_parquet
 from ..params import RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import STAGES, RunLayout, read_products
@@ -73,7 +74,7 @@ def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
     truth = prep.truth("valid")
     correct = {}
     for s in stages:
-        v = pd.read_parquet(layout.products(s, "valid")).set_index("product_id")["pred_class"]
+        v = read_parquet(layout.products(s, "valid")).set_index("product_id")["pred_class"]
         correct[s] = (v.reindex(truth.index).to_numpy() == truth.to_numpy()).astype(float)
     # a product a stage did not predict counts as wrong for it (NaN never equals a class)
     return choose_per_fold(pd.DataFrame(correct, index=truth.index), validation_folds(truth.index))[3]

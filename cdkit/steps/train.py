@@ -30,10 +30,15 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from ..params import ParamsError, RunParams, changed_params, save_params
+from ..params import ParamsError, PathStr, RunParams, changed_params, save_params
 from ..runs import RunLayout, check_name
 
 log = logging.getLogger(__name__)
+
+
+# list types shared with the fine-tune of step 09 (`train_field` copies a field, not its annotation)
+LrSteps = list[Annotated[int, Field(le=1000)]]
+LrFactors = list[Annotated[float, Field(le=100)]]
 
 
 class TrainParams(RunParams):
@@ -41,34 +46,34 @@ class TrainParams(RunParams):
     # run
     name: str = "resnet"                  # the model's folder: run_dir/models/<name>/
     # data (the split is made once by step 02 and reused by every model)
-    max_train_images: Optional[int] = Field(3000, ge=1)  # None: all; fewer (whole products) for quick runs
-    max_valid_images: Optional[int] = Field(None, ge=1)  # None: the whole validation split
+    max_train_images: Optional[int] = Field(3000, ge=1, le=10**9)  # None: all; fewer (whole products) for quick runs
+    max_valid_images: Optional[int] = Field(None, ge=1, le=10**9)  # None: the whole validation split
     # model
     arch: str = "resnet18"                # demo stand-in for resnet101 (study names: resnet101, seresnet50, inception_v3, inception_v4, xception; or any timm name)
-    pretrained_file: Optional[str] = None  # local ImageNet state dict for the backbone; None: random init (no internet)
+    pretrained_file: Optional[PathStr] = None  # local ImageNet state dict for the backbone; None: random init (no internet)
     item_size: Optional[int] = Field(None, ge=16, le=180)  # side of the random crop of the 180x180 picture; None: the study's (160 ResNets, 180 Inception/Xception)
     size: Optional[int] = Field(64, ge=16, le=1024)  # model input side, the crop resized on the device; None: item_size (demo: 64 for CPU minutes)
-    mean: Optional[list[float]] = Field(None, min_length=3, max_length=3)  # normalization; None: the backbone's pretraining statistics
-    std: Optional[list[float]] = Field(None, min_length=3, max_length=3)   # idem
-    head_hidden: int = Field(0, ge=0)     # 0: one linear layer after pooling; >0: fastai's head with this hidden width
+    mean: Optional[list[Annotated[float, Field(ge=-10, le=10)]]] = Field(None, min_length=3, max_length=3)  # normalization; None: the backbone's pretraining statistics
+    std: Optional[list[Annotated[float, Field(gt=0, le=10)]]] = Field(None, min_length=3, max_length=3)   # idem
+    head_hidden: int = Field(0, ge=0, le=16384)  # 0: one linear layer after pooling; >0: fastai's head with this hidden width
     head_dropout: float = Field(0.25, ge=0, lt=1)  # dropout before the last linear layer
-    hierarchy_weights: Optional[list[float]] = None  # None: categories only; [category, level 2, level 1] loss weights of auxiliary level heads (rwightman: [0.8, 0.1, 0.1])
+    hierarchy_weights: Optional[list[Annotated[float, Field(le=100)]]] = Field(None, max_length=3)  # None: categories only; [category, level 2, level 1] loss weights of auxiliary level heads (rwightman: [0.8, 0.1, 0.1])
     # optimization
-    bs: int = Field(32, ge=1)             # pictures per batch and process (study: 64x4 or 160x2)
-    acc_steps: int = Field(1, ge=1)       # batches per optimizer step (gradient accumulation)
-    epochs: int = Field(3, ge=1)          # passes over the training pictures
+    bs: int = Field(32, ge=1, le=65536)   # pictures per batch and process (study: 64x4 or 160x2)
+    acc_steps: int = Field(1, ge=1, le=1024)  # batches per optimizer step (gradient accumulation)
+    epochs: int = Field(3, ge=1, le=1000)  # passes over the training pictures
     lr: Union[Annotated[float, Field(gt=0, le=10)], Literal["find"]] = 3e-3  # peak learning rate (Adam); "find": lr_find's suggestion (valley)
     optimizer: Literal["adam", "sgd"] = "adam"  # adam (the kit's recipe) or sgd with momentum (the study's)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd's momentum (the study: 0.1, its authors' trainer.py)
     one_cycle: bool = True                # one-cycle schedule; False: flat lr, or the steps of lr_steps, or batch growth in place of decay
-    lr_steps: list[int] = Field(default_factory=list)  # epochs at which the lr steps down (the study: [1, 3]), with one_cycle off
-    lr_step_factors: list[float] = Field(default_factory=list)  # the lr from each step on, times lr (the study: [0.5, 0.05], 0.01 to 0.005 to 0.0005)
+    lr_steps: LrSteps = Field(default_factory=list, max_length=100)  # epochs at which the lr steps down (the study: [1, 3]), with one_cycle off
+    lr_step_factors: LrFactors = Field(default_factory=list, max_length=100)  # the lr from each step on, times lr (the study: [0.5, 0.05], 0.01 to 0.005 to 0.0005)
     pct_start: float = Field(0.25, gt=0, lt=1)  # share of the one cycle spent warming up
-    wd: float = Field(0.01, ge=0)         # weight decay: decoupled with adam, L2 (as torch's SGD) with sgd (the study: 1e-4)
+    wd: float = Field(0.01, ge=0, le=10)  # weight decay: decoupled with adam, L2 (as torch's SGD) with sgd (the study: 1e-4)
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # 0: plain cross-entropy
-    batch_growth_epochs: list[int] = Field(default_factory=list)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017), with one_cycle off
-    batch_growth_factor: Union[Annotated[int, Field(ge=2, le=1000)], list[Annotated[int, Field(ge=2, le=1000)]]] = 2  # growth factor at each of those epochs, or one per epoch (the study: [2, 10], the inverse of the lr steps x0.5, x0.1)
-    max_bs: Optional[int] = Field(None, ge=1)  # most pictures per batch that fit in memory; growth beyond goes to accumulation
+    batch_growth_epochs: list[Annotated[int, Field(le=1000)]] = Field(default_factory=list, max_length=100)  # epochs at which the effective batch grows instead of the lr decaying (Smith et al. 2017), with one_cycle off
+    batch_growth_factor: Union[Annotated[int, Field(ge=2, le=1000)], Annotated[list[Annotated[int, Field(ge=2, le=1000)]], Field(max_length=100)]] = 2  # growth factor at each of those epochs, or one per epoch (the study: [2, 10], the inverse of the lr steps x0.5, x0.1)
+    max_bs: Optional[int] = Field(None, ge=1, le=65536)  # most pictures per batch that fit in memory; growth beyond goes to accumulation
     # augmentation (the random crop is the shift)
     flip: bool = True                     # random horizontal flip
     max_rotate: float = Field(10.0, ge=0, le=180)  # degrees
@@ -77,15 +82,15 @@ class TrainParams(RunParams):
     mixed_precision: Literal["bf16", "fp16", "none"] = "bf16"  # GPU only
     channels_last: bool = True            # GPU only
     sync_bn: bool = True                  # synchronized BatchNorm across GPUs in data-parallel runs
-    num_workers: int = Field(2, ge=0)     # decoding processes per training process
+    num_workers: int = Field(2, ge=0, le=256)  # decoding processes per training process
     # control
-    seed: int = Field(0, ge=0)            # weights, shuffling, augmentation
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # weights, shuffling, augmentation
     resume: bool = False                  # continue from models/<name>/checkpoints/last.pth if it exists
-    stop_after: Optional[int] = Field(None, ge=1)  # stop after this many epochs as an interruption would; resume continues
+    stop_after: Optional[int] = Field(None, ge=1, le=1000)  # stop after this many epochs as an interruption would; resume continues
     overwrite: bool = False               # replace what models/<name>/ holds (else a finished or started run there is refused)
-    checkpoint_every: Optional[int] = Field(None, ge=1)  # also checkpoint every this many optimizer steps, mid-epoch (resume continues there)
+    checkpoint_every: Optional[int] = Field(None, ge=1, le=10**9)  # also checkpoint every this many optimizer steps, mid-epoch (resume continues there)
     lr_find: bool = False                 # run fastai's lr_find before training and save lr_find.png (with lr "find", train at its suggestion)
-    lr_find_iters: int = Field(100, ge=2)  # mini-batches lr_find tries
+    lr_find_iters: int = Field(100, ge=2, le=10000)  # mini-batches lr_find tries
     callbacks: list[Literal["csv", "tensorboard", "wandb"]] = Field(default_factory=list)  # extra loggers: csv (history.csv), tensorboard, wandb (fastai's own; the package must be installed)
 
     @model_validator(mode="after")
@@ -154,16 +159,16 @@ class InceptionTrainParams(TrainParams):
     name: str = "inception"
     arch: str = "inception_v3"            # Inception v3 (inception_v4: the study's other Inception)
     size: Optional[int] = Field(75, ge=16, le=1024)  # Inception v3 needs at least 75 px
-    epochs: int = Field(2, ge=1)
-    max_train_images: Optional[int] = Field(1500, ge=1)
+    epochs: int = Field(2, ge=1, le=1000)
+    max_train_images: Optional[int] = Field(1500, ge=1, le=10**9)
 
 
 class XceptionTrainParams(TrainParams):
     "TrainParams of notebook 05: the same fields, Xception by default"
     name: str = "xception"
     arch: str = "xception"                # Chollet's Xception (timm legacy_xception), the study's
-    epochs: int = Field(2, ge=1)
-    max_train_images: Optional[int] = Field(1500, ge=1)
+    epochs: int = Field(2, ge=1, le=1000)
+    max_train_images: Optional[int] = Field(1500, ge=1, le=10**9)
 
 
 @dataclass
