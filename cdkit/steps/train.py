@@ -117,6 +117,14 @@ class TrainParams(RunParams):
                              "the category's > 0 (e.g. [0.8, 0.1, 0.1]); None for no level heads")
         if self.resume and self.overwrite:
             raise ValueError("resume=True contradicts overwrite=True: continue the run in models/<name>/, or replace it")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"mean={self.mean} and std={self.std}: give both (the normalization of your inputs) or "
+                             "neither (the backbone's pretraining statistics); one alone would be ignored")
+        if self.std is not None and not all(0 < s < float("inf") for s in self.std):
+            raise ValueError(f"std={self.std} (with mean={self.mean}): each std must be finite and > 0 (dividing by "
+                             "it normalizes the inputs)")
+        if self.mean is not None and not all(abs(m) < float("inf") for m in self.mean):
+            raise ValueError(f"mean={self.mean} (with std={self.std}): each mean must be finite")
         return self
 
 
@@ -177,11 +185,22 @@ def effective(P: TrainParams) -> TrainParams:
     return P.replace(item_size=item_size, size=P.size or item_size)
 
 
+def finished_epochs(model_dir: Path) -> Optional[int]:
+    """The epochs of a finished model in `model_dir` (model.json, and no checkpoint: a run removes its
+    checkpoint when it trained all its epochs); None when there is none"""
+    from ..models import read_card
+    if (model_dir / "checkpoints" / "last.pth").exists() or not (model_dir / "model.json").exists(): return None
+    return read_card(model_dir).epochs_done
+
+
 def check_resume(P: TrainParams, model_dir: Path):
-    "Refuse to resume a run whose saved parameters differ in anything that changes the model or the data order"
+    """Refuse to resume a run whose saved parameters differ in anything that changes the model or the data
+    order (paths compared by what they point to), and to continue a finished model to more epochs"""
     import yaml
     saved_path = model_dir / "params.yaml"
-    if not (P.resume and saved_path.exists() and (model_dir / "checkpoints" / "last.pth").exists()):
+    finished = finished_epochs(model_dir) if P.resume else None
+    if not (P.resume and saved_path.exists() and ((model_dir / "checkpoints" / "last.pth").exists()
+                                                  or finished is not None)):
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     diff = changed_params(saved, P, [k for k in type(P).model_fields if k not in RESUMABLE_CHANGES])
@@ -189,6 +208,11 @@ def check_resume(P: TrainParams, model_dir: Path):
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ParamsError(f"resume=True: {model_dir} was trained with other parameters ({what}); resuming would "
                           "change the model or the data order. Use the saved values, or another name")
+    if finished is not None and P.epochs > finished:
+        # its schedule ran to its end (one-cycle annealed to ~0): more epochs would not be the longer run
+        raise ParamsError(f"resume=True epochs={P.epochs}: {model_dir} is a finished model of {finished} epochs "
+                          f"(model.pth); a finished run keeps no checkpoint to continue from. Train another name "
+                          f"with epochs={P.epochs}, or overwrite=true")
 
 
 def _sample_products(images, max_images, seed):
@@ -270,6 +294,7 @@ def logger_callbacks(names, model_dir):
                for n in names if n in LOGGER_PACKAGES and importlib.util.find_spec(LOGGER_PACKAGES[n]) is None]
     if missing: raise ParamsError("parameter 'callbacks': " + "; ".join(missing))
     cbs = []
+    if model_dir is None: return cbs  # the check alone
     for n in dict.fromkeys(names):
         if n == "csv":
             from fastai.callback.progress import CSVLogger
@@ -298,12 +323,20 @@ def setup(P: TrainParams) -> TrainSetup:
         raise ParamsError("checkpoint_every: mid-epoch checkpoints are written by one-process runs only; "
                           "data-parallel runs checkpoint after each epoch")
     model_dir = RunLayout.of(P.run_dir).model_dir(P.name)
+    # parameters and inputs are checked before the lock: a refused run writes nothing, not even the folder
+    check_resume(_resumed_lr(P, model_dir), model_dir)
+    logger_callbacks(P.callbacks, None)
+    prep = None
+    if world_size() == 1:
+        from ..prepare import load_prepared
+        prep = load_prepared(P.data_dir, P.work_dir)
+    if rank() == 0 and not P.overwrite: check_fresh(P, model_dir)
     lock = contextlib.ExitStack()
     try:
         if rank() == 0:  # data-parallel: rank 0 holds the folder for every process of the run
             lock.enter_context(folder_lock(model_dir, "model folder"))
             check_fresh(P, model_dir)
-        S = _setup(P, model_dir)
+        S = _setup(P, model_dir, prep)
     except BaseException:
         lock.close()
         raise
@@ -311,8 +344,7 @@ def setup(P: TrainParams) -> TrainSetup:
     return S
 
 
-def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
-    import torch
+def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     from fastai.learner import ValueMetric
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
@@ -334,13 +366,13 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     if state is not None:
         with state.main_process_first():  # one process rebuilds a stale index, the others read it
             prep = load_prepared(P.data_dir, P.work_dir)
-    else:
+    elif prep is None:
         prep = load_prepared(P.data_dir, P.work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
     images, valid_mask = _images(prep, P)
-    mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
+    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
     device = state.device if state is not None else None
     dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=P.size,
                            item_size=P.item_size, bs=P.bs, num_workers=P.num_workers, mean=mean, std=std,
@@ -353,14 +385,17 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
     ckpt = run_dir / "checkpoints" / "last.pth"
     resuming = P.resume and ckpt.exists()
-    if P.resume and not resuming: log.warning("resume: no checkpoint at %s; starting from scratch", ckpt)
-    start_epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if resuming else 0
+    finished = finished_epochs(run_dir) if P.resume and not resuming else None  # check_resume: epochs <= these
+    if P.resume and not resuming and finished is None:
+        log.warning("resume: no checkpoint at %s; starting from scratch", ckpt)
+    saved = C.read_checkpoint(ckpt) if resuming else None  # a safe load: refused, never executed, if not plain
+    start_epoch = int(saved["epoch"]) if resuming else finished or 0
     precision, note = C.precision_callbacks(P.mixed_precision, P.channels_last, dls.device)
     if note: log.info(note)
     cbs = [C.GradAccum(P.acc_steps)] if P.acc_steps > 1 or P.max_bs else []
     if P.batch_growth_epochs:
         cbs.append(C.BatchGrowth(P.batch_growth_epochs, P.batch_growth_factor, P.max_bs))
-    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch),
+    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch), C.FiniteLoss(),
                         C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
     cat = prep.catalog
@@ -378,8 +413,11 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
         learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
     learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
     learn.model.to(dls.device)
+    if finished is not None:  # a finished model: its weights; fit has nothing left to do
+        from ..callbacks import safe_load
+        learn.model.load_state_dict(safe_load(run_dir / "model.pth"))
     if resuming:
-        saved = C.load_checkpoint(learn, ckpt)
+        saved = C.load_checkpoint(learn, ckpt, saved)
         learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {
             k: saved.get(k) for k in ("scaler", "smooth_loss", "mid_epoch")}
         mid = saved.get("mid_epoch")
@@ -402,8 +440,8 @@ def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
 
 
 def _plain_cbs():
-    from ..callbacks import Checkpoint, EpochLog, StopAfter
-    return (Checkpoint, EpochLog, StopAfter)
+    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    return (Checkpoint, EpochLog, FiniteLoss, StopAfter)
 
 
 def find_lr(S: TrainSetup, iters=None) -> float:
@@ -448,7 +486,7 @@ def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
     """The card saved beside the weights: how to rebuild the model and feed it (`n_levels`: the catalog's
     level-1 and level-2 counts, recorded when the model has level heads)"""
     from ..models import ModelCard, norm_stats
-    mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
+    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
     n1, n2 = (int(n) for n in n_levels) if P.hierarchy_weights else (0, 0)
     return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
                      std=tuple(std), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
@@ -480,7 +518,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     runs first if it has not)."""
     from ..distributed import distrib_ctx, rank
     from ..models import save_trained
-    from ..callbacks import BatchGrowth, StepLR
+    from ..callbacks import BatchGrowth, Checkpoint, StepLR, check_finite_weights
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -501,10 +539,16 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
                 else:
                     steps = [StepLR(P.lr, P.lr_steps, P.lr_step_factors)] if P.lr_steps else []
                     learn.fit(P.epochs, P.lr, start_epoch=start_epoch, cbs=steps)
-            epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
+            ck = learn.cbs.filter(lambda c: isinstance(c, Checkpoint))
+            epochs_done = ck[0].done if ck else learn.epoch + 1  # an interruption mid-epoch: the whole epochs
         cat = S.prep.catalog
-        if rank() == 0: save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done,
-                                                                      (cat.n_level(1), cat.n_level(2))))
+        check_finite_weights(learn.model, str(run_dir))
+        if rank() == 0:
+            save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done, (cat.n_level(1), cat.n_level(2))))
+            if epochs_done >= P.epochs:
+                # finished: the checkpoint (weights + optimizer state, 3x model.pth) only served a resume, and
+                # continuing a finished schedule is refused (check_resume); a stopped run keeps it
+                (run_dir / "checkpoints" / "last.pth").unlink(missing_ok=True)
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
         # metrics.csv, the checkpoint or the loggers when they run a validation pass
         learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
