@@ -36,7 +36,8 @@ def _expected_errors():
     from .params import ParamsError
     from .prepare import SplitMissingError
     from .submission import SubmissionError  # e.g. no Kaggle credentials: one line names where it looked
-    return (ParamsError, FolderBusyError, IncompleteFolderError, SplitMissingError, DiskFullError, FileNotFoundError,
+    from .errors import CdkitError
+    return (CdkitError, ParamsError, FolderBusyError, IncompleteFolderError, SplitMissingError, DiskFullError, FileNotFoundError,
             SubmissionError)
 
 

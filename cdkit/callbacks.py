@@ -356,18 +356,22 @@ class FiniteLoss(Callback):
                             "epoch stays): lower lr, check wd, mean and std")
 
     def after_epoch(self):
-        ps = [p.detach() for p in self.learn.model.parameters()]
-        if ps and not bool(torch.stack([torch.isfinite(p).all() for p in ps]).all()):
-            raise DivergedError(f"training diverged: non-finite weights after epoch {self.epoch + 1} of "
-                                f"{self.n_epoch}; nothing final is saved (the checkpoint of the last good epoch "
-                                "stays): lower lr, check wd, mean and std")
+        loss = getattr(getattr(self.learn, "recorder", None), "loss", None)  # the validation loss of the epoch
+        value = getattr(loss, "value", None) if getattr(loss, "count", 0) else None
+        if value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            raise DivergedError(f"training diverged: validation loss {float(value)} after epoch {self.epoch + 1} of "
+                                f"{self.n_epoch}; nothing final is saved (the checkpoint of the last good epoch stays): "
+                                "lower lr, check wd, mean and std")
+        check_finite_weights(self.learn.model, f"training diverged after epoch {self.epoch + 1} of {self.n_epoch}")
 
 
 def check_finite_weights(model, what):
-    "DivergedError naming `what` when a weight of `model` is not finite"
-    ps = [p.detach() for p in model.parameters()]
-    if ps and not bool(torch.stack([torch.isfinite(p).all() for p in ps]).all()):
-        raise DivergedError(f"{what}: non-finite weights after training; not saved (lower lr, check wd, mean and std)")
+    """DivergedError naming `what` when a weight or a floating buffer (BatchNorm's running statistics) of
+    `model` is not finite; one host sync"""
+    ts = [t.detach() for t in _unwrap(model).state_dict().values() if torch.is_floating_point(t)]
+    if ts and not bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()):
+        raise DivergedError(f"{what}: non-finite weights; nothing final is saved (the checkpoint of the last good "
+                            "epoch stays): lower lr, check wd, mean and std")
 
 
 class Checkpoint(Callback):

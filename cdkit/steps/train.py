@@ -564,6 +564,48 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
         S.close()
 
 
+def load_learner(run_dir="runs/demo", name="resnet", device=None):
+    """A trained model of run_dir/models/<name>/ as a fastai Learner again (a new notebook after the demo):
+    rebuilt from its params.yaml, model.json and model.pth (safe loads only: no pickle is executed) over
+    the data it was trained on, with the same loaders, loss and metrics. Nothing in the folder is written
+    or locked; `learn.predict`, `get_preds`, `show_results`, `fit` work as on the learner `fit` returned."""
+    import yaml
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+    from fastai.metrics import accuracy
+    from .. import callbacks as C
+    from ..data import make_dataloaders
+    from ..hierarchy import HierarchyLoss, LevelAccuracy
+    from ..models import make_learner, read_card
+    from ..params import make_params
+    from ..prepare import load_prepared
+    model_dir = RunLayout.of(run_dir).model_dir(name)
+    card = read_card(model_dir)  # FileNotFoundError naming model.json when the model was not trained
+    saved = model_dir / "params.yaml"
+    if not saved.exists(): raise FileNotFoundError(f"{saved} not found: the parameters the model was trained with")
+    values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in TrainParams.model_fields}
+    P = make_params(TrainParams, {**values, "resume": False, "overwrite": False}, where=str(saved))
+    prep = load_prepared(P.data_dir, P.work_dir)
+    images, valid_mask = _images(prep, P)
+    dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=card.size,
+                           item_size=card.item_size, bs=P.bs, num_workers=P.num_workers, mean=card.mean, std=card.std,
+                           aug=dict(flip=P.flip, max_rotate=P.max_rotate, max_zoom=P.max_zoom), seed=P.seed,
+                           device=device, vocab=prep.catalog.category_ids)
+    valid_images = images[valid_mask].reset_index(drop=True)
+    cat = prep.catalog
+    levels = (cat.level1, cat.level2, cat.n_level(1), cat.n_level(2)) if card.has_level_heads else None
+    loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
+    learn = make_learner(dls, card.arch, card.n_classes, None, card.mean, card.std, card.head_hidden,
+                         card.head_dropout, levels=levels, loss_func=loss, path=model_dir, wd=P.wd, opt_func=opt_func(P),
+                         metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
+    learn.model.load_state_dict(C.safe_load(model_dir / "model.pth"))
+    if levels is not None:
+        from ..hierarchy import level_heads
+        learn.loss_func = HierarchyLoss(loss, level_heads(learn.model), P.hierarchy_weights)
+        learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
+    learn.model.to(dls.device).eval()
+    return learn
+
+
 def record(run_dir, result: TrainResult):
     "The last epoch's validation figures of a trained model, under 'training' in the run's results"
     from ..report import record as rec
