@@ -12,7 +12,7 @@ picture carrying the product's distribution, so the fusion head enters the ensem
 the aggregation (step 08) like any other member.
 
     run_dir/models/<model>-fusion/   fusion.json (what was trained and chosen), <variant>_seed<s>.pth,
-                                     <variant>_seed<s>_metrics.csv, checkpoints/ (resume)
+                                     <variant>_seed<s>_metrics.csv, checkpoints/ (while a head trains: resume)
 """
 from __future__ import annotations
 

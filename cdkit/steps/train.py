@@ -6,12 +6,16 @@ A model lives in run_dir/models/<name>/ (`RunLayout.model_dir`):
     params.yaml              the effective parameters
     metrics.csv              one line per epoch: losses, image and product accuracy (and level-2/level-1
                              accuracy with hierarchy_weights), batch, lr, time
-    checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume)
+    checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume), tensors and
+                             plain values only (loaded with weights_only); removed when the run finishes
     model.pth, model.json    the trained weights and the model card (`cdkit.models.load_trained`)
     lr_find.png              when lr_find is on
 
-The folder is locked while a process trains into it. `resume=True` continues from the checkpoint
-and refuses parameters that would change the model or the data order since the run began.
+The folder is locked while a process trains into it (parameters and data are checked first: a refused
+run writes nothing). `resume=True` continues from the checkpoint and refuses parameters that would change
+the model or the data order since the run began (paths compared by what they name); on a finished model
+it does nothing, and more epochs are refused (its schedule has ended). A non-finite loss stops the run
+(`cdkit.callbacks.DivergedError`) before anything final is saved.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
 """
