@@ -340,3 +340,12 @@ def test_load_learner_reopens_a_model_and_predicts_what_step_06_predicts(tiny_da
     b = load_store(predict_to_store(t.model, images, bson, tmp_path / "b.store", exact=True, device="cpu", size=t.size,
                                     item_size=t.item_size, mean=t.mean, std=t.std))
     assert np.allclose(a.prob, b.prob, atol=1e-6) and (a.product_id == b.product_id).all()
+    # fastai's predict on one picture's JPEG gives step 06's probabilities for it
+    ds = learn.dls.valid.dataset
+    _, _, probs = learn.predict(ds.jpeg(0))
+    all_images, _ = prep.images("valid")
+    row = all_images[(all_images.product_id == int(ds.product_id[0])) & (all_images.img_idx == int(ds.img_idx[0]))]
+    one = load_store(predict_to_store(t.model, row, bson, tmp_path / "c.store", exact=True, device="cpu", size=t.size,
+                                      item_size=t.item_size, mean=t.mean, std=t.std))
+    assert len(one) == 1
+    assert np.allclose(probs.numpy()[one.cls[0, 0]], one.prob[0, 0], atol=1e-5)

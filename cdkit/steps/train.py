@@ -460,12 +460,13 @@ def find_lr(S: TrainSetup, iters=None) -> float:
 def _lr_find(learn, run_dir, iters=100):
     import matplotlib
     import matplotlib.pyplot as plt
-    from ..callbacks import Checkpoint, EpochLog, StopAfter
-    # lr_find is a short fit of its own: it must not write the run's log or checkpoint
+    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    # lr_find is a short fit of its own: it must not write the run's log or checkpoint, and it drives the
+    # loss to diverge on purpose (FiniteLoss would stop it)
     from fastai.callback.progress import CSVLogger
     # and not the loggers' (tensorboard, wandb, csv) either
     loggers = tuple(type(c) for c in learn.cbs if type(c).__name__ in ("TensorBoardCallback", "WandbCallback"))
-    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter, CSVLogger) + loggers))):
+    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, FiniteLoss, StopAfter, CSVLogger) + loggers))):
         suggestion = learn.lr_find(num_it=iters, show_plot=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs, losses = learn.recorder.lrs, learn.recorder.losses
