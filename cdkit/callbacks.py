@@ -26,7 +26,7 @@ from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 
-from .errors import CdkitError
+from .errors import CdkitError, shorten
 from .io import atomic_write, process_alive, sweep_temps
 
 
@@ -343,12 +343,15 @@ class FiniteLoss(Callback):
     def after_train(self): self.check()
 
     def check(self):
-        "Raise DivergedError if a loss since the last check is not finite"
+        "Raise DivergedError if a loss since the last check is not finite (here or, data-parallel, in another process)"
         pending, self.pending = self.pending, []
         if not pending: return
         losses = torch.stack([loss.float().reshape(()) for _, _, loss in pending])
         finite = torch.isfinite(losses)
-        if bool(finite.all()): return
+        if not _any_process((~finite).any()): return
+        if bool(finite.all()):
+            raise DivergedError(f"training diverged: a non-finite loss in another process by epoch {self.epoch + 1} "
+                                f"of {self.n_epoch}, batch {self.iter + 1} of {self.n_iter}; nothing final is saved")
         i = int((~finite).nonzero()[0, 0])
         epoch, batch, loss = pending[i][0], pending[i][1], float(losses[i])
         raise DivergedError(f"training diverged: loss {loss} at epoch {epoch + 1} of {self.n_epoch}, batch "
@@ -358,18 +361,29 @@ class FiniteLoss(Callback):
     def after_epoch(self):
         loss = getattr(getattr(self.learn, "recorder", None), "loss", None)  # the validation loss of the epoch
         value = getattr(loss, "value", None) if getattr(loss, "count", 0) else None
-        if value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()):
-            raise DivergedError(f"training diverged: validation loss {float(value)} after epoch {self.epoch + 1} of "
-                                f"{self.n_epoch}; nothing final is saved (the checkpoint of the last good epoch stays): "
-                                "lower lr, check wd, mean and std")
+        bad = torch.tensor(value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()))
+        if _any_process(bad):
+            raise DivergedError(f"training diverged: validation loss {shorten(value)} after epoch {self.epoch + 1} "
+                                f"of {self.n_epoch}; nothing final is saved (the checkpoint of the last good epoch "
+                                "stays): lower lr, check wd, mean and std")
         check_finite_weights(self.learn.model, f"training diverged after epoch {self.epoch + 1} of {self.n_epoch}")
+
+
+def _any_process(bad) -> bool:
+    """`bad` (a bool tensor) in this process or, in data-parallel training, in any: every process then
+    stops at the same check instead of one waiting for the others in the next gradient all-reduce"""
+    flag = bad.detach().float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl": flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def check_finite_weights(model, what):
     """DivergedError naming `what` when a weight or a floating buffer (BatchNorm's running statistics) of
     `model` is not finite; one host sync"""
     ts = [t.detach() for t in _unwrap(model).state_dict().values() if torch.is_floating_point(t)]
-    if ts and not bool(torch.stack([torch.isfinite(t).all() for t in ts]).all()):
+    if ts and _any_process(~torch.stack([torch.isfinite(t).all() for t in ts]).all()):
         raise DivergedError(f"{what}: non-finite weights; nothing final is saved (the checkpoint of the last good "
                             "epoch stays): lower lr, check wd, mean and std")
 
