@@ -65,11 +65,19 @@ def random_store(pid, seed, n_classes=N_CLASSES, k=20):
 def rss_gb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def fitted_reranker(pictures):
+    """The re-ranker every size uses, fitted out of fold on 2,000 random products; seeded, so each child
+    process refits the same one (nothing is unpickled between processes)"""
+    members, true = random_members(2000, 0)
+    store = random_store(members["mean"].product_id, 3) if pictures else None
+    table = candidate_table(members, pictures=store, k=K)
+    return fit_oof(table, true, seed=0), true
+
+
 def one_size(n, pictures, full_max):
     """Run in a child process: time and peak-RSS growth of the streamed predict_members, then of
     candidate_table over all products, then of predict on that table (sizes <= full_max only)"""
-    import pickle
-    rr = pickle.load(open(sys.argv[sys.argv.index("--model") + 1], "rb"))
+    rr, _ = fitted_reranker(pictures)
     members, _ = random_members(n, 1)
     store = random_store(members["mean"].product_id, 2) if pictures else None
     base = rss_gb()
@@ -88,22 +96,14 @@ def one_size(n, pictures, full_max):
 
 
 def timing(sizes, pictures, full_max):
-    import os
-    import pickle
-    import tempfile
-    members, true = random_members(2000, 0)
-    store = random_store(members["mean"].product_id, 3) if pictures else None
-    table = candidate_table(members, pictures=store, k=K)
-    rr = fit_oof(table, true, seed=0)
+    rr, true = fitted_reranker(pictures)
     print(f"re-ranker: {len(rr.models)} folds x {rr.rounds} rounds, {len(rr.names)} features, objective {rr.objective}; "
           f"OOF accuracy on the 2,000 fitting products {np.mean(rr.oof_predictions().pred_class == true):.3f}")
-    fd, path = tempfile.mkstemp(suffix=".pkl")
-    with os.fdopen(fd, "wb") as f: pickle.dump(rr, f)
     print("peak memory: growth of the process's peak RSS (GB) over the inputs; each step's includes the steps before")
     print(f"{'products':>10} {'rows':>11} {'streamed s':>10} {'GB':>5} {'table s':>8} {'GB':>5} {'predict s':>9} {'GB':>5}")
     res = []
     for n in sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--model", path, "--full-max", str(full_max)] + \
+        cmd = [sys.executable, __file__, "--one", str(n), "--full-max", str(full_max)] + \
             (["--pictures"] if pictures else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         r = next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT"))
@@ -113,7 +113,6 @@ def timing(sizes, pictures, full_max):
     f = TEST_PRODUCTS / n_
     print(f"{TEST_PRODUCTS:>10,} {int(rows * f):>11,} {ts * f:>10.1f} {'':>5} {tt * f:>8.1f} {mt * f:>5.2f} {tp * f:>9.1f}"
           "   (time and the table's memory extrapolated linearly from the largest size; the streamed memory is one block's)")
-    os.unlink(path)
 
 
 # ---- objective comparison on demo-like data ----
@@ -188,7 +187,6 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--full-max", type=int, default=100_000, help="predict on the whole table up to this size (the streamed variant runs at every size)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one: one_size(a.one, a.pictures, a.full_max)
     elif a.compare: compare(a.seeds)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from fastai.callback.core import (
     Callback,
     CancelBatchException,
@@ -23,7 +24,9 @@ from fastai.callback.progress import CSVLogger
 from fastai.learner import Metric
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 
+from .errors import CdkitError, shorten
 from .io import atomic_write, process_alive, sweep_temps
 
 
@@ -148,7 +151,10 @@ def precision_callbacks(mixed_precision="bf16", channels_last=True, device=None)
 
 
 class EpochLog(CSVLogger):
-    "Per-epoch CSV log that appends on resume, one header, no lines for epochs skipped by a resume"
+    """Per-epoch CSV log that appends on resume, one header, no lines for epochs skipped by a resume.
+
+    The file is opened for each line and closed again: a learner holding this callback pickles
+    (`learn.export()`), also after an interrupted fit that never reached after_fit."""
 
     def __init__(self, fname, start_epoch=0):
         super().__init__(fname, append=start_epoch > 0)
@@ -161,17 +167,26 @@ class EpochLog(CSVLogger):
         keep_header = self.append and path.exists() and path.stat().st_size > 0
         if self.append and keep_header:
             _truncate_log(path, self.start_epoch)  # an interrupted run may have logged past its checkpoint
-        self.file = path.open("a" if self.append else "w")
-        if not keep_header: self.file.write(",".join(self.recorder.metric_names) + "\n")
+        if not keep_header:
+            with path.open("a" if self.append else "w") as f: f.write(",".join(self.recorder.metric_names) + "\n")
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
         if log[0] < self.start_epoch: return  # epochs a resumed fit skips
-        super()._write_line(log)
+        with (self.path / self.fname).open("a") as f:
+            f.write(",".join([str(t) for t in log]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.old_logger(log)
 
     def after_fit(self):
         if rank_distrib(): return
-        super().after_fit()
+        self.learn.logger = self.old_logger
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("file", None)  # none is kept open; an older pickle's handle must not travel
+        return state
 
 
 def _truncate_log(path, start_epoch):
@@ -256,6 +271,137 @@ def _set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---- checkpoints hold tensors and plain values only, so that loading one never runs code ----
+
+class UnsafeCheckpointError(CdkitError, ValueError):
+    "A checkpoint that is not tensors and plain values (pickled objects, code): refused, never unpickled"
+
+
+def safe_load(path):
+    """`torch.load(path, weights_only=True)`: tensors, numbers, strings, lists, tuples and dicts only.
+    A file that needs anything else to load (a pickled object, which may run code: a crafted file
+    received with a run folder, or one written before checkpoints were plain) is refused naming it."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"{path}: refused: it holds pickled objects that loading would execute, not only tensors and plain "
+            "values (a file from elsewhere, or from an older cdkit); it was not loaded: delete it, or train anew "
+            "with overwrite=true") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError): raise
+        raise UnsafeCheckpointError(f"{path}: unreadable checkpoint (truncated or not a torch file: "
+                                    f"{' '.join(str(e).split())[:120]}); delete it, or train anew with "
+                                    "overwrite=true") from None
+
+
+def plain(obj):
+    "`obj` with numpy values turned into tensors and Python numbers, containers rebuilt: what a safe load accepts"
+    if isinstance(obj, np.generic): return obj.item()  # before float: np.float64 is a float subclass
+    if isinstance(obj, torch.Tensor):  # fastai's TensorBase is a subclass a safe load refuses
+        return obj if type(obj) is torch.Tensor or isinstance(obj, nn.Parameter) else obj.as_subclass(torch.Tensor)
+    if obj is None or type(obj) in (bool, int, float, str, bytes): return obj
+    if isinstance(obj, np.ndarray): return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict): return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, L): return [plain(v) for v in obj]  # fastai's optimizer hypers
+    if isinstance(obj, Path): return str(obj)
+    raise TypeError(f"checkpoint: a {type(obj).__name__} is neither a tensor nor a plain value")
+
+
+def _plain_rng(state):
+    "RNG states as plain values: numpy's (name, uint32 keys, pos, has_gauss, gauss) as a dict with the keys in a tensor"
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out = dict(state, numpy=dict(kind=str(kind), keys=torch.from_numpy(np.asarray(keys, np.int64)), pos=int(pos),
+                                 has_gauss=int(has_gauss), gauss=float(gauss)))
+    return plain(out)  # python's getstate() is a tuple of ints already; torch's and cuda's are byte tensors
+
+
+def _native_rng(state):
+    "The inverse of `_plain_rng`"
+    n = state["numpy"]
+    v, keys, g = state["python"]
+    return dict(state, python=(int(v), tuple(int(k) for k in keys), g),
+                numpy=(n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def _plain_py_rng(state):
+    v, keys, g = state
+    return (int(v), tuple(int(k) for k in keys), g)
+
+
+class DivergedError(CdkitError, FloatingPointError):
+    "Training produced a non-finite loss or weights: nothing final is saved"
+
+
+class FiniteLoss(Callback):
+    """Stop the fit at the first non-finite training loss, naming the epoch, the batch and the loss.
+
+    The losses stay on the device and are checked together every `every` batches, at the end of each
+    training pass (before validation and the epoch's checkpoint) and before a mid-epoch checkpoint:
+    one host sync per check, not per batch. After each epoch the weights are checked too, so a
+    checkpoint or a final model is only ever written from finite weights."""
+    order = 69  # after the Recorder and the log, before Checkpoint (70): a diverged epoch is not checkpointed
+
+    def __init__(self, every=50): store_attr()
+
+    def before_fit(self): self.pending = []
+
+    def after_loss(self):
+        if self.training: self.pending.append((self.epoch, self.iter, self.learn.loss.detach()))
+
+    def after_batch(self):
+        if len(self.pending) >= self.every: self.check()
+
+    def after_train(self): self.check()
+
+    def check(self):
+        "Raise DivergedError if a loss since the last check is not finite (here or, data-parallel, in another process)"
+        pending, self.pending = self.pending, []
+        if not pending: return
+        losses = torch.stack([loss.float().reshape(()) for _, _, loss in pending])
+        finite = torch.isfinite(losses)
+        if not _any_process((~finite).any()): return
+        if bool(finite.all()):
+            raise DivergedError(f"training diverged: a non-finite loss in another process by epoch {self.epoch + 1} "
+                                f"of {self.n_epoch}, batch {self.iter + 1} of {self.n_iter}; nothing final is saved")
+        i = int((~finite).nonzero()[0, 0])
+        epoch, batch, loss = pending[i][0], pending[i][1], float(losses[i])
+        raise DivergedError(f"training diverged: loss {loss} at epoch {epoch + 1} of {self.n_epoch}, batch "
+                            f"{batch + 1} of {self.n_iter}; nothing final is saved (the checkpoint of the last good "
+                            "epoch stays): lower lr, check wd, mean and std")
+
+    def after_epoch(self):
+        loss = getattr(getattr(self.learn, "recorder", None), "loss", None)  # the validation loss of the epoch
+        value = getattr(loss, "value", None) if getattr(loss, "count", 0) else None
+        bad = torch.tensor(value is not None and not bool(torch.isfinite(torch.as_tensor(value)).all()))
+        if _any_process(bad):
+            raise DivergedError(f"training diverged: validation loss {shorten(value)} after epoch {self.epoch + 1} "
+                                f"of {self.n_epoch}; nothing final is saved (the checkpoint of the last good epoch "
+                                "stays): lower lr, check wd, mean and std")
+        check_finite_weights(self.learn.model, f"training diverged after epoch {self.epoch + 1} of {self.n_epoch}")
+
+
+def _any_process(bad) -> bool:
+    """`bad` (a bool tensor) in this process or, in data-parallel training, in any: every process then
+    stops at the same check instead of one waiting for the others in the next gradient all-reduce"""
+    flag = bad.detach().float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl": flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def check_finite_weights(model, what):
+    """DivergedError naming `what` when a weight or a floating buffer (BatchNorm's running statistics) of
+    `model` is not finite; one host sync"""
+    ts = [t.detach() for t in _unwrap(model).state_dict().values() if torch.is_floating_point(t)]
+    if ts and _any_process(~torch.stack([torch.isfinite(t).all() for t in ts]).all()):
+        raise DivergedError(f"{what}: non-finite weights; nothing final is saved (the checkpoint of the last good "
+                            "epoch stays): lower lr, check wd, mean and std")
+
+
 class Checkpoint(Callback):
     """Save everything an exact resume needs after each epoch: weights, optimizer, epoch, RNG states,
     the loaders' shuffle RNGs, callback states (`state_dict()` of any callback that has one).
@@ -272,6 +418,7 @@ class Checkpoint(Callback):
     def before_fit(self):
         "Sweep what an interrupted checkpoint write left; put back what other callbacks' before_fit just reset"
         self.steps, self.due, self.batches, self.epoch_rng = 0, False, 0, None
+        self.done = self.start_epoch  # whole epochs done (an interruption mid-epoch does not count its epoch)
         if not rank_distrib(): sweep_checkpoint_temps(self.path)
         if self.resumed is None: return
         if self.resumed.get("scaler") is not None and getattr(self.learn, "scaler", None) is not None:
@@ -301,6 +448,8 @@ class Checkpoint(Callback):
         self.batches += 1
         if not self.due: return
         self.due = False  # after an optimizer step: no gradient is pending (GradAccum steps before this)
+        for cb in self.learn.cbs:  # never checkpoint a diverged state
+            if isinstance(cb, FiniteLoss): cb.check()
         if not rank_distrib():
             save_checkpoint(self.learn, self.path, self.epoch, mid_epoch=dict(
                 batches=self.batches, epoch_rng=self.epoch_rng, rng=_rng_state(), pct_train=self.learn.pct_train,
@@ -310,6 +459,7 @@ class Checkpoint(Callback):
         if self.epoch < self.start_epoch: return  # skipped by a resumed fit
         if not rank_distrib():
             save_checkpoint(self.learn, self.path, self.epoch + 1)
+        self.done = self.epoch + 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
 
@@ -369,29 +519,47 @@ def sweep_checkpoint_temps(path):
 
 def save_checkpoint(learn, path, epochs_done, mid_epoch=None):
     """Atomically write the state after `epochs_done` epochs (and `mid_epoch`'s batches of the next one)
-    to `path` (through cdkit.io: a failed write leaves no temp file, a full disk raises DiskFullError naming `path`)"""
+    to `path` (through cdkit.io: a failed write leaves no temp file, a full disk raises DiskFullError naming `path`).
+    Everything in it is a tensor or a plain value (`plain`), so `load_checkpoint` loads it with weights_only."""
     cb_states = {type(cb).__name__: cb.state_dict() for cb in learn.cbs
                  if hasattr(cb, "state_dict") and callable(cb.state_dict)}
-    state = dict(epoch=epochs_done, model=_unwrap(learn.model).state_dict(), opt=learn.opt.state_dict(),
-                 rng=_rng_state(), dl_rng=[_inner_dl(dl).rng.getstate() for dl in learn.dls.loaders],
-                 callbacks=cb_states, train_iter=learn.train_iter,
-                 smooth_loss=(learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val)
+    if mid_epoch is not None:
+        mid_epoch = dict(mid_epoch, rng=_plain_rng(mid_epoch["rng"]), epoch_rng=_plain_py_rng(mid_epoch["epoch_rng"]))
+    state = dict(epoch=epochs_done, opt=plain(learn.opt.state_dict()),
+                 rng=_plain_rng(_rng_state()), dl_rng=[_plain_py_rng(_inner_dl(dl).rng.getstate()) for dl in learn.dls.loaders],
+                 callbacks=plain(cb_states), train_iter=learn.train_iter,
+                 smooth_loss=plain((learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val))
                  if hasattr(learn, "recorder") else None,
-                 scaler=learn.scaler.state_dict() if getattr(learn, "scaler", None) is not None else None,
-                 mid_epoch=mid_epoch)
+                 scaler=plain(learn.scaler.state_dict()) if getattr(learn, "scaler", None) is not None else None,
+                 mid_epoch=plain(mid_epoch))
+    state = dict(plain(state), model=_unwrap(learn.model).state_dict())  # e.g. train_iter may be a numpy int
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(learn, path):
-    """Restore weights, optimizer, RNG states and the loaders' shuffle RNGs from `path`; returns the
-    checkpoint (its `epoch` is the number of epochs done, the `start_epoch` of the resumed fit)"""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path):
+    "The checkpoint at `path`, safely loaded (UnsafeCheckpointError naming it otherwise), RNG states made native"
+    state = safe_load(path)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise UnsafeCheckpointError(f"{path}: not a cdkit checkpoint (no epoch); delete it, or train anew with "
+                                    "overwrite=true")
+    if "rng" in state: state["rng"] = _native_rng(state["rng"])
+    if state.get("mid_epoch"):
+        state["mid_epoch"] = dict(state["mid_epoch"], rng=_native_rng(state["mid_epoch"]["rng"]),
+                                  epoch_rng=_plain_py_rng(state["mid_epoch"]["epoch_rng"]))
+    return state
+
+
+def load_checkpoint(learn, path, state=None):
+    """Restore weights, optimizer, RNG states and the loaders' shuffle RNGs from `path` (or its
+    already read `state`); returns the checkpoint (its `epoch` is the number of epochs done, the
+    `start_epoch` of the resumed fit)"""
+    state = read_checkpoint(path) if state is None else state
     _unwrap(learn.model).load_state_dict(state["model"])
     if learn.opt is None: learn.create_opt()
-    learn.opt.load_state_dict(state["opt"])
+    learn.opt.load_state_dict(dict(state["opt"], hypers=L(state["opt"]["hypers"])))
     for p, s in learn.opt.state.items():  # saved from wherever the model was; to where it is now
         for k, v in s.items():
             if isinstance(v, torch.Tensor): s[k] = v.to(p.device)
-    for dl, s in zip(learn.dls.loaders, state["dl_rng"]): _inner_dl(dl).rng.setstate(s)
+    for dl, s in zip(learn.dls.loaders, state["dl_rng"]): _inner_dl(dl).rng.setstate(_plain_py_rng(s))
     _set_rng_state(state["rng"])
     return state

@@ -37,6 +37,7 @@ from fastai.vision.augment import AffineCoordTfm, aug_transforms
 
 from .bsonfile import BsonReader, ImageDecodeError, decode_rgb
 from .split import FUSION_FOLD
+from .errors import CdkitError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +240,24 @@ class PictureDataset:
         if isinstance(self._bad, int): self._bad = mp.Value("q", self._bad)
 
 
+class NormalizationError(CdkitError, ValueError):
+    "A mean/std that would not normalize: missing half, a zero or negative std, a non-finite value"
+
+
+def check_normalization(mean, std):
+    "NormalizationError naming mean and std unless both are 3 finite numbers and each std > 0"
+    import math
+    ok = (mean is not None and std is not None and len(mean) == 3 and len(std) == 3
+          and all(math.isfinite(float(m)) for m in mean) and all(math.isfinite(float(s)) and s > 0 for s in std))
+    if not ok:
+        raise NormalizationError(f"normalization mean={shorten(mean)} std={shorten(std)}: both are needed, three "
+                                 "finite values each, every std > 0 (the inputs are divided by it)")
+
+
 def batch_tfms(size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, aug=None, item_size=None):
     """Batch transforms: uint8 -> float, flip/rotate/zoom (training only) with the resize to `size`
     (training and validation), Normalize. Run wherever the batch is (the GPU when the device is CUDA)."""
+    check_normalization(mean, std)
     a = aug_params(aug)
     tfms = list(aug_transforms(size=size, do_flip=a.flip, max_rotate=a.max_rotate, min_zoom=1.0, max_zoom=a.max_zoom,
                                max_lighting=a.max_lighting, max_warp=0.0, p_affine=a.p_affine,

@@ -190,14 +190,16 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     """Train one fusion head with fastai; returns (model in eval mode, history DataFrame).
 
     out_dir/<name>.pth the weights, <name>_metrics.csv one line per epoch, checkpoints/<name>.pth the
-    state after each epoch (resume=True continues from it)."""
+    state after each epoch while the head trains (resume=True continues from it; removed when the head
+    is finished: its weights are what a resume keeps). A non-finite loss stops it (DivergedError)
+    before anything final is written."""
     from fastai.data.core import DataLoaders
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
-    from .callbacks import Checkpoint, EpochLog, load_checkpoint
+    from .callbacks import Checkpoint, EpochLog, FiniteLoss, check_finite_weights, load_checkpoint, read_checkpoint
     from .io import atomic_write
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,28 +209,32 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     dls = DataLoaders(_product_dl(train_ds, bs, shuffle=True, drop_last=len(train_ds) > bs, seed=seed),
                       _product_dl(valid_ds, bs * 2), device=device)
     ckpt = out_dir / "checkpoints" / f"{name}.pth"
-    start = 0
+    start, saved = 0, None
     if resume and ckpt.exists():
-        start = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
+        saved = read_checkpoint(ckpt)  # a safe load: refused, never executed, if it is not plain tensors and values
+        start = int(saved["epoch"])
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, spec.build(), loss_func=loss, metrics=[accuracy], wd=wd, path=out_dir, model_dir=".",
-                    cbs=[EpochLog(out_dir / f"{name}_metrics.csv", start), Checkpoint(ckpt, start)])
+                    cbs=[EpochLog(out_dir / f"{name}_metrics.csv", start), FiniteLoss(), Checkpoint(ckpt, start)])
     learn.model.to(device)
     if start:
-        load_checkpoint(learn, ckpt)
+        load_checkpoint(learn, ckpt, saved)
     if start < epochs:
         with learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(epochs, lr, start_epoch=start)
     model = learn.model.eval()
+    check_finite_weights(model, f"fusion head {out_dir / name}")
     state = model.state_dict()
     atomic_write(out_dir / f"{name}.pth", lambda tmp: torch.save(state, tmp))
+    ckpt.unlink(missing_ok=True)  # the head is finished: its weights are all a resume needs
     hist = pd.read_csv(out_dir / f"{name}_metrics.csv")
     return model, hist
 
 
 def load_head(spec: HeadSpec, path, device="cpu") -> FusionNet:
+    from .callbacks import safe_load
     model = spec.build()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(safe_load(path))
     return model.to(device).eval()
 
 

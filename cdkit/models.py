@@ -121,6 +121,46 @@ def ensure_normalized(dls, mean, std):
                          f"the backbone expects mean={list(mean)} std={list(std)}")
 
 
+def _kit_learner_class():
+    from fastai.learner import Learner
+
+    class KitLearner(Learner):
+        "fastai's Learner whose `export` writes atomically and gives the learner back whole even when it fails"
+
+        def export(self, fname="export.pkl", pickle_module=None, pickle_protocol=2):
+            """fastai's export (the learner without data or optimizer state, for `fastai.learner.load_learner`)
+            into the model folder through a temp file: a failed export leaves no broken file and the
+            learner keeps its loaders and optimizer"""
+            import warnings
+            from pathlib import Path
+            import cloudpickle
+            from fastai.torch_core import rank_distrib
+            from .io import atomic_write
+            if rank_distrib(): return  # one writer in distributed training
+            self._end_cleanup()
+            old_dls, state = self.dls, (self.opt.state_dict() if self.opt is not None else None)
+            try:
+                self.dls, self.opt = self.dls.new_empty(), None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's note that the model is not checked
+                    atomic_write(Path(self.path) / fname, lambda tmp: torch.save(
+                        self, tmp, pickle_module=pickle_module or cloudpickle, pickle_protocol=pickle_protocol))
+            finally:
+                self.dls = old_dls
+                self.create_opt()
+                if state is not None: self.opt.load_state_dict(state)
+
+    KitLearner.__module__, KitLearner.__qualname__ = __name__, "KitLearner"
+    return KitLearner
+
+
+def __getattr__(name):  # the class is made on first use: importing cdkit.models does not import fastai
+    if name == "KitLearner":
+        globals()["KitLearner"] = cls = _kit_learner_class()
+        return cls
+    raise AttributeError(name)
+
+
 def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None, std=None,
                  head_hidden=0, head_dropout=0.25, levels=None, **learner_kw):
     """A fastai Learner over `dls` with the backbone `arch`, every layer trainable.
@@ -140,6 +180,8 @@ def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None
         add_level_heads(learn.model, *levels)
         learn.opt = None  # vision_learner made one over the old head: unfreeze makes it anew
     learn.unfreeze()  # 12M pictures: the whole network is fine-tuned from the first step
+    from . import models
+    learn.__class__ = models.KitLearner  # export() atomic and safe to fail
     return learn
 
 

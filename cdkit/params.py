@@ -315,10 +315,22 @@ def save_params(params: Params, path):
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+PATH_PARAMS = ("data_dir", "work_dir", "run_dir", "pretrained_file")  # compared by the file or folder they name
+
+
+def _same_path(a, b) -> bool:
+    "Two spellings of one file or folder (absolute or from the repository root, ./, .., symlinks)"
+    from .paths import resolve
+    if not (isinstance(a, str) and isinstance(b, str)): return a == b
+    return a == b or resolve(a).resolve() == resolve(b).resolve()
+
+
 def changed_params(saved: dict, now: Params, keys) -> dict:
-    "{key: (saved, now)} for the `keys` whose value differs between a saved run and `now`"
+    """{key: (saved, now)} for the `keys` whose value differs between a saved run and `now`; the
+    path-valued ones (PATH_PARAMS) differ when they name another file or folder, not another spelling"""
     cur = now.model_dump()
-    return {k: (saved.get(k), cur.get(k)) for k in keys if k in cur and saved.get(k) != cur.get(k)}
+    return {k: (saved.get(k), cur.get(k)) for k in keys if k in cur and not (
+        _same_path(saved.get(k), cur.get(k)) if k in PATH_PARAMS else saved.get(k) == cur.get(k))}
 
 
 def defaults(cls) -> dict[str, Any]:

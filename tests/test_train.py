@@ -4,14 +4,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fastai.callback.core import Callback
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdkit.params import ParamsError, load_params, notebook_parameters
 from cdkit.__main__ import main
 from cdkit.models import load_trained
 from cdkit.params import defaults
+from cdkit.steps import train as step
 from cdkit.steps.train import InceptionTrainParams, TrainParams, XceptionTrainParams, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,10 +145,10 @@ def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_p
     metrics = res.model_dir / "metrics.csv"
     before = metrics.read_text()
     ckpt = res.model_dir / "checkpoints" / "last.pth"
-    mtime = ckpt.stat().st_mtime
+    assert not ckpt.exists()  # a finished model keeps model.pth; its checkpoint only served a resume
     res.learn.get_preds(dl=res.learn.dls.valid)
     assert metrics.read_text() == before and len(pd.read_csv(metrics)) == 2
-    assert ckpt.stat().st_mtime == mtime
+    assert not ckpt.exists()
 
 
 def test_a_model_folder_in_use_is_refused_naming_the_pid(tiny_data, tmp_path):
@@ -214,3 +219,134 @@ def test_stepped_sgd_schedule(tiny_data, tmp_path):
         make_params(TrainParams, dict(lr_steps=[1], lr_step_factors=[0.5]))
     with pytest.raises(ParamsError, match="differ in length"):
         make_params(TrainParams, dict(one_cycle=False, lr_steps=[1, 2], lr_step_factors=[0.5]))
+
+
+# ---- resume compares what paths mean; a finished model; nothing written before the checks ----
+
+def _spellings(root, tail, draw):
+    "A generated spelling of root/tail: absolute or from the root, ./ and x/.. inserted, through a symlink"
+    parts = []
+    for i, seg in enumerate(tail):
+        extra = draw(st.sampled_from(["", ".", "x/.."])) if i else ""
+        if extra: parts.append(extra)
+        parts.append("alias" if i == 0 and seg == "runs" and draw(st.booleans()) else seg)
+    prefix = draw(st.sampled_from(["abs", "rel", "dot"]))
+    rel = "/".join(parts) + ("/" if draw(st.booleans()) else "")
+    return {"abs": f"{root}/{rel}", "rel": rel, "dot": f"./{rel}"}[prefix]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_changed_params_compares_paths_by_what_they_name(data):
+    import tempfile
+
+    import cdkit.paths
+    from cdkit.params import changed_params
+    with tempfile.TemporaryDirectory() as t, pytest.MonkeyPatch.context() as mp:
+        root = Path(t).resolve()
+        for d in ("runs/demo/x", "runs/other", "data/demo/x"):
+            (root / d).mkdir(parents=True)
+        (root / "alias").symlink_to(root / "runs")
+        (root / "runs" / "x").mkdir()
+        mp.setattr(cdkit.paths, "ROOT", root)
+        a, b = (_spellings(root, ["runs", "demo"], data.draw) for _ in range(2))
+        saved = {"run_dir": a, "data_dir": "data/demo", "lr": 0.01}
+        now = TrainParams(run_dir=b, data_dir=f"{root}/data/./demo", lr=0.01)
+        assert changed_params(saved, now, ["run_dir", "data_dir", "lr"]) == {}, (a, b)
+        other = TrainParams(run_dir=_spellings(root, ["runs", "other"], data.draw), data_dir="data/demo", lr=0.02)
+        assert set(changed_params(saved, other, ["run_dir", "data_dir", "lr"])) == {"run_dir", "lr"}
+
+
+def test_a_finished_model_resumes_under_another_spelling_and_refuses_more_epochs(tiny_data, tmp_path, capsys):
+    done = train(quick(tiny_data, tmp_path, name="fin"))
+    (tmp_path / "alias").symlink_to(tmp_path / "run")
+    (tmp_path / "x").mkdir()
+    before = (done.model_dir / "model.pth").read_bytes()
+    again = train(quick(tiny_data, tmp_path, name="fin", resume=True, run_dir=f"{tmp_path}/alias/../alias/"))
+    assert again.epochs_done == 2 and (done.model_dir / "model.pth").read_bytes() == before  # nothing left to train
+    P = quick(tiny_data, tmp_path, name="fin", resume=True, epochs=4, run_dir=f"{tmp_path}/x/../run")
+    args = ["train"] + [f"{k}={v}" for k, v in P.model_dump().items() if k in (
+        "data_dir", "work_dir", "run_dir", "name", "arch", "size", "bs", "acc_steps", "epochs", "max_train_images",
+        "num_workers", "lr", "resume")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "is a finished model of 2 epochs" in err and "other parameters" not in err, err
+
+
+def test_a_refused_run_writes_nothing(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", f"data_dir={tmp_path / 'missing'}", f"work_dir={tmp_path / 'prep'}", f"run_dir={run}",
+                 "name=x"]) == 1
+    assert not (run / "models" / "x").exists()  # no folder, no .lock
+    assert main(["train", f"run_dir={run}", "name=x", "std=[0.2,0.2,0.2]"]) == 2
+    assert not (run / "models" / "x").exists()
+
+
+# ---- export and reopening a finished model ----
+
+class Interrupt(Callback):
+    "Ctrl-C in the notebook, in the middle of an epoch"
+    def after_batch(self):
+        if self.training and self.iter == 1: raise KeyboardInterrupt
+
+
+def test_export_after_an_interrupted_fit_reloads_and_keeps_the_loaders(tiny_data, tmp_path):
+    from fastai.learner import load_learner as fastai_load_learner
+    S = step.setup(quick(tiny_data, tmp_path, name="exp"))
+    learn = S.learn
+    learn.add_cb(Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        step.fit(S)  # the epoch log had its file open when the fit stopped
+    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, Interrupt)))
+    learn.export()
+    path = S.model_dir / "export.pkl"
+    # fastai's load_learner unpickles: allowed here, the file is the kit's own and the test names it
+    loaded = fastai_load_learner(path)
+    xb = learn.dls.valid.one_batch()[0].cpu()  # the loaders still work after export
+    learn.model.eval(), loaded.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(xb), learn.model.cpu()(xb), atol=1e-6)
+    assert len(learn.dls.train.dataset) > 0
+
+
+def test_a_failed_export_leaves_no_file_and_the_learner_whole(tiny_data, tmp_path):
+    res = train(quick(tiny_data, tmp_path, name="bad", epochs=1))
+    learn = res.learn
+
+    class HoldsAFile(Callback):
+        def __init__(self, f): self.f = f  # an open handle cannot be pickled
+
+    with open(tmp_path / "w.txt", "w") as f:
+        learn.add_cb(HoldsAFile(f))
+        with pytest.raises(Exception, match="pickle"):
+            learn.export()
+    assert not (res.model_dir / "export.pkl").exists()
+    assert not [p for p in res.model_dir.iterdir() if "tmp" in p.name]
+    assert len(learn.dls.train.dataset) > 0 and learn.opt is not None
+    learn.dls.valid.one_batch()
+
+
+def test_load_learner_reopens_a_model_and_predicts_what_step_06_predicts(tiny_data, tmp_path):
+    from cdkit.predict import predict_to_store
+    from cdkit.prepare import load_prepared
+    from cdkit.store import load_store
+    res = train(quick(tiny_data, tmp_path, name="re", epochs=1))
+    learn = step.load_learner(tmp_path / "run", "re")
+    assert learn.dls.valid.one_batch()[0].shape[-1] == 32
+    prep = load_prepared(tiny_data, tmp_path / "prep")
+    images, bson = prep.images("valid")
+    images = images.iloc[:6]
+    a = load_store(predict_to_store(learn, images, bson, tmp_path / "a.store", exact=True, device="cpu"))
+    t = load_trained(res.model_dir)  # what step 06 does
+    b = load_store(predict_to_store(t.model, images, bson, tmp_path / "b.store", exact=True, device="cpu", size=t.size,
+                                    item_size=t.item_size, mean=t.mean, std=t.std))
+    assert np.allclose(a.prob, b.prob, atol=1e-6) and (a.product_id == b.product_id).all()
+    # fastai's predict on one picture's JPEG gives step 06's probabilities for it
+    ds = learn.dls.valid.dataset
+    _, _, probs = learn.predict(ds.jpeg(0))
+    all_images, _ = prep.images("valid")
+    row = all_images[(all_images.product_id == int(ds.product_id[0])) & (all_images.img_idx == int(ds.img_idx[0]))]
+    one = load_store(predict_to_store(t.model, row, bson, tmp_path / "c.store", exact=True, device="cpu", size=t.size,
+                                      item_size=t.item_size, mean=t.mean, std=t.std))
+    assert len(one) == 1
+    assert np.allclose(probs.numpy()[one.cls[0, 0]], one.prob[0, 0], atol=1e-5)

@@ -14,7 +14,7 @@ products it scores. One row per picture carries the product's distribution, so t
 the ensemble (step 07) and the aggregation (step 08) like any other member.
 
     run_dir/models/<model>-fusion/   fusion.json (what was trained and chosen), <variant>_seed<s>.pth,
-                                     <variant>_seed<s>_metrics.csv, checkpoints/ (resume)
+                                     <variant>_seed<s>_metrics.csv, checkpoints/ (while a head trains: resume)
 """
 from __future__ import annotations
 

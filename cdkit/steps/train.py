@@ -6,12 +6,16 @@ A model lives in run_dir/models/<name>/ (`RunLayout.model_dir`):
     params.yaml              the effective parameters
     metrics.csv              one line per epoch: losses, image and product accuracy (and level-2/level-1
                              accuracy with hierarchy_weights), batch, lr, time
-    checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume)
+    checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume), tensors and
+                             plain values only (loaded with weights_only); removed when the run finishes
     model.pth, model.json    the trained weights and the model card (`cdkit.models.load_trained`)
     lr_find.png              when lr_find is on
 
-The folder is locked while a process trains into it. `resume=True` continues from the checkpoint
-and refuses parameters that would change the model or the data order since the run began.
+The folder is locked while a process trains into it (parameters and data are checked first: a refused
+run writes nothing). `resume=True` continues from the checkpoint and refuses parameters that would change
+the model or the data order since the run began (paths compared by what they name); on a finished model
+it does nothing, and more epochs are refused (its schedule has ended). A non-finite loss stops the run
+(`cdkit.callbacks.DivergedError`) before anything final is saved.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
 """
@@ -54,7 +58,7 @@ class TrainParams(RunParams):
     item_size: Optional[int] = Field(None, ge=16, le=180)  # side of the random crop of the 180x180 picture; None: the study's (160 ResNets, 180 Inception/Xception)
     size: Optional[int] = Field(64, ge=16, le=1024)  # model input side, the crop resized on the device; None: item_size (demo: 64 for CPU minutes)
     mean: Optional[list[Annotated[float, Field(ge=-10, le=10)]]] = Field(None, min_length=3, max_length=3)  # normalization; None: the backbone's pretraining statistics
-    std: Optional[list[Annotated[float, Field(gt=0, le=10)]]] = Field(None, min_length=3, max_length=3)   # idem
+    std: Optional[list[Annotated[float, Field(le=10)]]] = Field(None, min_length=3, max_length=3)   # idem
     head_hidden: int = Field(0, ge=0, le=16384)  # 0: one linear layer after pooling; >0: fastai's head with this hidden width
     head_dropout: float = Field(0.25, ge=0, lt=1)  # dropout before the last linear layer
     hierarchy_weights: Optional[list[Annotated[float, Field(le=100)]]] = Field(None, max_length=3)  # None: categories only; [category, level 2, level 1] loss weights of auxiliary level heads (rwightman: [0.8, 0.1, 0.1])
@@ -117,6 +121,14 @@ class TrainParams(RunParams):
                              "the category's > 0 (e.g. [0.8, 0.1, 0.1]); None for no level heads")
         if self.resume and self.overwrite:
             raise ValueError("resume=True contradicts overwrite=True: continue the run in models/<name>/, or replace it")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"mean={self.mean} and std={self.std}: give both (the normalization of your inputs) or "
+                             "neither (the backbone's pretraining statistics); one alone would be ignored")
+        if self.std is not None and not all(0 < s < float("inf") for s in self.std):
+            raise ValueError(f"std={self.std} (with mean={self.mean}): each std must be finite and > 0 (dividing by "
+                             "it normalizes the inputs)")
+        if self.mean is not None and not all(abs(m) < float("inf") for m in self.mean):
+            raise ValueError(f"mean={self.mean} (with std={self.std}): each mean must be finite")
         return self
 
 
@@ -203,11 +215,22 @@ def effective(P: TrainParams) -> TrainParams:
     return P.replace(item_size=item_size, size=P.size or item_size)
 
 
+def finished_epochs(model_dir: Path) -> Optional[int]:
+    """The epochs of a finished model in `model_dir` (model.json, and no checkpoint: a run removes its
+    checkpoint when it trained all its epochs); None when there is none"""
+    from ..models import read_card
+    if (model_dir / "checkpoints" / "last.pth").exists() or not (model_dir / "model.json").exists(): return None
+    return read_card(model_dir).epochs_done
+
+
 def check_resume(P: TrainParams, model_dir: Path):
-    "Refuse to resume a run whose saved parameters differ in anything that changes the model or the data order"
+    """Refuse to resume a run whose saved parameters differ in anything that changes the model or the data
+    order (paths compared by what they point to), and to continue a finished model to more epochs"""
     import yaml
     saved_path = model_dir / "params.yaml"
-    if not (P.resume and saved_path.exists() and (model_dir / "checkpoints" / "last.pth").exists()):
+    finished = finished_epochs(model_dir) if P.resume else None
+    if not (P.resume and saved_path.exists() and ((model_dir / "checkpoints" / "last.pth").exists()
+                                                  or finished is not None)):
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     diff = changed_params(saved, P, [k for k in type(P).model_fields if k not in RESUMABLE_CHANGES])
@@ -215,6 +238,11 @@ def check_resume(P: TrainParams, model_dir: Path):
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise ParamsError(f"resume=True: {model_dir} was trained with other parameters ({what}); resuming would "
                           "change the model or the data order. Use the saved values, or another name")
+    if finished is not None and P.epochs > finished:
+        # its schedule ran to its end (one-cycle annealed to ~0): more epochs would not be the longer run
+        raise ParamsError(f"resume=True epochs={P.epochs}: {model_dir} is a finished model of {finished} epochs "
+                          f"(model.pth); a finished run keeps no checkpoint to continue from. Train another name "
+                          f"with epochs={P.epochs}, or overwrite=true")
 
 
 def _sample_products(images, max_images, seed):
@@ -296,6 +324,7 @@ def logger_callbacks(names, model_dir):
                for n in names if n in LOGGER_PACKAGES and importlib.util.find_spec(LOGGER_PACKAGES[n]) is None]
     if missing: raise ParamsError("parameter 'callbacks': " + "; ".join(missing))
     cbs = []
+    if model_dir is None: return cbs  # the check alone
     for n in dict.fromkeys(names):
         if n == "csv":
             from fastai.callback.progress import CSVLogger
@@ -324,12 +353,20 @@ def setup(P: TrainParams) -> TrainSetup:
         raise ParamsError("checkpoint_every: mid-epoch checkpoints are written by one-process runs only; "
                           "data-parallel runs checkpoint after each epoch")
     model_dir = RunLayout.of(P.run_dir).model_dir(P.name)
+    # parameters and inputs are checked before the lock: a refused run writes nothing, not even the folder
+    check_resume(_resumed_lr(P, model_dir), model_dir)
+    logger_callbacks(P.callbacks, None)
+    prep = None
+    if world_size() == 1:
+        from ..prepare import load_prepared
+        prep = load_prepared(P.data_dir, P.work_dir)
+    if rank() == 0 and not P.overwrite: check_fresh(P, model_dir)
     lock = contextlib.ExitStack()
     try:
         if rank() == 0:  # data-parallel: rank 0 holds the folder for every process of the run
             lock.enter_context(folder_lock(model_dir, "model folder"))
             check_fresh(P, model_dir)
-        S = _setup(P, model_dir)
+        S = _setup(P, model_dir, prep)
     except BaseException:
         lock.close()
         raise
@@ -337,8 +374,7 @@ def setup(P: TrainParams) -> TrainSetup:
     return S
 
 
-def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
-    import torch
+def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     from fastai.learner import ValueMetric
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
@@ -360,13 +396,13 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     if state is not None:
         with state.main_process_first():  # one process rebuilds a stale index, the others read it
             prep = load_prepared(P.data_dir, P.work_dir)
-    else:
+    elif prep is None:
         prep = load_prepared(P.data_dir, P.work_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
     images, valid_mask = _images(prep, P)
-    mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
+    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
     device = state.device if state is not None else None
     dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=P.size,
                            item_size=P.item_size, bs=P.bs, num_workers=P.num_workers, mean=mean, std=std,
@@ -379,14 +415,17 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
     loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
     ckpt = run_dir / "checkpoints" / "last.pth"
     resuming = P.resume and ckpt.exists()
-    if P.resume and not resuming: log.warning("resume: no checkpoint at %s; starting from scratch", ckpt)
-    start_epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] if resuming else 0
+    finished = finished_epochs(run_dir) if P.resume and not resuming else None  # check_resume: epochs <= these
+    if P.resume and not resuming and finished is None:
+        log.warning("resume: no checkpoint at %s; starting from scratch", ckpt)
+    saved = C.read_checkpoint(ckpt) if resuming else None  # a safe load: refused, never executed, if not plain
+    start_epoch = int(saved["epoch"]) if resuming else finished or 0
     precision, note = C.precision_callbacks(P.mixed_precision, P.channels_last, dls.device)
     if note: log.info(note)
     cbs = [C.GradAccum(P.acc_steps)] if P.acc_steps > 1 or P.max_bs else []
     if P.batch_growth_epochs:
         cbs.append(C.BatchGrowth(P.batch_growth_epochs, P.batch_growth_factor, P.max_bs))
-    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch),
+    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch), C.FiniteLoss(),
                         C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
     cat = prep.catalog
@@ -404,8 +443,11 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
         learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
     learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
     learn.model.to(dls.device)
+    if finished is not None:  # a finished model: its weights; fit has nothing left to do
+        from ..callbacks import safe_load
+        learn.model.load_state_dict(safe_load(run_dir / "model.pth"))
     if resuming:
-        saved = C.load_checkpoint(learn, ckpt)
+        saved = C.load_checkpoint(learn, ckpt, saved)
         learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {
             k: saved.get(k) for k in ("scaler", "smooth_loss", "mid_epoch")}
         mid = saved.get("mid_epoch")
@@ -428,8 +470,8 @@ def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
 
 
 def _plain_cbs():
-    from ..callbacks import Checkpoint, EpochLog, StopAfter
-    return (Checkpoint, EpochLog, StopAfter)
+    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    return (Checkpoint, EpochLog, FiniteLoss, StopAfter)
 
 
 def find_lr(S: TrainSetup, iters=None) -> float:
@@ -444,12 +486,13 @@ def find_lr(S: TrainSetup, iters=None) -> float:
 def _lr_find(learn, run_dir, iters=100):
     import matplotlib
     import matplotlib.pyplot as plt
-    from ..callbacks import Checkpoint, EpochLog, StopAfter
-    # lr_find is a short fit of its own: it must not write the run's log or checkpoint
+    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    # lr_find is a short fit of its own: it must not write the run's log or checkpoint, and it drives the
+    # loss to diverge on purpose (FiniteLoss would stop it)
     from fastai.callback.progress import CSVLogger
     # and not the loggers' (tensorboard, wandb, csv) either
     loggers = tuple(type(c) for c in learn.cbs if type(c).__name__ in ("TensorBoardCallback", "WandbCallback"))
-    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, StopAfter, CSVLogger) + loggers))):
+    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, FiniteLoss, StopAfter, CSVLogger) + loggers))):
         suggestion = learn.lr_find(num_it=iters, show_plot=False)
     fig, ax = plt.subplots(figsize=(6, 4))
     lrs, losses = learn.recorder.lrs, learn.recorder.losses
@@ -474,7 +517,7 @@ def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
     """The card saved beside the weights: how to rebuild the model and feed it (`n_levels`: the catalog's
     level-1 and level-2 counts, recorded when the model has level heads)"""
     from ..models import ModelCard, norm_stats
-    mean, std = (P.mean, P.std) if P.mean and P.std else norm_stats(P.arch)
+    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
     n1, n2 = (int(n) for n in n_levels) if P.hierarchy_weights else (0, 0)
     return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
                      std=tuple(std), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
@@ -506,7 +549,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     runs first if it has not)."""
     from ..distributed import distrib_ctx, rank
     from ..models import save_trained
-    from ..callbacks import BatchGrowth, fit_schedule
+    from ..callbacks import BatchGrowth, Checkpoint, check_finite_weights, fit_schedule
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -525,10 +568,16 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
             with distrib_ctx(learn, sync_bn=P.sync_bn):
                 fit_schedule(learn, P.epochs, P.lr, P.one_cycle, P.pct_start, P.lr_steps, P.lr_step_factors,
                              start_epoch=start_epoch)
-            epochs_done = learn.epoch + 1 if hasattr(learn, "epoch") else start_epoch
+            ck = learn.cbs.filter(lambda c: isinstance(c, Checkpoint))
+            epochs_done = ck[0].done if ck else learn.epoch + 1  # an interruption mid-epoch: the whole epochs
         cat = S.prep.catalog
-        if rank() == 0: save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done,
-                                                                      (cat.n_level(1), cat.n_level(2))))
+        check_finite_weights(learn.model, str(run_dir))
+        if rank() == 0:
+            save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done, (cat.n_level(1), cat.n_level(2))))
+            if epochs_done >= P.epochs:
+                # finished: the checkpoint (weights + optimizer state, 3x model.pth) only served a resume, and
+                # continuing a finished schedule is refused (check_resume); a stopped run keeps it
+                (run_dir / "checkpoints" / "last.pth").unlink(missing_ok=True)
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
         # metrics.csv, the checkpoint or the loggers when they run a validation pass
         learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
@@ -542,6 +591,48 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
                            batch_history=growth[0].history if growth else [])
     finally:
         S.close()
+
+
+def load_learner(run_dir="runs/demo", name="resnet", device=None):
+    """A trained model of run_dir/models/<name>/ as a fastai Learner again (a new notebook after the demo):
+    rebuilt from its params.yaml, model.json and model.pth (safe loads only: no pickle is executed) over
+    the data it was trained on, with the same loaders, loss and metrics. Nothing in the folder is written
+    or locked; `learn.predict`, `get_preds`, `show_results`, `fit` work as on the learner `fit` returned."""
+    import yaml
+    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+    from fastai.metrics import accuracy
+    from .. import callbacks as C
+    from ..data import make_dataloaders
+    from ..hierarchy import HierarchyLoss, LevelAccuracy
+    from ..models import make_learner, read_card
+    from ..params import make_params
+    from ..prepare import load_prepared
+    model_dir = RunLayout.of(run_dir).model_dir(name)
+    card = read_card(model_dir)  # FileNotFoundError naming model.json when the model was not trained
+    saved = model_dir / "params.yaml"
+    if not saved.exists(): raise FileNotFoundError(f"{saved} not found: the parameters the model was trained with")
+    values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in TrainParams.model_fields}
+    P = make_params(TrainParams, {**values, "resume": False, "overwrite": False}, where=str(saved))
+    prep = load_prepared(P.data_dir, P.work_dir)
+    images, valid_mask = _images(prep, P)
+    dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=card.size,
+                           item_size=card.item_size, bs=P.bs, num_workers=P.num_workers, mean=card.mean, std=card.std,
+                           aug=dict(flip=P.flip, max_rotate=P.max_rotate, max_zoom=P.max_zoom), seed=P.seed,
+                           device=device, vocab=prep.catalog.category_ids)
+    valid_images = images[valid_mask].reset_index(drop=True)
+    cat = prep.catalog
+    levels = (cat.level1, cat.level2, cat.n_level(1), cat.n_level(2)) if card.has_level_heads else None
+    loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
+    learn = make_learner(dls, card.arch, card.n_classes, None, card.mean, card.std, card.head_hidden,
+                         card.head_dropout, levels=levels, loss_func=loss, path=model_dir, wd=P.wd, opt_func=opt_func(P),
+                         metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
+    learn.model.load_state_dict(C.safe_load(model_dir / "model.pth"))
+    if levels is not None:
+        from ..hierarchy import level_heads
+        learn.loss_func = HierarchyLoss(loss, level_heads(learn.model), P.hierarchy_weights)
+        learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
+    learn.model.to(dls.device).eval()
+    return learn
 
 
 def record(run_dir, result: TrainResult):
