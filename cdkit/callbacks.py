@@ -24,7 +24,7 @@ from fastai.learner import Metric
 from fastai.torch_core import rank_distrib
 from fastcore.basics import store_attr
 
-from .io import atomic_write, process_alive, sweep_temps
+from .io import append_open, atomic_write, makedirs, process_alive, remove, sweep_temps
 
 
 def _unwrap(model):
@@ -143,11 +143,11 @@ class EpochLog(CSVLogger):
     def before_fit(self):
         if rank_distrib(): return  # one writer in distributed training
         path = self.path / self.fname
-        path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(path.parent)
         keep_header = self.append and path.exists() and path.stat().st_size > 0
         if self.append and keep_header:
             _truncate_log(path, self.start_epoch)  # an interrupted run may have logged past its checkpoint
-        self.file = path.open("a" if self.append else "w")
+        self.file = append_open(path, "a" if self.append else "w")
         if not keep_header: self.file.write(",".join(self.recorder.metric_names) + "\n")
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
@@ -163,7 +163,7 @@ class EpochLog(CSVLogger):
 def _truncate_log(path, start_epoch):
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[:1] + [l for l in lines[1:] if l.split(",", 1)[0].isdigit() and int(l.split(",", 1)[0]) < start_epoch]
-    path.write_text("".join(kept))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def gathered_positions(n, world_size, bs, batch_i):
@@ -336,7 +336,7 @@ def sweep_checkpoint_temps(path):
     for p in path.parent.glob(f"{glob.escape(path.name)}.tmp*") if path.parent.is_dir() else []:
         pid = p.name[len(path.name) + 4:]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            p.unlink(missing_ok=True)
+            remove(p)
             removed.append(p)
     return removed
 

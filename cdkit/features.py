@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import atomic_dir, sweep_temps
+from .io import atomic_dir, makedirs, sweep_temps
 
 DTYPE = np.float16
 
@@ -55,7 +55,7 @@ class FeatureWriter:
         self.path, self.n, self.d, self.meta = Path(path), int(n), int(d), dict(meta or {})
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(self.path.parent)
         sweep_temps(self.path.parent)
         self._ctx = atomic_dir(self.path, overwrite=True)
         self.tmp = self._ctx.__enter__()

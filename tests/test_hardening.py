@@ -236,7 +236,7 @@ def test_killed_synth_leaves_an_incomplete_folder(tmp_path):
     assert (out / "train.bson").exists() and not (out / "test.bson").exists()
     with pytest.raises(IncompleteFolderError, match=f"{out} is incomplete"):
         check_complete(out)
-    assert [p.name.startswith(".test.bson.tmp-") for p in sweep_temps(out)] == [True]
+    assert [p.name.startswith(".cdkit-tmp-") and p.name.endswith("-test.bson") for p in sweep_temps(out)] == [True]
 
 
 def test_finished_synth_is_complete(tiny_data):
@@ -256,7 +256,7 @@ def killed_while_writing(path):
         atomic_write({str(path)!r}, write)
     """)
     assert code == -signal.SIGKILL, text
-    left = [p for p in Path(path).parent.iterdir() if p.name.startswith(f".{Path(path).name}.tmp-")]
+    left = [p for p in Path(path).parent.iterdir() if p.name.startswith(".cdkit-tmp-") and p.name.endswith(f"-{Path(path).name}")]
     assert len(left) == 1
     return left[0]
 
@@ -278,7 +278,7 @@ def test_store_writer_sweeps_stores_of_killed_writers(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     assert code == -signal.SIGKILL, text
-    assert [p.name[:13] for p in tmp_path.iterdir()] == [".a.store.tmp-"]
+    assert [(p.name[:11], p.name[-8:]) for p in tmp_path.iterdir()] == [(".cdkit-tmp-", "-a.store")]
     with StoreWriter(tmp_path / "b.store", n_classes=5, k=2) as w:
         w.add(np.arange(3), np.zeros(3), np.full((3, 5), 0.2))
     assert [p.name for p in tmp_path.iterdir()] == ["b.store"] and len(load_store(tmp_path / "b.store")) == 3

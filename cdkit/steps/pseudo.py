@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..params import ParamsError, RunParams, load_params
 from ..prepare import Prepared, load_prepared
 from ..runs import RunLayout, check_name
@@ -149,6 +150,7 @@ def check_threshold(P: PseudoParams, layout: RunLayout, members):
                           f"Lower threshold below {reach:.5f} or train without label smoothing")
 
 
+@step_entry("pseudo")
 def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
     from ..io import folder_lock
     layout = RunLayout.of(P.run_dir)

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 import pandas as pd
 from pydantic import Field
 
+from ..entry import step_entry
 from ..params import RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import STAGES, RunLayout
@@ -57,6 +58,7 @@ def choose_stage(P: SubmitParams, prep: Prepared):
     return best, acc
 
 
+@step_entry("submit")
 def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     """Write run_dir/submission.csv.gz from the chosen products, in sample_submission order, validated
     first; products without a prediction get the most frequent train category"""

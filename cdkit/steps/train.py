@@ -30,6 +30,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..params import ParamsError, RunParams, changed_params, save_params
 from ..runs import RunLayout, check_name
 
@@ -250,7 +251,7 @@ class TrainSetup:
 def check_fresh(P: TrainParams, model_dir: Path):
     """Refuse to train into a folder that holds another run's files unless `resume` or `overwrite` says
     what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
-    import shutil
+    from ..io import remove
     found = [n for n in RUN_FILES if (model_dir / n).exists()]
     if not found or getattr(P, "resume", False): return
     if not P.overwrite:
@@ -258,7 +259,7 @@ def check_fresh(P: TrainParams, model_dir: Path):
                           f"resume=True to continue it, or another name (name=... or run_dir=...)")
     for n in found:
         f = model_dir / n
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
+        remove(f)
     log.info("overwrite: removed %s from %s", ", ".join(found), model_dir)
 
 
@@ -336,7 +337,8 @@ def _setup(P: TrainParams, run_dir: Path) -> TrainSetup:
             prep = load_prepared(P.data_dir, P.work_dir)
     else:
         prep = load_prepared(P.data_dir, P.work_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from ..io import makedirs
+    makedirs(run_dir)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
     images, valid_mask = _images(prep, P)
@@ -457,6 +459,7 @@ def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
                      n_level1=n1, n_level2=n2)
 
 
+@step_entry("train")
 def run(P: TrainParams) -> TrainResult:
     """Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains): `setup`, then
     `find_lr` when lr_find=True or lr='find', then `fit` (the notebooks call the three in turn)"""
