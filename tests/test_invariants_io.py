@@ -104,6 +104,11 @@ def test_index_never_writes_into_the_raw_data(raw, where, name):
     assert snapshot(raw.parent) == before
 
 
+def test_index_outside_the_raw_data_is_written(raw, tmp_path):
+    assert cli(["index", str(raw.parent / "link" / "train.bson"), "--out", str(tmp_path / "i.parquet")])[0] in (0, None)
+    assert (tmp_path / "i.parquet").exists()
+
+
 @FEW
 @given(where=SPELLINGS)
 def test_synth_never_writes_into_another_data_set(raw, where):
