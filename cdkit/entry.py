@@ -78,8 +78,8 @@ def check_claimable(folder, kind="run"):
     mark, names, signs = (RUN_MARK, RUN_NAMES, RUN_SIGNS) if kind == "run" else (WORK_MARK, WORK_NAMES, WORK_SIGNS)
     if not folder.exists():
         return
-    if folder.is_symlink() or not folder.is_dir():
-        raise RunFolderError(f"{kind}_dir {folder} is not a folder (a file or a symlink); pass a new folder")
+    if not folder.is_dir():
+        raise RunFolderError(f"{kind}_dir {folder} is a file, not a folder; pass a new folder")
     if (folder / mark).is_file():
         return
     entries = sorted(p.name for p in folder.iterdir() if temp_owner(p.name) is None and p.name not in LOCK_FILES)
@@ -136,8 +136,9 @@ def step_context(step: str, P, save=True):
     from .params import save_params
     from .runs import RunLayout
     from .paths import resolve
-    run_dir = resolve(P.run_dir) if hasattr(P, "run_dir") else None
-    work_dir = resolve(P.work_dir) if hasattr(P, "work_dir") else None
+    # real paths: a run folder reached through a symlink is the folder it points to, checked as such
+    run_dir = real_path(resolve(P.run_dir)) if hasattr(P, "run_dir") else None
+    work_dir = real_path(resolve(P.work_dir)) if hasattr(P, "work_dir") else None
     data_dir = resolve(P.data_dir) if hasattr(P, "data_dir") else None
     # 1. every folder the step writes: never inside the raw data
     if run_dir is not None:
