@@ -99,7 +99,7 @@ def check_data(run_dir, identity: dict):
     "Refuse (DataSetMismatchError) a step on `run_dir` with another data set than the one it belongs to"
     mark = _marker(Path(run_dir), RUN_MARK)
     had = (mark or {}).get("data")
-    if not had or not identity.get("files") or not had.get("files"):
+    if not had or not identity or not identity.get("files") or not had.get("files"):
         return
     if had["files"] != identity["files"]:
         raise DataSetMismatchError(f"run_dir {run_dir} belongs to the data set {had['data_dir']}, not to "

@@ -68,8 +68,11 @@ def _calling_step():
 def record(run_dir, section, name, value, step=None):
     """Store one result (a number, string or small dict) under results[section][name], with the time and
     the step (`step`: a module of cdkit.steps; default: the step module that calls) in results['_meta']"""
+    from .distributed import rank, world_size
     from .io import folder_lock
     value = _clean(value)
+    if world_size() > 1 and rank() != 0:
+        return value  # data-parallel training: rank 0 records for every process (it holds the run folder)
     step = step or _calling_step()
     with folder_lock(resolve(run_dir), "run folder"):  # read-modify-write: one writer at a time
         results = load_results(run_dir)

@@ -456,3 +456,4 @@ def test_a_run_folder_never_mixes_two_data_sets(tmp_path, tiny_data):
     moved = tmp_path / "moved"
     shutil.copytree(tiny_data, moved)
     assert probe(run, data=moved) == "ok"  # the same files elsewhere are the same data set
+    assert probe(run) == "ok"  # a step whose data folder holds no BSON file (yet) is not refused on that account
