@@ -158,6 +158,7 @@ def test_kit_written_data_set_may_be_written_again(tmp_path):
 # --- every writer goes through cdkit.io --------------------------------------------------------------
 
 RAW_WRITE_ATTRS = {"write_text", "write_bytes", "mkdir", "unlink", "rmdir", "touch", "symlink_to"}
+PATH_WRITERS = {"to_csv", "to_parquet", "to_json", "to_pickle", "savefig", "save"}  # write a path, or a buffer
 RAW_WRITE_FUNCS = {("shutil", "rmtree"), ("shutil", "move"), ("shutil", "copy"), ("shutil", "copy2"),
                    ("shutil", "copyfile"), ("shutil", "copytree"), ("os", "replace"), ("os", "rename"),
                    ("os", "remove"), ("os", "unlink"), ("os", "makedirs"), ("os", "mkdir"), ("os", "rmdir"),
@@ -199,6 +200,8 @@ def raw_writes(path: Path):
                 hit = ((owner, f.attr) in RAW_WRITE_FUNCS or f.attr in RAW_WRITE_ATTRS
                        or (f.attr == "memmap" and owner in ("np", "numpy") and _memmap_writes(node))
                        or (f.attr == "open" and _write_mode_method(node)))
+                hit = hit or (f.attr in PATH_WRITERS and node.args and isinstance(node.args[0], ast.BinOp)
+                              and isinstance(node.args[0].op, ast.Div))  # df.to_csv(folder / "x.csv"): a path
             if hit:
                 found.append((node.lineno, ast.get_source_segment(path.read_text(), node), func))
         for child in ast.iter_child_nodes(node):
@@ -242,11 +245,13 @@ def test_the_source_walk_finds_raw_writes(tmp_path):
             np.memmap(p, mode="w+", shape=(3,))
             torch.save({}, p)
             p.open("ab")
+            df.to_parquet(p / "x.parquet")
             atomic_write(p, lambda tmp: Path(tmp).write_text("fine"))
             open(p).read()
             np.memmap(p, mode="r")
+            fig.savefig(buf, format="png")
     """))
-    assert [line for line, _, _ in raw_writes(src)] == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert [line for line, _, _ in raw_writes(src)] == [3, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 # --- 2. only what the kit created is deleted --------------------------------------------------------

@@ -434,7 +434,8 @@ def _lr_find(learn, run_dir, iters=100):
     ax.set_title("learning-rate finder")
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
-    fig.savefig(run_dir / "lr_find.png", dpi=100, bbox_inches="tight")
+    from ..io import atomic_write
+    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     if matplotlib.get_backend().lower() == "agg": plt.close(fig)
     return float(suggestion.valley)
 
