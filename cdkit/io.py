@@ -193,6 +193,10 @@ def remove(path):
     "Remove a file or a folder tree (guarded; a symlink is removed, never followed)"
     path = Path(path)
     guard(path, "removing")
+    if path.is_dir() and not path.is_symlink():  # nor a folder that holds raw data somewhere below it
+        for here, _, files in os.walk(path, followlinks=False):
+            if any(f.lower().endswith(".bson") for f in files) and real_path(here) not in _OWN_DATA:
+                raise RawDataError(f"removing {path}: {here} holds competition BSON files; the raw data stays read-only")
     _remove(path)
 
 

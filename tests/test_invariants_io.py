@@ -143,6 +143,14 @@ def test_prepare_command_refuses_the_raw_folder_as_work_dir(raw):
         assert snapshot(raw) == before
 
 
+@FEW
+@given(where=st.sampled_from(["{d}", "{d}/.", "{d}/..", "{d}/sub", "{d}/sub/notes.txt", "{d}/train.bson",
+                               "{link}/test.bson", "{link}/../cdiscount/sub"]))
+def test_no_removal_reaches_the_raw_data(raw, where):
+    from cdkit.io import remove
+    refused(raw, lambda: remove(spell(where, raw)))
+
+
 def test_kit_written_data_set_may_be_written_again(tmp_path):
     from cdkit.io import DATA_MARK
     from cdkit.synth import write_dataset
