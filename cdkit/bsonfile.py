@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CdkitError, read_parquet
-from .io import atomic_write, sweep_temps
+from .io import atomic_write, guard, sweep_temps
 
 NO_LABEL = -1  # category_id of a product in a test file
 MAX_PICTURE_SIDE = 4096  # pictures claiming more pixels a side are refused before decoding (180 in the data)
@@ -366,6 +366,7 @@ def build_index(path, out=None, batch=1 << 15, return_stats=False, progress=None
     t0 = time.perf_counter()
     path = str(path)
     if out is not None:
+        guard(out, "index")  # never into the raw data (checked before the work, again by atomic_write)
         sweep_temps(Path(out).parent)  # what an index write killed earlier left behind
     fingerprint = source_fingerprint(path)
     size = fingerprint["size"]

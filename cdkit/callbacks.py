@@ -27,7 +27,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .errors import CdkitError, shorten
-from .io import atomic_write, process_alive, sweep_temps
+from .io import append_open, atomic_write, makedirs, process_alive, remove, sweep_temps
 
 
 def _unwrap(model):
@@ -163,17 +163,17 @@ class EpochLog(CSVLogger):
     def before_fit(self):
         if rank_distrib(): return  # one writer in distributed training
         path = self.path / self.fname
-        path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(path.parent)
         keep_header = self.append and path.exists() and path.stat().st_size > 0
         if self.append and keep_header:
             _truncate_log(path, self.start_epoch)  # an interrupted run may have logged past its checkpoint
         if not keep_header:
-            with path.open("a" if self.append else "w") as f: f.write(",".join(self.recorder.metric_names) + "\n")
+            with append_open(path, "a" if self.append else "w") as f: f.write(",".join(self.recorder.metric_names) + "\n")
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
         if log[0] < self.start_epoch: return  # epochs a resumed fit skips
-        with (self.path / self.fname).open("a") as f:
+        with append_open(self.path / self.fname) as f:
             f.write(",".join([str(t) for t in log]) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -192,7 +192,7 @@ class EpochLog(CSVLogger):
 def _truncate_log(path, start_epoch):
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[:1] + [l for l in lines[1:] if l.split(",", 1)[0].isdigit() and int(l.split(",", 1)[0]) < start_epoch]
-    path.write_text("".join(kept))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def gathered_positions(n, world_size, bs, batch_i):
@@ -512,7 +512,7 @@ def sweep_checkpoint_temps(path):
     for p in path.parent.glob(f"{glob.escape(path.name)}.tmp*") if path.parent.is_dir() else []:
         pid = p.name[len(path.name) + 4:]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            p.unlink(missing_ok=True)
+            remove(p)
             removed.append(p)
     return removed
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CdkitError
-from .io import DiskFullError, disk_full_as_error, replace_dir, sweep_temps, tmp_path
+from .io import DiskFullError, disk_full_as_error, makedirs, replace_dir, sweep_temps, tmp_path
 
 DTYPE = np.float16
 FILES = ("features.npy", "pictures.parquet")
@@ -79,7 +79,7 @@ class FeatureWriter:
         self.path, self.n, self.d, self.meta = Path(path), int(n), int(d), dict(meta or {})
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(self.path.parent)
         sweep_temps(self.path.parent)
         self.tmp = tmp_path(self.path)
         self.tmp.mkdir()

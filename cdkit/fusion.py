@@ -200,9 +200,9 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     from .callbacks import Checkpoint, EpochLog, FiniteLoss, check_finite_weights, load_checkpoint, read_checkpoint
-    from .io import atomic_write
+    from .io import atomic_write, makedirs
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(out_dir)
     set_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_ds, valid_ds = ProductFeatures(x_train, g_train, y_train), ProductFeatures(x_valid, g_valid, y_valid)

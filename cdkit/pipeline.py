@@ -149,8 +149,9 @@ def run_notebook(notebook, out_path, parameters, progress=None):
     papermill's bar of cells (None: on a terminal)"""
     import papermill as pm
     from .progress import enabled
+    from .io import makedirs
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(out_path.parent)
     try:
         pm.execute_notebook(str(notebook), str(out_path), parameters=parameters, cwd=str(resolve(".")),
                             progress_bar=enabled(progress) and not _in_kernel(), log_output=False,
@@ -192,6 +193,16 @@ def check_models_free(plan, only=None):
                               "retrain it (make demo does), resume=true to continue it, or another --run-dir")
 
 
+def _folders(plan, run_dir) -> dict:
+    "The data and work folders the notebooks of `plan` use (their parameters, defaults included) and run_dir"
+    from .params import make_params
+    for s, params in plan:
+        if s.module != "explore":
+            P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
+            return dict(run_dir=str(run_dir), data_dir=P.data_dir, work_dir=P.work_dir)
+    return dict(run_dir=str(run_dir))
+
+
 def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log=print, heartbeat=60.0):
     """Run the notebooks of `steps` (default: all) into `run_dir`; returns seconds per notebook.
 
@@ -200,7 +211,9 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     `heartbeat`: seconds between the lines that say which cell of a long notebook runs (0: none).
     A training notebook whose model folder holds a run is refused before anything runs, unless the
     overrides say overwrite=true (make demo does) or resume=true."""
-    from .io import folder_lock, sweep_temps
+    from types import SimpleNamespace
+    from .entry import step_context
+    from .io import lend_locks_to_children
     from .report import record, write_report
     run_dir = resolve(run_dir)
     overrides = {"run_dir": str(run_dir), **(overrides or {})}
@@ -210,8 +223,9 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     check_models_free(plan, only)
     timings = {}
     t_all = time.perf_counter()
-    with folder_lock(run_dir, "run folder"):
-        sweep_temps(run_dir, recursive=True)  # what a killed run left half-written
+    # the entry of every step, for the whole run: raw-data guard, the run folder claimed for this data
+    # set, locked (and lent to the notebooks' kernels, its child processes), the kit's temps swept
+    with step_context("demo", SimpleNamespace(**_folders(plan, run_dir)), save=False), lend_locks_to_children():
         for i, (s, params) in enumerate(plan, 1):
             if only and not any(s.notebook.startswith(o) for o in only):
                 continue

@@ -21,6 +21,7 @@ import pandas as pd
 from .errors import CdkitError
 from .bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from .catalog import Catalog
+from .io import makedirs
 from .paths import resolve
 from .aggregate import product_accuracy
 from .split import FUSION_FOLD, VALID_FOLD, attach_split, load_split, make_split, save_split, split_settings
@@ -235,7 +236,7 @@ def create_prepared(data_dir, work_dir, valid_frac=0.1, seed=0, n_folds=None, fo
     them: reusing it silently would ignore the new ones."""
     data_dir, work_dir = resolve(data_dir), resolve(work_dir)
     _check_data_dir(data_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(work_dir)
     indices = _indices(data_dir, work_dir, force, log)
     split_path = work_dir / "split.parquet"
     settings = dict(valid_frac=valid_frac, fusion_frac=fusion_frac, seed=seed, n_folds=n_folds)

@@ -79,12 +79,17 @@ def _calling_step():
 def record(run_dir, section, name, value, step=None):
     """Store one result (a number, string or small dict) under results[section][name], with the time and
     the step (`step`: a module of cdkit.steps; default: the step module that calls) in results['_meta']"""
+    from .distributed import rank, world_size
+    from .io import folder_lock
     value = _clean(value)
+    if world_size() > 1 and rank() != 0:
+        return value  # data-parallel training: rank 0 records for every process (it holds the run folder)
     step = step or _calling_step()
-    results = load_results(run_dir)
-    results.setdefault(section, {})[name] = value
-    results.setdefault(META, {}).setdefault(section, {})[name] = {"time": time.time(), "step": step}
-    atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
+    with folder_lock(resolve(run_dir), "run folder"):  # read-modify-write: one writer at a time
+        results = load_results(run_dir)
+        results.setdefault(section, {})[name] = value
+        results.setdefault(META, {}).setdefault(section, {})[name] = {"time": time.time(), "step": step}
+        atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
     return value
 
 
@@ -93,7 +98,6 @@ def save_figure(fig, run_dir, name, dpi=90, max_bytes=300_000):
     notebooks). A figure of pictures can make a large PNG: the resolution drops until it fits `max_bytes`."""
     import io
     path = resolve(run_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         buf = io.BytesIO()
         fig.savefig(buf, dpi=dpi, bbox_inches="tight", format="png")

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CdkitError, shorten
-from .io import DiskFullError, disk_full_as_error, replace_dir, sweep_temps, tmp_path
+from .io import DiskFullError, disk_full_as_error, makedirs, replace_dir, sweep_temps, temps_of, tmp_path
 
 FORMAT = "cdkit-predstore"
 VERSION = 1
@@ -179,7 +179,7 @@ class StoreWriter:
         self.path, self.n_classes, self.k, self.n_views = Path(path), int(n_classes), int(k), int(n_views)
         self.prob_dtype, self.meta, self.chunk_rows, self.overwrite = prob_dtype, dict(meta or {}), chunk_rows, overwrite
         if self.path.exists() and not overwrite: raise StoreError(f"{self.path} exists (pass overwrite=True to replace it)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs(self.path.parent)
         sweep_temps(self.path.parent)  # stores whose writers were killed
         self.tmp = tmp_path(self.path)
         self.tmp.mkdir()
@@ -304,7 +304,7 @@ def read_manifest(path):
     "The manifest of a complete store; StoreError saying why otherwise"
     path = Path(path)
     if not path.exists():
-        tmps = sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.exists() else []
+        tmps = temps_of(path)
         hint = f"; an unfinished store exists at {tmps[0]} (its writer's close() never ran)" if tmps else ""
         raise StoreError(f"no prediction store at {path}{hint}")
     mf = path / MANIFEST

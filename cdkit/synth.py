@@ -50,7 +50,7 @@ import bson
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import atomic_open, mark_complete, mark_incomplete, sweep_temps
+from .io import atomic_open, mark_complete, mark_incomplete, sweep_temps, writing_dataset
 
 
 @dataclass
@@ -809,7 +809,12 @@ def write_dataset(out_dir, preset="demo", seed=0, **overrides) -> dict:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r} must be a non-negative int")
     seed = int(seed)
-    out = Path(out_dir)
+    # only a new or empty folder, or one the kit wrote (io.writing_dataset): never another data set
+    with writing_dataset(out_dir, f"cdkit synth --preset {preset} --seed {seed}"):
+        return _write_dataset(Path(out_dir), cfg, preset, seed)
+
+
+def _write_dataset(out, cfg, preset, seed):
     # the marker goes in before the first byte and comes out after the last: a writer killed in
     # between leaves a folder that io.check_complete refuses
     mark_incomplete(out, f"synth --preset {preset} --seed {seed}")

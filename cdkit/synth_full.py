@@ -34,7 +34,7 @@ import bson
 import numpy as np
 import pandas as pd
 
-from .io import atomic_open, mark_complete, mark_incomplete
+from .io import atomic_open, mark_complete, mark_incomplete, writing_dataset
 
 TRAIN_PRODUCTS, TRAIN_PICTURES = 7_069_896, 12_371_293
 TEST_PRODUCTS, TEST_PICTURES = 1_768_182, 3_095_080
@@ -194,7 +194,12 @@ def write_full_dataset(out_dir, scale=1.0, seed=0, category_csv=None, progress=T
     bytes per file and seconds per phase."""
     if not isinstance(seed, (int, np.integer)) or seed < 0: raise ValueError(f"seed={seed!r} must be a non-negative int")
     want = scaled_counts(scale)
-    out = Path(out_dir)
+    # only a new or empty folder, or one the kit wrote (io.writing_dataset): never another data set
+    with writing_dataset(out_dir, f"write_full_dataset(scale={scale}, seed={seed})"):
+        return _write_full(Path(out_dir), want, scale, seed, category_csv, progress)
+
+
+def _write_full(out, want, scale, seed, category_csv, progress):
     mark_incomplete(out, f"write_full_dataset(scale={scale}, seed={seed})")
     t0 = time.perf_counter()
     seconds = {}

@@ -17,7 +17,8 @@ def write_docs(path, docs):
 def small_file(tmp_path):
     docs = [{"_id": i, "imgs": [{"picture": jpeg_bytes(i * 10 + j)} for j in range(1 + i % 4)],
              "category_id": 1000000000 + i % 3} for i in range(10)]
-    return write_docs(tmp_path / "train.bson", docs), docs
+    (tmp_path / "raw").mkdir()  # the raw data folder: indices go elsewhere
+    return write_docs(tmp_path / "raw" / "train.bson", docs), docs
 
 
 def test_round_trip_against_pymongo(tiny_data):

@@ -19,15 +19,6 @@ def test_every_step_has_a_command():
         assert s.command in r.stdout, s.command
 
 
-def test_index_never_writes_into_the_raw_folder(tiny_data, tmp_path, capsys):
-    before = sorted(p.name for p in tiny_data.iterdir())
-    assert main(["index", str(tiny_data / "train.bson"), "--out", str(tiny_data / "train_index.parquet")]) == 2
-    assert "raw data stays read-only" in capsys.readouterr().err
-    assert sorted(p.name for p in tiny_data.iterdir()) == before
-    assert main(["index", str(tiny_data / "train.bson"), "--out", str(tmp_path / "i.parquet")]) in (0, None)
-    assert (tmp_path / "i.parquet").exists()
-
-
 def test_a_step_without_step_02_says_so_in_one_line(tiny_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cdkit", "ensemble", f"data_dir={tiny_data}", f"work_dir={tmp_path / 'w'}",
                         f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -32,7 +32,7 @@ from cdkit.bsonfile import (
     load_index,
     save_index,
 )
-from cdkit.io import IncompleteFolderError, check_complete, sweep_temps
+from cdkit.io import IncompleteFolderError, check_complete, sweep_temps, writing_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PIC = jpeg_bytes(0)
@@ -179,7 +179,8 @@ def test_truncated_document_names_its_id_and_the_previous_document(tmp_path):
 
 def test_index_matches_its_source_only(tmp_path):
     docs = [{"_id": i, "imgs": [{"picture": jpeg_bytes(i)}], "category_id": 1000 + i % 3} for i in range(30)]
-    path = tmp_path / "train.bson"
+    path = tmp_path / "raw" / "train.bson"  # the raw data folder: indices go elsewhere
+    path.parent.mkdir()
     path.write_bytes(b"".join(bson.encode(d) for d in docs))
     out = tmp_path / "train_index.parquet"
     build_index(path, out=out)
@@ -209,7 +210,8 @@ def test_index_matches_its_source_only(tmp_path):
 def test_index_matches_checks_products_beyond_the_fingerprint(tmp_path):
     "A damaged index (or one a sampled block would not reveal) is caught by reading products back"
     docs = [{"_id": i, "imgs": [{"picture": b"p" * 50}], "category_id": 1000} for i in range(50)]
-    path = tmp_path / "t.bson"
+    path = tmp_path / "raw" / "t.bson"  # the raw data folder: indices go elsewhere
+    path.parent.mkdir()
     path.write_bytes(b"".join(bson.encode(d) for d in docs))
     index = build_index(path)
     index.loc[25, "category_id"] = 1001
@@ -236,7 +238,9 @@ def test_killed_synth_leaves_an_incomplete_folder(tmp_path):
     assert (out / "train.bson").exists() and not (out / "test.bson").exists()
     with pytest.raises(IncompleteFolderError, match=f"{out} is incomplete"):
         check_complete(out)
-    assert [p.name.startswith(".test.bson.tmp-") for p in sweep_temps(out)] == [True]
+    assert sweep_temps(out) == []  # a data folder is swept only by its writer
+    with writing_dataset(out):
+        assert [p.name.startswith(".cdkit-tmp-") and p.name.endswith("-test.bson") for p in sweep_temps(out)] == [True]
 
 
 def test_finished_synth_is_complete(tiny_data):
@@ -256,7 +260,7 @@ def killed_while_writing(path):
         atomic_write({str(path)!r}, write)
     """)
     assert code == -signal.SIGKILL, text
-    left = [p for p in Path(path).parent.iterdir() if p.name.startswith(f".{Path(path).name}.tmp-")]
+    left = [p for p in Path(path).parent.iterdir() if p.name.startswith(".cdkit-tmp-") and p.name.endswith(f"-{Path(path).name}")]
     assert len(left) == 1
     return left[0]
 
@@ -278,7 +282,7 @@ def test_store_writer_sweeps_stores_of_killed_writers(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     assert code == -signal.SIGKILL, text
-    assert [p.name[:13] for p in tmp_path.iterdir()] == [".a.store.tmp-"]
+    assert [(p.name[:11], p.name[-8:]) for p in tmp_path.iterdir()] == [(".cdkit-tmp-", "-a.store")]
     with StoreWriter(tmp_path / "b.store", n_classes=5, k=2) as w:
         w.add(np.arange(3), np.zeros(3), np.full((3, 5), 0.2))
     assert [p.name for p in tmp_path.iterdir()] == ["b.store"] and len(load_store(tmp_path / "b.store")) == 3

@@ -234,7 +234,7 @@ def test_a_run_folder_in_use_is_refused_and_orphans_are_swept(tmp_path):
     import sys
     from cdkit.io import FolderBusyError
     run = tmp_path / "run"
-    orphan = run / "products" / ".base_test.parquet.tmp-999999-deadbeef"  # a write killed with its process
+    orphan = run / "products" / ".cdkit-tmp-999999-deadbeef-base_test.parquet"  # a write killed with its process
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.io import folder_lock\n"

@@ -104,7 +104,8 @@ def test_view_maker_shapes():
 
 def test_corrupt_picture_is_predicted_and_counted(tmp_path):
     from test_data import labelled_table, write_bson
-    path = write_bson(tmp_path / "train.bson")
+    (tmp_path / "raw").mkdir()  # the raw data folder: stores go elsewhere
+    path = write_bson(tmp_path / "raw" / "train.bson")
     t = labelled_table(path)
     st = load_store(predict_to_store(tiny_cnn(4), t, path, tmp_path / "store", size=SIZE, item_size=ITEM, n_views=2,
                                      k=4, bs=8, device="cpu"))

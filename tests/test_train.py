@@ -47,7 +47,7 @@ def test_unknown_or_mistyped_key_fails_before_work(tmp_path):
     bad.write_text("epochz: 3\n")
     assert main(["train", "--params", str(bad), f"run_dir={tmp_path}"]) == 2
     assert main(["train", "bs=big", f"run_dir={tmp_path}"]) == 2
-    assert main(["train", f"run_dir={tmp_path}", "arch=resnet1O1"]) == 1  # "unknown backbone ... close matches"
+    assert main(["train", f"run_dir={tmp_path / 'run'}", "arch=resnet1O1"]) == 1  # "unknown backbone ... close matches"
     assert not any(tmp_path.rglob("params.yaml"))  # nothing written
 
 

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, aggregate_stores,
                          blend_products, mean_aggregate, prediction_rows)
-from ..params import RunParams, Seed, save_params
+from ..params import RunParams, Seed
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout
 from .predict import DEMO_MEMBERS
@@ -274,10 +275,9 @@ def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None
     return write_products(df, path, generation or new_generation())
 
 
+@step_entry("aggregate", saves_params=True)
 def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> AggregateResult:
     "Aggregate, choose, apply MD5, write the products; `save`: record P as the step-08 settings (step 09 replays them)"
-    if save:
-        save_params(P, RunLayout.of(P.run_dir).step_params("aggregate"))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     belief_kw = belief_kwargs(P)

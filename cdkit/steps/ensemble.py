@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ..params import RunParams, save_params
+from ..entry import step_entry
+from ..params import RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import (SPLITS, ModelNames, RunLayout, new_generation, rewrites_ensemble, rewrites_store,
                     same_generation)
@@ -46,10 +47,9 @@ class EnsembleResult:
         return self.table.loc["ensemble"]
 
 
+@step_entry("ensemble", saves_params=True)
 def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> EnsembleResult:
     "Ensemble the members' stores; `save`: record P as the run folder's step-07 settings (step 09 replays them)"
-    if save:
-        save_params(P, RunLayout.of(P.run_dir).step_params("ensemble"))
     from ..ensemble import combine
     from ..store import load_store, save_store
     prep = prep or load_prepared(P.data_dir, P.work_dir)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from ..entry import step_entry
 from ..bsonfile import NO_LABEL, BsonReader, build_index, image_table
 from ..catalog import Catalog
 from ..params import DataParams
@@ -45,6 +46,7 @@ class ExploreResult:
         return BsonReader(self.data_dir / "train.bson")
 
 
+@step_entry("explore")
 def run(P: ExploreParams, log=print) -> ExploreResult:
     "Index train and test in memory, then the tables of step 01"
     data = ensure_data(P.data_dir, P.synth_preset, P.seed, log)

@@ -19,7 +19,6 @@ the ensemble (step 07) and the aggregation (step 08) like any other member.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -28,7 +27,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..params import ParamsError, RunParams, Seed, save_params
+from ..entry import step_entry
+from ..params import ParamsError, RunParams, Seed
 from ..prepare import Prepared, load_prepared
 from ..runs import SPLITS, ModelNames, RunLayout, same_generation
 from .predict import DEMO_MODELS
@@ -111,15 +111,16 @@ def _check_fresh(P: FuseParams):
         raise ParamsError(f"{held[0]} already holds fusion heads: pass overwrite=true to retrain them (make demo "
                           "does), resume=true to continue them, or another run_dir")
     if P.overwrite:
+        from ..io import remove
         for m in P.models:
-            shutil.rmtree(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)), ignore_errors=True)
+            remove(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)))
 
 
 def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     "Train the heads over one backbone's features, choose the variant, write the member's stores"
     import torch
     from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
-    from ..io import atomic_write, replace_dir, tmp_path
+    from ..io import atomic_write, remove, replace_dir, tmp_path
     from ..store import load_store, save_store
     from .predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
@@ -184,7 +185,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
             if variant == chosen and not (split == "valid" and pick is not None):
                 replace_dir(tmp, final)
             else:
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+                remove(tmp)
         stores[(member, split)] = final
     card = dict(backbone=model, member=member, chosen=chosen, variants=list(variants), seeds=list(P.seeds),
                 spec={v: asdict(heads[(v, P.seeds[0])][0]) for v in variants},
@@ -226,6 +227,7 @@ def _pick_rows(stores: dict, pick: pd.Series):
     return base
 
 
+@step_entry("fuse", saves_params=True)
 def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResult:
     "Train the fusion heads of every backbone of P.models and write their members' stores"
     from .predict import store_accuracy
@@ -233,8 +235,6 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
     t0 = time.time()
     layout = RunLayout.of(P.run_dir)
     _check_fresh(P)
-    if save:
-        save_params(P, layout.step_params("fuse"))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     rows, chosen, stores, hist, base, member_valid = {}, {}, {}, {}, {}, {}
     for m in P.models:

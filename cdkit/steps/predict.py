@@ -20,7 +20,8 @@ from typing import Union
 
 from pydantic import Field, model_validator
 
-from ..params import ParamsError, RunParams, save_params
+from ..entry import step_entry
+from ..params import ParamsError, RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
 
@@ -243,12 +244,11 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     return out
 
 
+@step_entry("predict", saves_params=True)
 def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> PredictResult:
     """Predict every model of P.models on validation and test; the accuracy table of the complete stores.
     `save`: record P as this run folder's step-06 settings (step 09 replays them)"""
     from ..store import load_store
-    if save:
-        save_params(P, RunLayout.of(P.run_dir).step_params("predict"))
     check_combine(P, RunLayout.of(P.run_dir))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     stores, written, rows = {}, [], []

@@ -10,6 +10,7 @@ from typing import Optional
 import pandas as pd
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..params import DataParams
 from ..prepare import Prepared, create_prepared, summary_table
 
@@ -38,6 +39,7 @@ class PrepareResult:
     summary: pd.DataFrame                 # one row per file: products, images, categories, validation products
 
 
+@step_entry("prepare")
 def run(P: PrepareParams, log=print) -> PrepareResult:
     prep = create_prepared(P.data_dir, P.work_dir, valid_frac=P.valid_frac, seed=P.seed, n_folds=P.n_folds,
                            force=P.force, log=log, fusion_frac=P.fusion_frac)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..params import ParamsError, RunParams, load_params
 from ..prepare import Prepared, load_prepared
 from ..runs import RunLayout, check_name
@@ -173,6 +174,7 @@ def check_threshold(P: PseudoParams, layout: RunLayout, members):
                           f"Lower threshold below {reach:.5f} or train without label smoothing")
 
 
+@step_entry("pseudo")
 def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
     from ..io import folder_lock
     layout = RunLayout.of(P.run_dir)
@@ -230,8 +232,9 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     card = base.card
     card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
     save_trained(base.model, layout.model_dir(P.name), card)
-    alpha.to_csv(layout.model_dir(P.name) / "alpha.csv", index=False)
-    chosen.to_parquet(layout.model_dir(P.name) / "selection.parquet", index=False)
+    from ..io import atomic_write
+    atomic_write(layout.model_dir(P.name) / "alpha.csv", lambda tmp: alpha.to_csv(tmp, index=False))
+    atomic_write(layout.model_dir(P.name) / "selection.parquet", lambda tmp: chosen.to_parquet(tmp, index=False))
 
     # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
     pred = step06.run(P06.replace(models=[P.name], features=False), prep, log, save=False)

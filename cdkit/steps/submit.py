@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import Field
 
 from ..errors import read_parquet
+from ..entry import step_entry
 from ..params import RunParams
 from ..prepare import Prepared, load_prepared
 from ..runs import STAGES, RunLayout, read_products
@@ -80,6 +81,7 @@ def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
     return choose_per_fold(pd.DataFrame(correct, index=truth.index), validation_folds(truth.index))[3]
 
 
+@step_entry("submit")
 def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     """Write run_dir/submission.csv.gz from the chosen products, in sample_submission order, validated
     first; products without a prediction get the most frequent train category"""

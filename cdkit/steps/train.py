@@ -34,6 +34,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
+from ..entry import step_entry
 from ..params import ParamsError, PathStr, RunParams, changed_params, save_params
 from ..runs import RunLayout, check_name
 
@@ -304,7 +305,7 @@ class TrainSetup:
 def check_fresh(P: TrainParams, model_dir: Path):
     """Refuse to train into a folder that holds another run's files unless `resume` or `overwrite` says
     what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
-    import shutil
+    from ..io import remove
     found = [n for n in RUN_FILES if (model_dir / n).exists()]
     if not found or getattr(P, "resume", False): return
     if not P.overwrite:
@@ -312,7 +313,7 @@ def check_fresh(P: TrainParams, model_dir: Path):
                           f"resume=True to continue it, or another name (name=... or run_dir=...)")
     for n in found:
         f = model_dir / n
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
+        remove(f)
     log.info("overwrite: removed %s from %s", ", ".join(found), model_dir)
 
 
@@ -398,7 +399,8 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
             prep = load_prepared(P.data_dir, P.work_dir)
     elif prep is None:
         prep = load_prepared(P.data_dir, P.work_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from ..io import makedirs
+    makedirs(run_dir)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
     images, valid_mask = _images(prep, P)
@@ -501,7 +503,8 @@ def _lr_find(learn, run_dir, iters=100):
     ax.set_title("learning-rate finder")
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
-    fig.savefig(run_dir / "lr_find.png", dpi=100, bbox_inches="tight")
+    from ..io import atomic_write
+    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     if matplotlib.get_backend().lower() == "agg": plt.close(fig)
     return float(suggestion.valley)
 
@@ -526,6 +529,7 @@ def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
                      n_level1=n1, n_level2=n2)
 
 
+@step_entry("train")
 def run(P: TrainParams) -> TrainResult:
     """Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains): `setup`, then
     `find_lr` when lr_find=True or lr='find', then `fit` (the notebooks call the three in turn)"""
