@@ -49,11 +49,14 @@ def snapshot(folder):
 def cli(args):
     """(exit status, stderr lines) of `cdkit ARGS`; a CdkitError is the command line's one-line refusal
     (`ERROR: <message>`), whether its catch is in cdkit.__main__ or here"""
+    import contextlib
+    import io
     from cdkit.__main__ import main
-    try:
-        return main(args), None
-    except CdkitError as e:
-        return 1, str(e)
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = main(args)
+    err = buf.getvalue().strip()
+    return code, (err.removeprefix("ERROR: ") if err.startswith("ERROR: ") else err) or None
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +183,8 @@ ALLOWED = {
     ("cdkit/store.py", "close"): STORE_TEMP,
     ("cdkit/store.py", "abort"): STORE_TEMP,
     ("cdkit/features.py", "close"): "the manifest of a feature store, into the temp folder of io.atomic_dir",
+    ("cdkit/features.py", "__init__"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
+    ("cdkit/features.py", "abort"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
 }
 
 

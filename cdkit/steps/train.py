@@ -554,6 +554,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     from ..distributed import distrib_ctx, rank
     from ..models import save_trained
     from ..callbacks import BatchGrowth, Checkpoint, check_finite_weights, fit_schedule
+    from ..io import remove
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -581,7 +582,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
             if epochs_done >= P.epochs:
                 # finished: the checkpoint (weights + optimizer state, 3x model.pth) only served a resume, and
                 # continuing a finished schedule is refused (check_resume); a stopped run keeps it
-                (run_dir / "checkpoints" / "last.pth").unlink(missing_ok=True)
+                remove(run_dir / "checkpoints" / "last.pth")
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
         # metrics.csv, the checkpoint or the loggers when they run a validation pass
         learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
