@@ -206,11 +206,11 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
 def record(run_dir, R: FuseResult):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
     from ..report import LEVERS, record as rec
-    sp = R.spread()
+    sp, table = R.spread(), R.table.sort_index()  # .loc on an unsorted MultiIndex warns (PerformanceWarning)
     for m, variant in R.chosen.items():
-        blend = R.table.loc[(m, variant, "blend")]
+        blend = table.loc[(m, variant, "blend")]
         rec(run_dir, "06b fusion", f"{m}: pictures (mean aggregation, step 06)", R.baseline.loc[m].round(4).to_dict())
-        rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(R.table.loc[(m, variant)]) - 1} seeds averaged)",
+        rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(table.loc[(m, variant)]) - 1} seeds averaged)",
             blend.round(4).to_dict())
     for (m, variant), row in sp.iterrows():
         rec(run_dir, "06b fusion", f"{m}: one {variant} head, mean and sd over seeds", row.round(4).to_dict())
@@ -219,7 +219,7 @@ def record(run_dir, R: FuseResult):
         row = sp.loc[(m, variant)]
         rec(run_dir, LEVERS, f"fusion head over {m} (one {variant} head)",
             {"valid": row["valid mean"], "valid sd": row["valid sd"], "test": row["test mean"],
-             "test sd": row["test sd"], "seeds": len(R.table.loc[(m, variant)]) - 1})
+             "test sd": row["test sd"], "seeds": len(table.loc[(m, variant)]) - 1})
         rec(run_dir, LEVERS, f"mean of {m}'s pictures", {**R.baseline.loc[m].round(4).to_dict(), "seeds": 1})
 
 
