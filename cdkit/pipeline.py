@@ -169,22 +169,14 @@ class Heartbeat:
 KERNEL_TCP_WARNING = "Kernel is running over TCP without encryption"
 
 
-def kernel_manager_class():
-    """The kernel manager papermill starts each notebook's kernel with: on POSIX its kernel talks over Unix
-    sockets (ipc), so no TCP port carries the notebook's code in plain text, and the kernel has no reason
-    to print its 'running over TCP without encryption' warning at every start; elsewhere jupyter's own"""
-    import os
-    from jupyter_client.manager import KernelManager
-    from traitlets import default
-    if os.name != "posix":
-        return KernelManager
-
-    class IpcKernelManager(KernelManager):
-        @default("transport")
-        def _ipc(self):
-            return "ipc"
-
-    return IpcKernelManager
+def kernel_arguments():
+    """The arguments papermill starts each notebook's kernel with: the kernel config of `install_kernel_config`
+    (a filter on the 'running over TCP without encryption' warning, printed at every kernel start), written
+    once per user into the temp folder, whatever the environment's own config holds"""
+    import getpass
+    import tempfile
+    conf = install_kernel_config(Path(tempfile.gettempdir()) / f"cdkit-kernel-config-{getpass.getuser()}")
+    return [f"--IPKernelApp.extra_config_file={conf}"]
 
 
 def install_kernel_config(config_dir=None):
@@ -214,7 +206,7 @@ def run_notebook(notebook, out_path, parameters, progress=None):
         pm.execute_notebook(str(notebook), str(out_path), parameters=parameters, cwd=str(resolve(".")),
                             progress_bar=enabled(progress) and not _in_kernel(), log_output=False,
                             kernel_name="python3", request_save_on_cell_execute=True, autosave_cell_every=30,
-                            kernel_manager_class=kernel_manager_class())
+                            extra_arguments=kernel_arguments())
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{Path(notebook).name} failed in cell {e.exec_count} "
                              f"({e.ename}: {e.evalue}); open the executed copy {out_path}") from None
