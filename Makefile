@@ -11,7 +11,7 @@ DEPS    := $(VENV)/.deps-$(REQHASH)
 READY   := $(VENV)/.cdkit-$(HEREHASH)-$(REQHASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean-venv lab rehearse weights
+.PHONY: setup demo test test-numerics bench clean-venv lab rehearse weights
 
 setup: $(READY)
 
@@ -23,6 +23,8 @@ $(DEPS): requirements.txt
 # The editable install points at this clone; redone when the clone moves.
 $(READY): $(DEPS) pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	@# kernels of this environment (papermill, JupyterLab) start without the 'TCP without encryption' warning
+	$(BIN)/python -c "from cdkit.pipeline import install_kernel_config; install_kernel_config()"
 	@rm -f $(VENV)/.cdkit-* ; touch $@
 
 # overwrite=true: the demo retrains its own models in runs/demo (elsewhere a finished model folder is refused)
@@ -31,6 +33,11 @@ demo: $(READY)
 
 test: $(READY)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The tests that train models or assert effects, under the numerics of other machines (threads, seeds,
+# ATen's CPU kernels): docs/TESTING.md. SETTINGS="CDKIT_TEST_THREADS=2 ..." to choose them.
+test-numerics: $(READY)
+	PY=$(BIN)/python tools/perturb_tests.sh
 
 bench: $(READY)
 	$(BIN)/python bench/index.py

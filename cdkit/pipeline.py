@@ -99,9 +99,32 @@ def step_parameters(notebook, params_files=(), overrides=None):
             raise ParamsError(f"{f}: unknown parameter(s) {unknown} for {Path(notebook).name}; "
                               f"its parameters cell declares {sorted(declared)}")
         values.update(data)
-    values.update({k: v for k, v in (overrides or {}).items() if k in declared})
+    values.update({k: v for k, v in seeded(notebook, declared, values, overrides).items() if k in declared})
     make_params(params_class(notebook), {**declared, **values}, where=f"{Path(notebook).name} parameters")
     return values
+
+
+# The steps that average several seeds (06b's fusion heads, 08's re-rankers) take a list of them
+SEED_LISTS = ("seeds", "rerank_seeds")
+
+
+def seeded(notebook, declared, values, overrides):
+    """The overrides with a pipeline-wide `seed=N` made the seed of everything the run trains or draws: each
+    step's `seed`, and each seed list (default [0, 1, 2]) shifted to [3N, 3N+1, 3N+2] so that runs of
+    different seeds share none; a list given explicitly (file or override) stays. Not step 02's split seed:
+    the split is made once for every model of the data (another one is refused), and runs over seeds
+    compare on the same validation products."""
+    over = dict(overrides or {})
+    if "seed" not in over:
+        return over
+    seed = int(over["seed"])
+    if step_of(notebook).module == "prepare":
+        del over["seed"]
+    for k in SEED_LISTS:
+        if k in declared and k not in over and k not in values:
+            base = list(declared[k])
+            over[k] = [seed * len(base) + s for s in base]
+    return over
 
 
 def running_cell(out_path):
@@ -144,6 +167,35 @@ class Heartbeat:
         self.stop.set()
 
 
+KERNEL_TCP_WARNING = "Kernel is running over TCP without encryption"
+
+
+def kernel_arguments():
+    """The arguments papermill starts each notebook's kernel with: the kernel config of `install_kernel_config`
+    (a filter on the 'running over TCP without encryption' warning, printed at every kernel start), written
+    once per user into the temp folder, whatever the environment's own config holds"""
+    import getpass
+    import tempfile
+    conf = install_kernel_config(Path(tempfile.gettempdir()) / f"cdkit-kernel-config-{getpass.getuser()}")
+    return [f"--IPKernelApp.extra_config_file={conf}"]
+
+
+def install_kernel_config(config_dir=None):
+    """Silence the same warning for a plain `papermill` (or JupyterLab) run of this environment's kernel:
+    a filter on that exact message in the IPython kernel config file of `config_dir` (default: the
+    environment's, <sys.prefix>/etc/ipython, read by every kernel it starts). Idempotent; `make setup`
+    calls it. Returns the file."""
+    from .io import atomic_write
+    path = Path(config_dir or Path(sys.prefix) / "etc" / "ipython") / "ipython_kernel_config.py"
+    marker = "# cdkit: no 'running over TCP without encryption' warning at every kernel start"
+    text = path.read_text() if path.exists() else ""
+    if marker not in text:
+        block = (f"\n{marker}\nimport logging as _logging\n_logging.getLogger('IPKernelApp').addFilter(\n"
+                 f"    lambda record: {KERNEL_TCP_WARNING!r} not in record.getMessage())\n")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text + block))
+    return path
+
+
 def run_notebook(notebook, out_path, parameters, progress=None):
     """Execute one notebook with papermill; on failure raise NotebookFailed naming the cell. `progress`:
     papermill's bar of cells (None: on a terminal)"""
@@ -155,7 +207,8 @@ def run_notebook(notebook, out_path, parameters, progress=None):
     try:
         pm.execute_notebook(str(notebook), str(out_path), parameters=parameters, cwd=str(resolve(".")),
                             progress_bar=enabled(progress) and not _in_kernel(), log_output=False,
-                            kernel_name="python3", request_save_on_cell_execute=True, autosave_cell_every=30)
+                            kernel_name="python3", request_save_on_cell_execute=True, autosave_cell_every=30,
+                            extra_arguments=kernel_arguments())
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{Path(notebook).name} failed in cell {e.exec_count} "
                              f"({e.ename}: {e.evalue}); open the executed copy {out_path}") from None

@@ -108,15 +108,53 @@ def save_figure(fig, run_dir, name, dpi=90, max_bytes=300_000):
 
 
 TIME_WORDS = ("time", "second", "minute", "(s)", "(min)")
+# counts that pandas hands over as floats (a row of a mixed DataFrame): printed as integers even when 0 or 1
+COUNT_WORDS = ("chosen", "count", "products", "pictures", "images", "epochs", "seeds", "views", "members",
+               "changed", "generic", "categories", "rows")
 
 
 def _fmt(v, digits=4, key=""):
-    "A value for the report: durations with one decimal, other floats with `digits`, None as n/a"
+    """A value for the report: durations with one decimal, counts as integers (a float with no fraction
+    above 1, or named like a count), other floats with `digits`, None as n/a"""
     if v is None:
         return "n/a"
-    if isinstance(v, float) and any(w in str(key).lower() for w in TIME_WORDS):
+    k = str(key).lower()
+    if isinstance(v, float) and any(w in k for w in TIME_WORDS):
         return f"{v:.1f}"
+    if isinstance(v, float) and v.is_integer() and (abs(v) > 1 or any(w in k for w in COUNT_WORDS)):
+        return str(int(v))
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def difference_noise(acc_a, acc_b, n_a, n_b=None, correct_a=None, correct_b=None, z=2.0) -> dict:
+    """Is row b's accuracy different from row a's beyond the noise of the products they were measured on?
+
+    Each accuracy's binomial standard error is sqrt(p (1 - p) / n). Where both rows' per-product
+    correctness is given (aligned: the same products in the same order), the difference is paired, as
+    McNemar's test pairs it: only the discordant products count, b01 (a right, b wrong) and b10 (a wrong,
+    b right); the difference is (b10 - b01) / n with standard error sqrt(b01 + b10) / n. Otherwise the
+    unpaired bound sqrt(se_a^2 + se_b^2) (larger: it ignores that both rows score the same products).
+    The difference is within noise unless |diff| > z standard errors. Returns diff, se, se_a, se_b,
+    paired, within_noise and a short note for the report."""
+    import math
+    n_b = n_a if n_b is None else n_b
+    se_a = math.sqrt(acc_a * (1 - acc_a) / n_a) if n_a else float("nan")
+    se_b = math.sqrt(acc_b * (1 - acc_b) / n_b) if n_b else float("nan")
+    paired = correct_a is not None and correct_b is not None
+    if paired:
+        import numpy as np
+        ca, cb = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+        if ca.shape != cb.shape or not len(ca):
+            raise ValueError(f"paired rows need the same products: {ca.shape} vs {cb.shape}")
+        n = len(ca)
+        b01, b10 = int((ca & ~cb).sum()), int((~ca & cb).sum())
+        diff, se = (b10 - b01) / n, math.sqrt(b01 + b10) / n
+    else:
+        diff, se = acc_b - acc_a, math.sqrt(se_a ** 2 + se_b ** 2)
+    within = not abs(diff) > z * se  # no discordant product at all: se 0, diff 0, within noise
+    how = "paired" if paired else "unpaired bound: not both rows have per-product results"
+    note = f"{diff:+.4f} +- {se:.4f} ({'within noise' if within else f'beyond {z:g} se'}; {how})"
+    return dict(diff=diff, se=se, se_a=se_a, se_b=se_b, paired=paired, within_noise=within, note=note)
 
 
 def _table(rows: dict, marks: dict = None) -> str:
@@ -127,6 +165,58 @@ def _table(rows: dict, marks: dict = None) -> str:
     out += [f"| {k}{marks.get(k, '')} | " + " | ".join(_fmt(v.get(c, ""), key=c) for c in cols) + " |"
             for k, v in rows.items()]
     return "\n".join(out)
+
+
+# The differences the report weighs against their noise: each step of the study against the row it builds on
+STUDY_PAIRS = [("+TTA", "baseline"), ("ensemble (+TTA)", "+TTA"), ("ensemble + belief aggregation", "ensemble (+TTA)"),
+               ("+MD5 lookup", "ensemble + belief aggregation"), ("+pseudo-labels", "+MD5 lookup")]
+PRODUCT_FILES = {"+MD5 lookup": "base", "+pseudo-labels": "pseudo"}  # rows with a per-product file (run_dir/products)
+
+
+def _truth(run_dir, split):
+    "The true class per product of `split` for the data the run's step 08 read, or None (real test set, data gone)"
+    try:
+        from .params import read_params_file
+        from .prepare import load_prepared
+        from .runs import RunLayout
+        p = read_params_file(RunLayout.of(run_dir).step_params("aggregate"))
+        return load_prepared(p["data_dir"], p["work_dir"]).truth(split)
+    except Exception:  # the noise of a row is a comment on it: without the truth, the unpaired bound
+        return None
+
+
+def study_noise(run_dir, study) -> dict:
+    """{(row, split): standard error} and {(row, other, split): difference_noise(...)} for the study's rows:
+    every row is measured on all products of its split (their number: the products files'); rows with a
+    products file are paired when the truth is at hand"""
+    import pandas as pd
+    from .runs import RunLayout
+    layout, se, diffs, truth = RunLayout.of(run_dir), {}, {}, {}
+    for split in ("test", "valid"):
+        path = layout.products("base", split)
+        if not path.exists():
+            continue
+        n = len(pd.read_parquet(path, columns=["product_id"]))
+        correct = {}
+        for row, stage in PRODUCT_FILES.items():
+            f = layout.products(stage, split)
+            if row in study and f.exists():
+                if split not in truth:
+                    truth[split] = _truth(run_dir, split)
+                if truth[split] is not None:
+                    df = pd.read_parquet(f).sort_values("product_id")
+                    correct[row] = (df["pred_class"].to_numpy() ==
+                                    truth[split].reindex(df["product_id"].to_numpy()).to_numpy())
+        accs = {k: v.get(split) for k, v in study.items() if isinstance(v, dict) and isinstance(v.get(split), (int, float))}
+        for row, a in accs.items():
+            se[(row, split)] = difference_noise(a, a, n)["se_a"]
+        for row, other in STUDY_PAIRS:
+            if row in accs and other in accs:
+                both = row in correct and other in correct and len(correct[row]) == len(correct[other])
+                diffs[(row, other, split)] = difference_noise(accs[other], accs[row], n,
+                                                              correct_a=correct[other] if both else None,
+                                                              correct_b=correct[row] if both else None)
+    return se, diffs
 
 
 def step_groups():
@@ -179,6 +269,11 @@ def write_report(run_dir) -> Path:
               "the Kaggle leaderboard knows them).", "",
               "| step | what | test accuracy | validation accuracy | validation figure |",
               "| --- | --- | --- | --- | --- |"]
+    se, diffs = study_noise(run_dir, study)
+
+    def acc(key, split, v):
+        return _fmt(v) + (f" +- {se[(key, split)]:.4f}" if (key, split) in se else "")
+
     for key, what in STUDY_ROWS:
         v = study.get(key, {})
         if isinstance(v, dict):
@@ -186,8 +281,14 @@ def write_report(run_dir) -> Path:
             notes = ", ".join(f"{k}: {_fmt(x, key=k)}" for k, x in v.items() if k not in ("test", "valid", VALID_IS))
         else:
             t, va, kind, notes = v, "n/a", "n/a", ""
-        lines.append(f"| {key}{_mark(stale, 'study', key)} | {what}{f' ({notes})' if notes else ''} | {_fmt(t)} | "
-                     f"{_fmt(va)} | {kind} |")
+        lines.append(f"| {key}{_mark(stale, 'study', key)} | {what}{f' ({notes})' if notes else ''} | "
+                     f"{acc(key, 'test', t)} | {acc(key, 'valid', va)} | {kind} |")
+    if diffs:
+        lines += ["", "Accuracies +- their binomial standard error (on all products of the split). Each step against "
+                  "the row it builds on: a difference within 2 standard errors of the paired difference (McNemar's "
+                  "discordant products) is within noise; rows without per-product files get the unpaired bound.", ""]
+        lines += [f"- {row} vs {other}, {'validation' if split == 'valid' else split}: {d['note']}"
+                  for (row, other, split), d in diffs.items()]
     figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
     shown = set()
     for section, values in res.items():

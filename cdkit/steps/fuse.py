@@ -251,14 +251,14 @@ def record(run_dir, R: FuseResult):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
     from ..report import LEVERS, VALID_IS, record as rec
     from ..selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
-    sp = R.spread()
+    sp, table = R.spread(), R.table.sort_index()  # .loc on an unsorted MultiIndex warns (PerformanceWarning)
     for m, variant in R.chosen.items():
-        blend = R.table.loc[(m, variant, "blend")]
-        several = len(R.table.loc[m].index.get_level_values("variant").unique()) > 1
+        blend = table.loc[(m, variant, "blend")]
+        several = len(table.loc[m].index.get_level_values("variant").unique()) > 1
         rec(run_dir, "06b fusion", f"{m}: pictures (mean aggregation, step 06)",
             {**R.baseline.loc[m].round(4).to_dict(), VALID_IS: HELD_OUT})
         # the member's validation store is made per fold (each fold from the variant better on the other folds)
-        rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(R.table.loc[(m, variant)]) - 1} seeds averaged)",
+        rec(run_dir, "06b fusion", f"{m}: fusion member ({variant}, {len(table.loc[(m, variant)]) - 1} seeds averaged)",
             {**blend.round(4).to_dict(), "valid": round(float(R.member_valid.get(m, blend["valid"])), 4),
              VALID_IS: OUT_OF_FOLD if several else HELD_OUT})
         if several:
@@ -270,10 +270,10 @@ def record(run_dir, R: FuseResult):
     rec(run_dir, "06b fusion", "minutes", round(R.seconds / 60, 2))
     for m, variant in R.chosen.items():  # the comparison of the levers, on the same validation and test products
         row = sp.loc[(m, variant)]
-        several = len(R.table.loc[m].index.get_level_values("variant").unique()) > 1
+        several = len(table.loc[m].index.get_level_values("variant").unique()) > 1
         rec(run_dir, LEVERS, f"fusion head over {m} (one {variant} head)",
             {"valid": row["valid mean"], "valid sd": row["valid sd"], "test": row["test mean"],
-             "test sd": row["test sd"], "seeds": len(R.table.loc[(m, variant)]) - 1,
+             "test sd": row["test sd"], "seeds": len(table.loc[(m, variant)]) - 1,
              VALID_IS: IN_SAMPLE if several else HELD_OUT})
         rec(run_dir, LEVERS, f"mean of {m}'s pictures", {**R.baseline.loc[m].round(4).to_dict(), "seeds": 1,
                                                          VALID_IS: HELD_OUT})

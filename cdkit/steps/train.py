@@ -654,6 +654,8 @@ def record(run_dir, result: TrainResult):
         fig = plot_history(result.history, title=result.model_dir.name)
         save_figure(fig, run_dir, f"03_history_{result.model_dir.name}")
         plt.close(fig)
+    from ..report import write_report
+    write_report(run_dir)  # a notebook run alone (papermill, JupyterLab) leaves its report too, as `cdkit demo` does
 
 
 # ---- reports for the notebooks ----
