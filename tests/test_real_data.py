@@ -128,7 +128,7 @@ def shell_env(clone: Path, tmp: Path, extra=None) -> dict:
 
 
 def run_line(line, clone, env):
-    r = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, f"README line failed: {line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
