@@ -272,7 +272,7 @@ def load_params(cls, files=None, overrides=None, where=None):
         files = [files]
     values, sources = {}, []
     for f in files or []:
-        values.update(read_params_file(f))
+        values.update(shared_subset(cls, f, read_params_file(f)))
         sources.append(str(f))
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
@@ -289,7 +289,7 @@ def take_params(cls, namespace: dict, where="notebook parameters"):
     injected is caught here, before any work starts."""
     values = {k: v for k, v in namespace.items()
               if not k.startswith("_") and k not in _IPYTHON_NAMES and type(v) in _LITERALS}
-    return make_params(cls, values, where)
+    return make_params(cls, drop_shared_values(cls, values), where)
 
 
 def parse_overrides(pairs) -> dict:
@@ -457,3 +457,42 @@ def path_fields(cls) -> set[str]:
         return any(is_path(a) for a in typing.get_args(tp))
 
     return {name for name, f in cls.model_fields.items() if is_path(f.annotation, f.metadata)}
+# ---- shared params files ----
+# params/cdiscount.yaml holds what every step repeats on the real data (the data, work and run folders), but
+# steps 01-02 have no run folder: from a shared file a step takes the keys it declares. A key that no step
+# declares is still an error (a typo there is caught), and every other file, `-p` and key=value stay strict.
+SHARED_FILES = ("cdiscount",)  # stems of the shared files, under params/
+
+
+def is_shared_file(path) -> bool:
+    return Path(path).stem in SHARED_FILES
+
+
+def _declared_by_some_step() -> set:
+    from .pipeline import STEPS
+    return set().union(*(s.params_class().model_fields for s in STEPS))
+
+
+def shared_subset(cls, path, data: dict) -> dict:
+    "`data` of the params file `path` as step `cls` takes it: all of it, or of a shared file what cls declares"
+    if not is_shared_file(path) or set(data) <= set(cls.model_fields):
+        return data
+    anywhere = _declared_by_some_step()
+    return {k: v for k, v in data.items() if k in cls.model_fields or k not in anywhere}
+
+
+def drop_shared_values(cls, values: dict) -> dict:
+    """A notebook's values without the names it does not declare that hold a shared file's value: papermill
+    injects a -f file's keys without saying which file they came from, so `-f params/cdiscount.yaml` is
+    recognised by its values (`-p run_dir elsewhere` in a notebook without run_dir is still refused)"""
+    extra = set(values) - set(cls.model_fields)
+    if not extra:
+        return values
+    from .paths import PARAMS
+    shared = {}
+    for stem in SHARED_FILES:
+        if (PARAMS / f"{stem}.yaml").exists():
+            shared.update(read_params_file(PARAMS / f"{stem}.yaml"))
+    anywhere = _declared_by_some_step()
+    return {k: v for k, v in values.items()
+            if not (k in extra and k in anywhere and k in shared and shared[k] == v)}

@@ -36,10 +36,12 @@ def typed(p) -> Path:
 
 # ---- where a Kaggle notebook keeps things ----
 # The competition's files are mounted read-only in a Kaggle notebook; only /kaggle/working is kept
-# (and written). There, the portable defaults below (the demo's folders) stand for these instead, so
-# the notebooks' parameters cells stay the same literals everywhere. CDKIT_KAGGLE_INPUT and
+# (and written). There, the folder defaults below stand for these instead: the portable ones (the
+# demo's, the notebooks' parameters cells) and the real data's (params/cdiscount.yaml), so that the
+# notebooks and the README's real-data commands stay the same literals everywhere. CDKIT_KAGGLE_INPUT and
 # CDKIT_KAGGLE_WORKING move both folders (tests; other mounts).
 PORTABLE_DEFAULTS = {"data_dir": "data/demo", "work_dir": "data/demo_prepared", "run_dir": "runs/demo"}
+REAL_DATA_DEFAULTS = {"data_dir": "data/cdiscount", "work_dir": "data/cdiscount_prepared", "run_dir": "runs/cdiscount"}
 
 
 def kaggle_input() -> Path:
@@ -56,9 +58,15 @@ def on_kaggle() -> bool:
 
 
 def environment_default(name, value):
-    """`value` of the folder parameter `name`, unless it is the portable default and this is a Kaggle
-    notebook: then the competition's input folder (data_dir) or a folder under /kaggle/working"""
-    if name not in PORTABLE_DEFAULTS or value != PORTABLE_DEFAULTS[name] or not on_kaggle():
+    """`value` of the folder parameter `name`, unless it is a default (the demo's or params/cdiscount.yaml's)
+    and this is a Kaggle notebook: then the competition's input folder (data_dir) or a folder under
+    /kaggle/working. A real-data folder that holds the data itself (a download into the clone) is kept."""
+    if name not in PORTABLE_DEFAULTS or not on_kaggle():
+        return value
+    if value == REAL_DATA_DEFAULTS[name]:
+        if (resolve(REAL_DATA_DEFAULTS["data_dir"]) / "train.bson").exists():
+            return value
+    elif value != PORTABLE_DEFAULTS[name]:
         return value
     return str({"data_dir": kaggle_input(), "work_dir": kaggle_working() / "prepared",
                 "run_dir": kaggle_working() / "runs" / "cdiscount"}[name])

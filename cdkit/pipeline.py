@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CdkitError
-from .params import ParamsError, notebook_parameters, parse_overrides, read_params_file
+from .params import ParamsError, notebook_parameters, parse_overrides, read_params_file, shared_subset
 from .paths import NOTEBOOKS, resolve
 
 
@@ -49,7 +49,6 @@ STEPS = [
     Step("09_pseudo_label_finetune", "pseudo", "PseudoParams", "pseudo", ("pseudo", "study_pseudo")),
     Step("10_submit", "submit", "SubmitParams", "submit", ("submit",)),
 ]
-SHARED_FILES = ("cdiscount",)  # params/cdiscount.yaml: what every *_full.yaml would repeat (data and run folders)
 
 
 def step_of(notebook) -> Step:
@@ -93,7 +92,7 @@ def step_parameters(notebook, params_files=(), overrides=None):
     declared = notebook_parameters(notebook)
     values = {}
     for f in params_files or ():
-        data = read_params_file(resolve(f))
+        data = shared_subset(params_class(notebook), f, read_params_file(resolve(f)))  # shared: what it declares
         unknown = sorted(set(data) - set(declared))
         if unknown:
             raise ParamsError(f"{f}: unknown parameter(s) {unknown} for {Path(notebook).name}; "
@@ -229,7 +228,7 @@ def check_models_free(plan, only=None):
     from .runs import RunLayout
     from .steps.train import RUN_FILES
     for s, params in plan:
-        if s.module not in ("train", "pseudo", "fuse") or (only and not any(s.notebook.startswith(o) for o in only)):
+        if s.module not in ("train", "pseudo", "fuse") or not selected(s, only):
             continue
         P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
         if s.module == "fuse":
@@ -254,13 +253,26 @@ def _folders(plan, run_dir) -> dict:
             P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
             return dict(run_dir=str(run_dir), data_dir=P.data_dir, work_dir=P.work_dir)
     return dict(run_dir=str(run_dir))
+def selected(step, only) -> bool:
+    """Whether `only` (the --only list) names `step`: by its exact number ("06" is step 06 only, 06b is named
+    "06b") or its notebook's name; no list: every step"""
+    return not only or any(o in (step.notebook, step.notebook.split("_")[0]) for o in only)
+
+
+def check_only(only, steps=None):
+    "Refuse an --only entry that names no step (a typo would otherwise run nothing and say done)"
+    steps = steps or STEPS
+    bad = [o for o in only or () if not any(selected(s, [o]) for s in steps)]
+    if bad:
+        raise ParamsError(f"--only {','.join(bad)}: no such step; the steps are "
+                          f"{', '.join(s.notebook.split('_')[0] for s in steps)}")
 
 
 def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log=print, heartbeat=60.0):
     """Run the notebooks of `steps` (default: all) into `run_dir`; returns seconds per notebook.
 
     `overrides` apply to every notebook that declares the key (e.g. data_dir, work_dir, epochs).
-    `only`: names or number prefixes of the steps to run, e.g. to resume after a failure.
+    `only`: exact numbers or notebook names of the steps to run ("06" is not 06b), e.g. to resume after a failure.
     `heartbeat`: seconds between the lines that say which cell of a long notebook runs (0: none).
     A training notebook whose model folder holds a run is refused before anything runs, unless the
     overrides say overwrite=true (make demo does) or resume=true."""
@@ -273,6 +285,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     steps = steps or STEPS
     # every notebook's parameters are validated before anything runs
     plan = [(s, step_parameters(s.path, (), overrides)) for s in steps]
+    check_only(only, steps)
     check_models_free(plan, only)
     timings = {}
     t_all = time.perf_counter()
@@ -280,7 +293,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     # set, locked (and lent to the notebooks' kernels, its child processes), the kit's temps swept
     with step_context("demo", SimpleNamespace(**_folders(plan, run_dir)), save=False), lend_locks_to_children():
         for i, (s, params) in enumerate(plan, 1):
-            if only and not any(s.notebook.startswith(o) for o in only):
+            if not selected(s, only):
                 continue
             out = run_dir / "notebooks" / f"{s.notebook}.ipynb"
             log(f"[{i}/{len(plan)}] {s.notebook} ...")
@@ -299,7 +312,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cdkit demo", description=__doc__)
     ap.add_argument("--run-dir", default="runs/demo", help="the run folder")
     ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x],
-                    help="run only these steps, comma-separated (e.g. 06,07,08), to resume after a failure")
+                    help="run only these steps, comma-separated exact numbers (e.g. 06,07,08; 06b only when named), "
+                         "to resume after a failure or rerun a part")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every notebook that declares key")
     a = ap.parse_args(argv)
     try:

@@ -210,8 +210,14 @@ def _indices(data_dir, work_dir, force, log):
 def _check_data_dir(data_dir):
     from .io import check_complete
     if not (data_dir / "train.bson").exists():
-        raise FileNotFoundError(f"{data_dir / 'train.bson'} not found: generate the demo data with "
-                                f"`python -m cdkit synth {data_dir}` or download the competition files there")
+        from .steps.explore import SYNTH_WORDS
+        if any(w in data_dir.name.lower() for w in SYNTH_WORDS):  # a folder meant for synthetic data
+            raise FileNotFoundError(f"{data_dir / 'train.bson'} not found: generate the synthetic data with "
+                                    f"`cdkit synth {data_dir}` (or run step 01)")
+        # never advise made-up data for a folder meant for the download
+        raise FileNotFoundError(f"{data_dir / 'train.bson'} not found: download the competition files there "
+                                "(README, 'The real data'; in a Kaggle notebook, attach the competition's data); "
+                                "for a synthetic run instead, give data_dir=data/demo (make demo writes it)")
     check_complete(data_dir)
 
 

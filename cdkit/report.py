@@ -264,7 +264,8 @@ def write_report(run_dir) -> Path:
     lines = [f"# cdkit report: {run_dir.name}", ""]
     if stale:
         lines += [f"**{len(stale)} row(s) are stale** (marked below): a step they depend on ran after them. Rerun the "
-                  "steps after it (e.g. `cdkit demo --only 06,07,08,09,10`) to bring them up to date.", ""]
+                  "steps after it (e.g. `cdkit demo --only 06,06b,07,08,09,10 overwrite=true`: overwrite retrains the models "
+                  "of the steps named, here 06b's heads and 09's fine-tune, and no other) to bring them up to date.", ""]
     lines += ["Product accuracy on the test set (synthetic data: its true labels; on the real data only "
               "the Kaggle leaderboard knows them).", "",
               "| step | what | test accuracy | validation accuracy | validation figure |",

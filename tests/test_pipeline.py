@@ -397,3 +397,24 @@ def test_a_demo_seed_reaches_every_step_that_trains_or_draws_but_not_the_split()
     assert "seed" not in got["02_prepare_data"]  # the split is made once for every model of the data
     assert step_parameters(STEPS[6].path, (), {"seed": 2, "seeds": [5]})["seeds"] == [5]  # given lists stay
     assert step_parameters(STEPS[6].path, (), {"seed": 0})["seeds"] == [0, 1, 2]
+def test_rerunning_part_of_a_finished_run(pipeline_run):
+    """Last here: it reruns steps of the module's run. After a whole run, `--only 06,07,08` runs exactly
+    those ("06" is not 06b, whose fusion heads stay untouched), and the report's advice for the stale rows
+    that leaves is a command that works (overwrite=true retrains the models of the steps it names only) and
+    leaves no stale row"""
+    import re
+    import shlex
+    from cdkit.pipeline import main as pipeline_main
+    run, _, prep = pipeline_run
+    over = [f"{k}={v}" for k, v in dict(TINY, data_dir=prep.data_dir, work_dir=prep.work_dir).items()]
+    heads = sorted((run / "models" / "resnet-fusion").rglob("*"))
+    stamp = [p.stat().st_mtime_ns for p in heads]
+    assert pipeline_main(["--run-dir", str(run), "--only", "06,07,08", *over]) == 0
+    nbs = json.loads((run / "results.json").read_text())["time per notebook (s)"]
+    assert [p.stat().st_mtime_ns for p in sorted((run / "models" / "resnet-fusion").rglob("*"))] == stamp
+    assert "06b_fusion_head" in nbs  # from the whole run, not rerun (its heads above are the same files)
+    report = (run / "report.md").read_text()
+    advice = re.search(r"row\(s\) are stale.*?`cdkit demo ([^`]*)`", report, flags=re.S)
+    assert advice, report[:500]
+    assert pipeline_main(["--run-dir", str(run), *shlex.split(advice.group(1)), *over]) == 0
+    assert "are stale" not in (run / "report.md").read_text()

@@ -1,7 +1,9 @@
-"""Every command in README.md's bash blocks works as written from a fresh shell (no venv on PATH): the
-cheap ones run as they are, the expensive ones in a form that runs nothing heavy (`--check` validates the
-parameters of a step command, `make -n` a target, papermill lines are checked against their notebook's
-parameters); those that need the network or the real data are listed with the reason they are not run."""
+"""Every command of README.md, in its bash blocks and inline in its prose, works as written from a fresh shell
+(no venv on PATH): the cheap ones run as they are, the expensive ones in a form that runs nothing heavy
+(`--check` validates the parameters of a step command, `make -n` a target, `--help` a script, papermill
+lines are checked against their notebook's parameters and must create the folder of their executed copy);
+those that need the network, GPUs or the real data are listed with the reason they are not run. The
+real-data commands also run literally, in their order, on a synthetic download: tests/test_real_data.py."""
 import os
 import re
 import shlex
@@ -15,14 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # the virtual environment running these tests: the clone's .venv under `make test`, the one `.ci/run` keeps
 # outside the clone in CI; the README's `.venv` stands for it
 VENV = Path(sys.prefix)
-STEP_COMMANDS = r"(?:\$step|explore|prepare|train|predict|ensemble|aggregate|pseudo|submit)"
+STEP_COMMANDS = r"(?:\$step|explore|prepare|train|predict|fuse|ensemble|aggregate|pseudo|submit)"
 NOT_RUN = {  # what a line starts with -> why it is not run here
     "git clone": "needs the network (the install itself: tests/test_environment.py)",
     "pip install": "needs the network (tests/test_environment.py checks the install resolves with a preinstalled torch)",
     ".venv/bin/kaggle competitions download": "needs the network and a Kaggle account",
     "cd data/cdiscount && unzip": "needs the competition download",
     "mkdir -p weights && python -c": "downloads ImageNet weights",
+    "accelerate launch --multi_gpu": "needs GPUs (the launcher on 2 CPU processes: tests/test_train.py)",
+    "accelerate": "the multi-GPU launcher (tests/test_train.py runs it on 2 CPU processes)",
+    "kaggle competitions submit": "needs the network and a Kaggle account",
+    ".ci/run": "the whole suite on a clean clone (CI itself)",
+    "python -m pytest": "the test suite itself",
+    "jupyter lab": "starts a server (`make -n lab` is checked)",
 }
+# an inline command whose words hold one of these is a form with placeholders, not a line to type
+PLACEHOLDER = re.compile(r"<|\[|\.\.\.|\\\||\b(?:FILE|N|D|DIR|PATH|BSON|OUT_DIR)\b")
+PROGRAMS = ("cdkit", ".venv/bin/cdkit", "python -m cdkit", "make", "make -n", "papermill")  # names, not commands
 
 
 def readme_commands():
@@ -37,11 +48,42 @@ def readme_commands():
     return out
 
 
+def readme_inline_commands():
+    "Every command quoted inline in README.md's prose and tables (`cdkit ...`, `make ...`, `python ...`), once"
+    text = re.sub(r"^\s*```.*?^\s*```", "", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    out = []
+    for span in re.findall(r"`([^`]+)`", text):
+        span = " ".join(span.split())
+        first = span.split(" ")[0]
+        if (first in ("cdkit", "papermill", "make", "python", "accelerate", "time", "mkdir", "jupyter", "pip",
+                      "kaggle", ".ci/run") or first.startswith((".venv/bin/", "bench/"))) and span not in out:
+            out.append(span)
+    return out
+
+
+def plan_inline(span):
+    "plan() of an inline command: forms with placeholders and bare program names are listed, not run"
+    if PLACEHOLDER.search(span):
+        return "skip", "a form with placeholders (the table of commands), not a line to type"
+    if span in PROGRAMS:
+        return "skip", "the name of a program, not a command line"
+    if span.startswith("time "):
+        span = span[5:]
+    if span.startswith("bench/"):
+        span = "python " + span
+    if span.startswith(("cdkit", "python -m cdkit", ".venv/bin/cdkit")) and len(span.split()) == 1 + span.startswith("python"):
+        return "run", span + " --help"
+    return plan(span)
+
+
 def plan(line):
     "('run', shell command) / ('papermill', args) / ('skip', why) for one README line"
     for start, why in NOT_RUN.items():
         if line.startswith(start): return "skip", why
     cmd = line.split(" #", 1)[0].strip()
+    mkdir = re.match(r"mkdir -p (\S+) && (papermill .*)", cmd)
+    if mkdir:  # the folder of papermill's executed copy, made by the line itself
+        return "papermill", shlex.split(mkdir.group(2))[1:] + ["--made", mkdir.group(1)]
     if cmd.startswith("make "):
         return "run", "make -n " + cmd[5:]
     if cmd.startswith("source "):
@@ -50,10 +92,14 @@ def plan(line):
         return "papermill", shlex.split(cmd)[1:]
     if cmd.startswith("python bench/"):
         return "run", f"python {cmd.split()[1]} --help"
+    if cmd.startswith("python -m cdkit"):
+        cmd = "cdkit" + cmd[len("python -m cdkit"):]
     cmd = re.sub(r"^accelerate launch .*? -m cdkit ", "cdkit ", cmd)  # the launcher itself: tests/test_train.py
     if cmd.startswith("cdkit demo"):
         return "run", "cdkit demo --help"
-    if re.search(rf"cdkit {STEP_COMMANDS}(\s|;|$)", cmd):
+    if re.fullmatch(r"cdkit (synth|index|demo)", cmd):  # named in the prose without their arguments
+        return "run", cmd + " --help"
+    if re.search(rf"cdkit {STEP_COMMANDS}(\s|;|$)", cmd) and not re.search(r"\s--(check|help)\b", cmd):
         return "run", re.sub(rf"(cdkit {STEP_COMMANDS})(\s|;|$)", r"\1 --check\2", cmd)
     if cmd.startswith("cdkit "):
         return "run", cmd  # --help forms, synth of the tiny preset
@@ -64,6 +110,8 @@ def fresh_shell(cmd, tmp_path):
     "Run `cmd` with bash as a new login would: no venv on PATH; the README's activation first"
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
            "CDKIT_SYNTH_ROOT": str(tmp_path)}
+    if os.environ.get("PYTHONPATH"):  # a worktree's cdkit ahead of the venv's editable install, as in the tests
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if cmd.startswith("cdkit synth"):  # written under a temporary root instead of the clone's data/
         env["CDKIT_ROOT"] = str(tmp_path)
     activate = f"source {shlex.quote(str(VENV / 'bin' / 'activate'))}"
@@ -73,38 +121,49 @@ def fresh_shell(cmd, tmp_path):
 
 
 COMMANDS = readme_commands()
+INLINE = readme_inline_commands()
+PLANS = {**{c: plan(c) for c, _ in COMMANDS}, **{c: plan_inline(c) for c in INLINE}}
 
 
 def test_every_readme_command_is_checked_or_listed():
-    assert len(COMMANDS) >= 15
-    unknown = [line for line, _ in COMMANDS if plan(line) == ("skip", "not recognised: add it to tests/test_readme.py")]
+    assert len(COMMANDS) >= 15 and len(INLINE) >= 30
+    unknown = [line for line, p in PLANS.items() if p == ("skip", "not recognised: add it to tests/test_readme.py")]
     assert not unknown, unknown
-    ran = [line for line, _ in COMMANDS if plan(line)[0] != "skip"]
-    assert len(ran) >= 12, ran
+    ran = [line for line, p in PLANS.items() if p[0] != "skip"]
+    assert len(ran) >= 40, ran
+    # the inline step commands of the prose are among those run (e.g. the rerun of part of the demo)
+    assert ("run", "cdkit demo --help") == PLANS["cdkit demo --only 06,07,08"]
 
 
-@pytest.mark.parametrize("line", [c for c, _ in COMMANDS if plan(c)[0] == "run"])
-def test_readme_command_runs_from_a_fresh_shell(line, tmp_path):
-    _, cmd = plan(line)
+RUNS = sorted({p[1]: line for line, p in PLANS.items() if p[0] == "run"}.items())  # each shell command once
+
+
+@pytest.mark.parametrize("cmd,line", RUNS, ids=[c for c, _ in RUNS])
+def test_readme_command_runs_from_a_fresh_shell(cmd, line, tmp_path):
     r = fresh_shell(cmd, tmp_path)
     assert r.returncode == 0, f"{line}\n-> {cmd}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
-    if cmd.startswith("cdkit synth"):
+    if cmd.startswith("cdkit synth data/tiny"):
         assert (tmp_path / "data" / "tiny" / "train.bson").exists()
 
 
-@pytest.mark.parametrize("line", [c for c, _ in COMMANDS if plan(c)[0] == "papermill"])
+@pytest.mark.parametrize("line", [c for c, p in PLANS.items() if p[0] == "papermill"])
 def test_readme_papermill_lines_match_their_notebooks(line):
-    "The notebook exists and takes every -f file and -p key with a valid value (what papermill would inject)"
+    """The notebook exists and takes every -f file and -p key with a valid value (what papermill would inject),
+    and the line makes the folder of the executed copy (papermill fails with a traceback where it is missing,
+    as on a fresh clone)"""
     import yaml
     from cdkit.params import make_params, notebook_parameters
     from cdkit.pipeline import params_class, step_parameters
-    args = plan(line)[1]
-    nb, files, values = ROOT / args[0], [], {}
+    args = PLANS[line][1]
+    nb, files, values, made = ROOT / args[0], [], {}, None
     k = 2
     while k < len(args):
         if args[k] == "-f": files.append(args[k + 1]); k += 2
         elif args[k] == "-p": values[args[k + 1]] = yaml.safe_load(args[k + 2]); k += 3
+        elif args[k] == "--made": made = args[k + 1]; k += 2
         else: raise AssertionError(f"unexpected papermill argument {args[k]!r} in {line}")
     assert nb.exists(), nb
+    assert made is not None and Path(args[1]).parent == Path(made), \
+        f"{line}: the folder of {args[1]} may not exist (a fresh clone has no runs/): `mkdir -p` it first"
     injected = step_parameters(nb, [ROOT / f for f in files])
     make_params(params_class(nb.stem), {**notebook_parameters(nb), **injected, **values}, where=line)
