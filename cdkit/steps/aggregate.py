@@ -62,10 +62,14 @@ class AggregateParams(RunParams):
     @model_validator(mode="before")
     @classmethod
     def _belief_settings(cls, data):
-        "belief='poster' or 'authors' fills in its settings; a value given that differs is refused after"
+        """belief='poster' or 'authors' fills in its settings; a value given that differs is refused after. A
+        value equal to the class default counts as not given: a notebook's parameters cell repeats every
+        default, so `-p belief authors` (or a params file) must not collide with them"""
         from ..aggregate import BELIEF_SETTINGS
         if isinstance(data, dict) and data.get("belief") in ("poster", "authors"):
-            data = {**BELIEF_SETTINGS[data["belief"]], **data}
+            named = BELIEF_SETTINGS[data["belief"]]
+            kept = {k: v for k, v in data.items() if not (k in named and v == cls.model_fields[k].default)}
+            data = {**named, **kept}
         return data
 
     @model_validator(mode="after")
