@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import re
 import os
 import stat
 from pathlib import Path
@@ -209,6 +210,9 @@ def _construct_mapping(loader, node, deep=False):
 
 
 BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 (PyYAML) reads `1e-3` and `3e2` as strings (it wants a dot); people write lr=1e-3: numbers, as in YAML 1.2
+BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 # what parsing a bounded text may still raise besides YAMLError: an int of more than 4300 digits
 # (ValueError), a float beyond the double range, an unhashable key (TypeError) and the like
