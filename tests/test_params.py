@@ -55,8 +55,9 @@ def test_save_params(tmp_path):
 @pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("3e2", 300.0), ("-2E+1", -20.0), ("1.5e-2", 0.015)])
 def test_exponent_without_a_dot_is_a_number(text, value, tmp_path):
     "lr=1e-3 is what people type; YAML 1.1 (PyYAML) alone would read it as a string and the float field refuse it"
-    from cdkit.params import load_params, parse_overrides
+    from cdkit.params import load_params, parse_overrides, read_params_file
     from cdkit.steps.train import TrainParams
     assert parse_overrides([f"lr={text}"]) == {"lr": value}
-    (tmp_path / "p.yaml").write_text(f"lr_step_factors: [{text}]\n")
-    assert load_params(TrainParams, [tmp_path / "p.yaml"]).lr_step_factors == [value]
+    (tmp_path / "p.yaml").write_text(f"lr: {text}\n")
+    assert read_params_file(tmp_path / "p.yaml") == {"lr": value}
+    assert load_params(TrainParams, overrides=["lr=1e-3"]).lr == 0.001
