@@ -27,7 +27,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 
 from .errors import CdkitError, shorten
-from .io import append_open, atomic_write, makedirs, process_alive, remove, sweep_temps
+from .io import append_open, atomic_write, makedirs, process_alive, remove, save_torch, sweep_temps
 
 
 def _unwrap(model):
@@ -533,7 +533,7 @@ def save_checkpoint(learn, path, epochs_done, mid_epoch=None):
                  scaler=plain(learn.scaler.state_dict()) if getattr(learn, "scaler", None) is not None else None,
                  mid_epoch=plain(mid_epoch))
     state = dict(plain(state), model=_unwrap(learn.model).state_dict())  # e.g. train_iter may be a numpy int
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_torch(state, path)
 
 
 def read_checkpoint(path):

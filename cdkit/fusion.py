@@ -200,7 +200,7 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     from .callbacks import Checkpoint, EpochLog, FiniteLoss, check_finite_weights, load_checkpoint, read_checkpoint
-    from .io import atomic_write, makedirs, remove
+    from .io import makedirs, remove, save_torch
     out_dir = Path(out_dir)
     makedirs(out_dir)
     set_seed(seed)
@@ -225,7 +225,7 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     model = learn.model.eval()
     check_finite_weights(model, f"fusion head {out_dir / name}")
     state = model.state_dict()
-    atomic_write(out_dir / f"{name}.pth", lambda tmp: torch.save(state, tmp))
+    save_torch(state, out_dir / f"{name}.pth")
     remove(ckpt)  # the head is finished: its weights are all a resume needs
     hist = pd.read_csv(out_dir / f"{name}_metrics.csv")
     return model, hist

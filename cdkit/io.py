@@ -200,6 +200,18 @@ def remove(path):
     _remove(path)
 
 
+def save_torch(obj, path):
+    """torch.save of `obj` to `path`, atomically. Saved through a file object, so the archive inside is named
+    `archive/` whatever the temp file's name: the same state gives the same bytes (torch names the archive
+    after the file it is given, and a temp name carries the PID)"""
+    import torch
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, write)
+
+
 def append_open(path, mode="a", **kw):
     "A file opened for appending (a log that grows as a run goes: not atomic by design); guarded"
     path = Path(path)

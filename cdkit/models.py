@@ -233,10 +233,10 @@ def save_trained(model: nn.Module, model_dir, card: ModelCard):
     import json
     from dataclasses import asdict
     from pathlib import Path
-    from .io import atomic_write
+    from .io import atomic_write, save_torch
     model_dir = Path(model_dir)
     state = getattr(model, "module", model).state_dict()
-    atomic_write(model_dir / "model.pth", lambda tmp: torch.save(state, tmp))
+    save_torch(state, model_dir / "model.pth")
     card_json = json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(card).items()}, indent=1)
     atomic_write(model_dir / "model.json", lambda tmp: Path(tmp).write_text(card_json))
     return model_dir

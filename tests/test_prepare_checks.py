@@ -92,7 +92,7 @@ def test_ids_not_positive_or_shared_are_refused_by_name(tmp_path_factory, n_trai
         test[:len(shared)] = shared
         want = rf"share {len(shared)} of the test set's {n_test} product _id\(s\), e.g. {min(shared)}"
     with pytest.raises(DataSetError, match=want):
-        prepare(write_set(tmp, train, test), tmp, valid_frac=0.2)
+        prepare(write_set(tmp / "d", train, test), tmp, valid_frac=0.2)
 
 
 @SETTINGS
