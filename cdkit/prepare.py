@@ -124,7 +124,7 @@ def _ids_of(values, n=5) -> str:
 
 def check_data(data_dir, indices, catalog=None):
     """What step 02 accepts, the later steps can use: products in train.bson and test.bson (test a file of
-    its own, not train again), ids positive, test ids disjoint from train ids, at most `MAX_PICTURES`
+    its own, not train again), ids non-negative (the competition's start at 0), test ids disjoint from train ids, at most `MAX_PICTURES`
     pictures a product (img_idx is int8), every train product labelled with a category of
     category_names.csv. DataSetError naming the file, the products and how many otherwise."""
     from .bsonfile import MAX_PICTURES
@@ -140,9 +140,9 @@ def check_data(data_dir, indices, catalog=None):
         if not len(idx):
             raise DataSetError(f"{path} holds no product: {name}.bson must hold the competition's {name} products")
         pid = idx["product_id"].to_numpy()
-        bad = pid <= 0
+        bad = pid < 0  # the competition's train ids start at 0
         if bad.any():
-            raise DataSetError(f"{path}: {int(bad.sum()):,} product _id(s) are not positive, e.g. {_ids_of(pid[bad])}")
+            raise DataSetError(f"{path}: {int(bad.sum()):,} product _id(s) are negative, e.g. {_ids_of(pid[bad])}")
         n = idx["n_imgs"].to_numpy()
         many = n > MAX_PICTURES
         if many.any():

@@ -40,7 +40,7 @@ def prepare(folder, tmp_path, **kw):
     return create_prepared(folder, tmp_path / "work", log=lambda *a: None, **kw)
 
 
-def good_ids(n, start=1):
+def good_ids(n, start=0):
     return list(range(start, start + n))
 
 
@@ -74,19 +74,19 @@ def test_test_that_is_train_again_is_refused(tmp_path, how):
 
 @SETTINGS
 @given(n_train=st.integers(6, 40), n_test=st.integers(1, 20), data=st.data())
-def test_ids_not_positive_or_shared_are_refused_by_name(tmp_path_factory, n_train, n_test, data):
-    "Generated ids: a zero or negative id in either file, or a test id that is a train id, names the id"
+def test_ids_negative_or_shared_are_refused_by_name(tmp_path_factory, n_train, n_test, data):
+    "Generated ids (0 is a real train id): a negative id in either file, or a test id that is a train id, names the id"
     tmp = tmp_path_factory.mktemp("ids")
     train = good_ids(n_train, 1)
     test = good_ids(n_test, 10_000)
     fault = data.draw(st.sampled_from(["train_nonpositive", "test_nonpositive", "shared"]))
-    bad_id = data.draw(st.integers(-2**40, 0))
+    bad_id = data.draw(st.integers(-2**40, -1))
     if fault == "train_nonpositive":
         train[data.draw(st.integers(0, n_train - 1))] = bad_id
-        want = rf"train.bson: 1 product _id\(s\) are not positive, e.g. {bad_id}"
+        want = rf"train.bson: 1 product _id\(s\) are negative, e.g. {bad_id}"
     elif fault == "test_nonpositive":
         test[data.draw(st.integers(0, n_test - 1))] = bad_id
-        want = rf"test.bson: 1 product _id\(s\) are not positive, e.g. {bad_id}"
+        want = rf"test.bson: 1 product _id\(s\) are negative, e.g. {bad_id}"
     else:
         shared = data.draw(st.lists(st.sampled_from(train), min_size=1, max_size=n_test, unique=True))
         test[:len(shared)] = shared
