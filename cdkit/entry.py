@@ -83,9 +83,12 @@ def check_claimable(folder, kind="run"):
     if (folder / mark).is_file():
         return
     entries = sorted(p.name for p in folder.iterdir() if temp_owner(p.name) is None and p.name not in LOCK_FILES)
-    foreign = [n for n in entries if n not in names]
-    if not entries or (not foreign and any(s in entries for s in signs)):
-        return  # empty, or a folder the kit wrote before it wrote markers: adopted
+    # executed notebooks: papermill writes its output copy (`papermill nb.ipynb runs/x/03.ipynb`, as the README
+    # does) before the kernel that runs the step has started
+    executed = [n for n in entries if n.endswith(".ipynb") and (folder / n).is_file()]
+    foreign = [n for n in entries if n not in names and n not in executed]
+    if not foreign and (len(executed) == len(entries) or any(s in entries for s in signs)):
+        return  # empty, only executed copies of the kit's notebooks, or a folder the kit wrote before its markers
     shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
     raise RunFolderError(f"{kind}_dir {folder} holds files the kit did not write ({shown or ', '.join(entries[:3])}); "
                          f"pass a new or empty folder, or one the kit made (it holds {mark})")

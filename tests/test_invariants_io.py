@@ -310,6 +310,23 @@ def test_a_run_folder_holding_a_users_files_is_refused(tmp_path_factory, name):
     assert snapshot(d) == before
 
 
+def test_a_folder_holding_only_executed_notebooks_is_claimed_and_one_with_user_files_is_not(tmp_path):
+    "papermill writes its output copy (runs/x/03.ipynb, as the README does) before the step runs: that folder is the run's"
+    from cdkit.entry import check_claimable
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "02.ipynb").write_text("{}")
+    (run / "03.ipynb").write_text("{}")
+    check_claimable(run)  # no refusal
+    (run / "thesis.tex").write_text("mine")
+    with pytest.raises(RunFolderError, match="thesis.tex"):
+        check_claimable(run)
+    (run / "thesis.tex").unlink()
+    (run / "notes.ipynb").mkdir()  # a folder named like a notebook is not an executed copy
+    with pytest.raises(RunFolderError, match="notes.ipynb"):
+        check_claimable(run)
+
+
 def test_the_repository_or_home_as_run_dir_is_refused(tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / "Documents").mkdir(parents=True)

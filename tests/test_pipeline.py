@@ -70,7 +70,7 @@ def study_problems(run, prep) -> list:
     from cdkit.aggregate import belief_aggregate, prediction_rows
     from cdkit.params import load_params
     from cdkit.report import _fmt
-    from cdkit.steps.aggregate import AggregateParams
+    from cdkit.steps.aggregate import AggregateParams, belief_kwargs
     from cdkit.steps.predict import store_accuracy
     from cdkit.store import load_store
     layout = RunLayout(run)
@@ -82,8 +82,7 @@ def study_problems(run, prep) -> list:
         resnet = load_store(layout.store("resnet", split))
         ens = load_store(layout.ensemble_store("base", split))
         r = prediction_rows([ens])
-        belief = belief_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, m=A.m, z=A.z, rule=A.rule,
-                                  score=A.score, min_preds=A.min_preds)
+        belief = belief_aggregate(r.product_id, r.cls, r.prob, r.rest, r.n_classes, **belief_kwargs(A))
         recomputed = {
             "baseline": store_accuracy(resnet, prep, split, views=[0]),
             "+TTA": store_accuracy(resnet, prep, split),
@@ -96,7 +95,7 @@ def study_problems(run, prep) -> list:
             if said is None or said != pytest.approx(value, abs=1e-9):
                 problems.append(f"{row} {split}: results.json says {said}, its step's files give {value}")
             line = [x for x in report.splitlines() if x.startswith(f"| {row} ")]
-            cells = line[0].split(" | ")[-2:] if line else []
+            cells = line[0].split(" | ")[2:4] if line else []  # | step | what | test | validation | validation figure |
             if [c.strip(" |").split(" +- ")[0] for c in cells] != [_fmt(study.get(row, {}).get(s)) for s in ("test", "valid")]:
                 problems.append(f"{row}: report.md shows {line} for results.json's {study.get(row)}")
         # the effects, on stored probabilities
@@ -179,12 +178,13 @@ def test_pseudo_step_changes_the_final_predictions(pipeline_run):
     from cdkit.store import load_store
     run, _, prep = pipeline_run
     layout = RunLayout(run)
-    a = torch.load(layout.model_dir("resnet") / "model.pth")
-    b = torch.load(layout.model_dir("pseudo") / "model.pth")
+    a = torch.load(layout.model_dir("resnet") / "model.pth", weights_only=True)
+    b = torch.load(layout.model_dir("pseudo") / "model.pth", weights_only=True)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the fine-tune moved the weights
     ens = json.loads((layout.ensemble_store("pseudo", "test") / "manifest.json").read_text())["meta"]
-    assert ens["members"] == ["pseudo", "inception", "xception", "resnet-fusion", "inception-fusion",
-                              "xception-fusion"]  # in its base model's place
+    # the fine-tuned model in its base model's place; the base model's fusion member left out (its heads read
+    # the un-fine-tuned model's features)
+    assert ens["members"] == ["pseudo", "inception", "xception", "inception-fusion", "xception-fusion"]
     for split in ("valid", "test"):
         assert _moved(load_store(layout.store("pseudo", split)), load_store(layout.store("resnet", split))) > MOVED
         assert _moved(load_store(layout.ensemble_store("pseudo", split)), load_store(layout.ensemble_store("base", split))) > MOVED
