@@ -34,7 +34,8 @@ REAL_CSV = [p / "shared" / "data" / "cdiscount" / "category_names.csv" for p in 
 OVERRIDES = {
     "valid_frac": 0.15, "fusion_frac": 0.15,
     "max_train_images": 40, "max_valid_images": 32, "item_size": 80, "size": 75, "bs": 16, "acc_steps": 1,
-    "epochs": 1, "lr_steps": [], "lr_step_factors": [], "batch_growth_epochs": [], "num_workers": 0,
+    "epochs": 1, "lr_steps": [], "lr_step_factors": [], "batch_growth_epochs": [], "batch_growth_factor": 2,
+    "num_workers": 0,
     "pretrained_file": None, "n_tta": 0, "hidden": 32, "seeds": [0], "block": 256,
     "rerank_seeds": [0], "rerank_folds": 2, "threshold": 0.0,
 }
@@ -128,7 +129,8 @@ def shell_env(clone: Path, tmp: Path, extra=None) -> dict:
 
 
 def run_line(line, clone, env):
-    r = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=3600)
+    # errexit: a failing command inside a README loop fails the line (a loop's status is only its last command's)
+    r = subprocess.run(["bash", "-e", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, f"README line failed: {line}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
