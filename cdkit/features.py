@@ -218,19 +218,9 @@ def load_features(path, mmap=True) -> FeatureStore:
 
 def features_current(path, stamp, log=None) -> bool:
     "A complete feature store exists, was written with `stamp` and matches its checksums; `log` says why not"
-    if not Path(path).exists():
-        return False
-    try:
-        if read_manifest(path).get("meta", {}).get("stamp") != stamp:
-            if log:
-                log(f"rebuilding {path}: written with another model, card, data or settings")
-            return False
-        verify_features(path)
-    except (FeatureStoreError, OSError, ValueError) as e:
-        if log:
-            log(f"rebuilding {path}: {e}")
-        return False
-    return True
+    from .io import output_current
+    return output_current(path, stamp, read_manifest, verify_features, (FeatureStoreError, OSError, ValueError),
+                          "written", log)
 
 
 def merge_features(paths, out, meta=None, overwrite=False, block=1 << 16) -> Path:

@@ -200,6 +200,25 @@ def remove(path):
     _remove(path)
 
 
+def output_current(path, stamp, read_manifest, verify, errors, what="written", log=None) -> bool:
+    """Whether the output folder `path` (a prediction or feature store) exists, its manifest's meta carries
+    `stamp` and `verify(path)` passes (its checksums); `log` says why an existing one is rebuilt. `errors`:
+    the exceptions that mean "damaged" (the store's own, OSError, ValueError)"""
+    if not Path(path).exists():
+        return False
+    try:
+        if read_manifest(path).get("meta", {}).get("stamp") != stamp:
+            if log:
+                log(f"rebuilding {path}: {what} with another model, card, data or settings")
+            return False
+        verify(path)
+    except errors as e:
+        if log:
+            log(f"rebuilding {path}: {e}")
+        return False
+    return True
+
+
 def save_torch(obj, path):
     """torch.save of `obj` to `path`, atomically. Saved through a file object, so the archive inside is named
     `archive/` whatever the temp file's name: the same state gives the same bytes (torch names the archive

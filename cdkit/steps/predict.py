@@ -163,20 +163,9 @@ def check_combine(P: PredictParams, layout: RunLayout):
 def store_is_current(path, stamp, log=None) -> bool:
     """A complete store exists, its meta matches `stamp` (a retrained model, another card or other settings
     invalidate it) and every chunk matches its checksum; `log` says why a store that exists is rebuilt"""
+    from ..io import output_current
     from ..store import StoreError, read_manifest, verify_store
-    if not Path(path).exists():
-        return False
-    try:
-        if read_manifest(path).get("meta", {}).get("stamp") != stamp:
-            if log:
-                log(f"rebuilding {path}: predicted with another model, card, data or settings")
-            return False
-        verify_store(path)
-    except (StoreError, OSError, ValueError) as e:
-        if log:
-            log(f"rebuilding {path}: {e}")
-        return False
-    return True
+    return output_current(path, stamp, read_manifest, verify_store, (StoreError, OSError, ValueError), "predicted", log)
 
 
 def _device(name):
