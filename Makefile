@@ -24,7 +24,7 @@ $(DEPS): requirements.txt
 $(READY): $(DEPS) pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@# kernels of this environment (papermill, JupyterLab) start without the 'TCP without encryption' warning
-	$(BIN)/python -c "from cdkit.pipeline import install_kernel_config; install_kernel_config()"
+	$(BIN)/python -c "from cdkit.steps.pipeline import install_kernel_config; install_kernel_config()"
 	@rm -f $(VENV)/.cdkit-* ; touch $@
 
 # overwrite=true: the demo retrains its own models in runs/demo (elsewhere a finished model folder is refused)

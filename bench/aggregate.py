@@ -21,8 +21,8 @@ import tracemalloc
 
 import numpy as np
 
-from cdkit.aggregate import belief_aggregate
-from cdkit.store import spread
+from cdkit.infer.aggregate import belief_aggregate
+from cdkit.infer.store import spread
 
 TEST_PRODUCTS, TEST_PICTURES = 1_768_182, 3_095_080
 TRAIN_COUNTS = np.array([4_369_441, 1_128_588, 542_792, 1_029_075])  # products with 1, 2, 3, 4 pictures
@@ -71,7 +71,7 @@ def make_rows(counts, views, rng, chunk=1 << 20):
 def write_stores(counts, models, views, folder, rng, chunk=1 << 18):
     """`models` prediction stores (uint8, k=K) of `views` views over the test pictures, product by product;
     a picture's predictions share the product's true class 80% of the time, as in make_rows"""
-    from cdkit.store import StoreWriter
+    from cdkit.infer.store import StoreWriter
     n_pics = np.repeat(np.arange(1, 5), counts)
     rng.shuffle(n_pics)
     pid = np.repeat(np.arange(len(n_pics)) * 10 + 1_000_000, n_pics)
@@ -101,8 +101,8 @@ def write_stores(counts, models, views, folder, rng, chunk=1 << 18):
 
 def main_stores(args, counts):
     "Write the stores, then time loading them and belief aggregation a block of products at a time"
-    from cdkit.aggregate import aggregate_stores
-    from cdkit.store import load_store
+    from cdkit.infer.aggregate import aggregate_stores
+    from cdkit.infer.store import load_store
     rng = np.random.default_rng(args.seed)
     t = time.perf_counter()
     paths = write_stores(counts, args.models, args.views, args.stores, rng)

@@ -1,4 +1,4 @@
-"""The demo's figures over seeds: `make demo` (cdkit.pipeline.run_pipeline on data/demo) once per seed, each
+"""The demo's figures over seeds: `make demo` (cdkit.steps.pipeline.run_pipeline on data/demo) once per seed, each
 run in its own folder runs/demo-seed<N>, then every row of the report's study table as mean +- sd over the
 seeds, on validation and on test, with the machine it ran on.
 
@@ -47,7 +47,7 @@ def machine() -> str:
 def seed_table(studies: dict) -> list:
     """[(row, split, mean, sd, n)] over {seed: results['study']} for each row of the report's study table
     (sd with n - 1; 0 for one seed); rows or splits no seed recorded are left out"""
-    from cdkit.report import STUDY_ROWS
+    from cdkit.steps.report import STUDY_ROWS
     out = []
     for row, _ in STUDY_ROWS:
         for split in ("valid", "test"):
@@ -77,8 +77,8 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     ap.add_argument("overrides", nargs="*", help="key=value for every notebook that declares key (as `cdkit demo`)")
     a = ap.parse_args(argv)
-    from cdkit.params import parse_overrides
-    from cdkit.paths import resolve
+    from cdkit.base.params import parse_overrides
+    from cdkit.base.paths import resolve
     overrides = parse_overrides(a.overrides)
     if "seed" in overrides:
         ap.error("seed=... is set per run by --seeds")
@@ -88,7 +88,7 @@ def main(argv=None):
         if a.dry_run:
             print(f"seed {s}: run_pipeline({run}, overrides={args})")
         elif not a.table:
-            from cdkit.pipeline import run_pipeline
+            from cdkit.steps.pipeline import run_pipeline
             print(f"== seed {s} -> {run}", flush=True)
             run_pipeline(run, overrides=args)
     if a.dry_run:
@@ -102,7 +102,7 @@ def main(argv=None):
         studies[s] = json.loads(path.read_text()).get("study", {})
     text = render(studies)
     print(text)
-    from cdkit.io import atomic_write
+    from cdkit.base.io import atomic_write
     out = atomic_write(resolve(a.run_root) / "demo-seeds.md", lambda tmp: Path(tmp).write_text(text + "\n"))
     print(f"\n-> {out}")
     return 0

@@ -1,10 +1,10 @@
-"""Benchmark the fusion head (cdkit.fusion, step 06b) toward the competition's size: time, peak memory, disk.
+"""Benchmark the fusion head (cdkit.infer.fusion, step 06b) toward the competition's size: time, peak memory, disk.
 
     nice -n 10 .venv/bin/python bench/fusion.py                       # 4k, 10k, 25k test products, d=2048
     nice -n 10 .venv/bin/python bench/fusion.py --d 4096              # fastai's concat pool (avg + max)
     nice -n 10 .venv/bin/python bench/fusion.py --sizes 10000 50000 --fusion-ratio 0.25 --keep --out /tmp/fb
 
-Synthetic feature stores (`cdkit.features.FeatureWriter`) per size: a test split of N products, a
+Synthetic feature stores (`cdkit.infer.features.FeatureWriter`) per size: a test split of N products, a
 fusion split of `fusion_ratio` x N products and a validation split of a quarter of that; 1-4 pictures
 per product with the test set's P = 0.57, 0.22, 0.10, 0.11 (1.75 pictures a product); 5,270 classes
 drawn Zipf-like (a few classes are frequent, as in Cdiscount); each picture's features are its class
@@ -18,7 +18,7 @@ and streams the test split through it (`fusion_to_store`, `block` products at a 
 - baseline: the mean of a product's feature rows -> one Linear (the simplest product-level use of
   features), through the same loaders and writer, so fusion / baseline is the cost of the head itself.
 
-Per phase: wall and CPU seconds, seconds spent reading features (`cdkit.fusion.gather`, wrapped), peak
+Per phase: wall and CPU seconds, seconds spent reading features (`cdkit.infer.fusion.gather`, wrapped), peak
 anonymous memory (RssAnon of /proc/self/status sampled every 10 ms: the process's own allocations,
 what the 8 GB budget is about), peak RSS (VmHWM, reset per phase: it also counts the pages of the
 memory-mapped features the phase touched, page cache the kernel reclaims under pressure) and, with
@@ -75,7 +75,7 @@ def class_weights():
 
 def write_split(path, split, n, d, protos, seed, chunk=4096):
     "A feature store of n products (pictures in product order, as the prediction path writes them); their classes"
-    from cdkit.features import FeatureWriter
+    from cdkit.infer.features import FeatureWriter
     rng = np.random.default_rng([seed, SPLITS[split]])
     n_pics = rng.choice(4, n, p=PICTURES_P) + 1
     y = rng.choice(N_CLASSES, n, p=class_weights())
@@ -169,8 +169,8 @@ class Phase:
 
 
 def time_reads(acc):
-    "Wrap cdkit.fusion.gather (every read of features: training batches and inference blocks) to add its seconds to acc[0]"
-    from cdkit import fusion
+    "Wrap cdkit.infer.fusion.gather (every read of features: training batches and inference blocks) to add its seconds to acc[0]"
+    from cdkit.infer import fusion
     orig = fusion.gather
 
     def gather(x, rows):
@@ -188,7 +188,7 @@ def mean_linear_spec(d):
     "A HeadSpec whose build() is the baseline: mean of a product's feature rows -> one Linear"
     import torch
     from torch import nn
-    from cdkit.fusion import HeadSpec
+    from cdkit.infer.fusion import HeadSpec
 
     class MeanLinear(nn.Module):
         "Logits from the mean of a product's real pictures' features"
@@ -212,8 +212,8 @@ def mean_linear_spec(d):
 def run_method(a, method):
     "Child process: train one head on the fusion split and stream the test split through it; JSON results"
     import torch
-    from cdkit.features import load_features
-    from cdkit.fusion import HeadSpec, fusion_to_store, product_groups, train_head
+    from cdkit.infer.features import load_features
+    from cdkit.infer.fusion import HeadSpec, fusion_to_store, product_groups, train_head
     if a.threads: torch.set_num_threads(a.threads)
     reads = [0.0]
     time_reads(reads)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import bson
 
-from cdkit.bsonfile import build_index
-from cdkit.paths import DATA
+from cdkit.data.bsonfile import build_index
+from cdkit.base.paths import DATA
 
 REAL_PRODUCTS = 7_069_896
 
@@ -49,7 +49,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     path = Path(a.bson) if a.bson else DATA / "bench" / "train.bson"
     if not path.exists():
-        from cdkit.synth import write_dataset
+        from cdkit.data.synth import write_dataset
         print(f"writing the bench preset to {path.parent} ...", flush=True)
         write_dataset(path.parent, preset="bench", seed=0)
     size = os.path.getsize(path)

@@ -43,7 +43,7 @@ RECIPES = {
 
 def study_recipe(epochs):
     "The study's training and prediction settings, read from its params files; lr steps at epochs 1 and 2 of 3"
-    from cdkit.params import read_params_file
+    from cdkit.base.params import read_params_file
     t = read_params_file(ROOT / "params" / "study_resnet101.yaml")
     p = read_params_file(ROOT / "params" / "study_predict.yaml")
     train = {k: t[k] for k in ("optimizer", "momentum", "wd", "one_cycle", "lr", "lr_step_factors", "label_smoothing")}
@@ -55,21 +55,21 @@ ROWS = [  # (row, where it comes from)
     ("ensemble with fusion (mean)", "07"), ("mean aggregation", "08"), ("belief aggregation", "08"),
     ("re-ranker (out of fold)", "08"), ("final (+MD5)", "08"), ("level 1 of final", "08"), ("level 2 of final", "08"),
 ]
-# what each row's validation figure is (cdkit.selection): only out-of-fold and held-out ones estimate test
+# what each row's validation figure is (cdkit.infer.selection): only out-of-fold and held-out ones estimate test
 IN_SAMPLE_ROWS = {"fusion head, one seed"}  # the chosen variant's heads: the variant was chosen on these products
 HELD_OUT_ROWS = {"baseline (1 view)", "baseline, levels combined (1 view)", "+TTA"}
 
 
 def valid_kind(row):
-    from cdkit.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
+    from cdkit.infer.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     return IN_SAMPLE if row in IN_SAMPLE_ROWS else HELD_OUT if row in HELD_OUT_ROWS else OUT_OF_FOLD
 
 
 def one_run(recipe, seed, data, work, out, epochs, max_train_images, log):
     "Train, predict, fuse, ensemble, aggregate one (recipe, seed) into its own run folder; returns {row: {valid, test}}"
-    from cdkit.report import write_report
+    from cdkit.steps.report import write_report
     from cdkit.steps import aggregate, ensemble, fuse, predict, train
-    from cdkit.prepare import load_prepared
+    from cdkit.data.prepare import load_prepared
     run = out / f"{recipe}-seed{seed}"
     common = dict(data_dir=str(data), work_dir=str(work), run_dir=str(run))
     prep = load_prepared(data, work)
@@ -113,10 +113,10 @@ def one_run(recipe, seed, data, work, out, epochs, max_train_images, log):
 
 def _combined(run, prep, weight=1.0):
     "(valid, test) accuracy of the original view with combine_levels=weight, predicted beside the run's stores"
-    from cdkit.models import load_trained
-    from cdkit.predict import predict_to_store
+    from cdkit.train.models import load_trained
+    from cdkit.infer.predict import predict_to_store
     from cdkit.steps.predict import store_accuracy
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     tr = load_trained(run / "models" / "resnet", combine_levels=weight)
     out = []
     for split in ("valid", "test"):
@@ -166,10 +166,10 @@ def main(argv=None):
     ap.add_argument("--max-train-images", type=int, default=3000)
     ap.add_argument("--resume", action="store_true", help="reuse the runs already in <out>/results.json")
     a = ap.parse_args(argv)
-    from cdkit.io import atomic_write
-    from cdkit.paths import resolve
+    from cdkit.base.io import atomic_write
+    from cdkit.base.paths import resolve
     from cdkit.steps import prepare
-    from cdkit.steps.explore import ensure_data
+    from cdkit.data.synth import ensure_data
     data, out = resolve(a.data), resolve(a.out)
     work = resolve(a.work or f"{a.data}_prepared")
     ensure_data(data, "demo", 0, print)

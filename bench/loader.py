@@ -5,7 +5,7 @@
 
 Prints, for the same pictures:
   1. decode only (bytes already in memory, one process): simplejpeg, torchvision.io.decode_jpeg, PIL;
-  2. the real training DataLoader (cdkit.data: pread + decode + random crop + collate) with
+  2. the real training DataLoader (cdkit.data.loaders: pread + decode + random crop + collate) with
      num_workers=0 and 1, without the batch transforms (those run on the GPU in training), and its
      ratio to the bare simplejpeg rate (target >= 70%).
 Each rate is given per wall second and per CPU second of the process that decodes (the worker's,
@@ -53,7 +53,7 @@ def loader_rate(ds, bs, num_workers):
     """(pictures per wall second, pictures per CPU second of the process that decodes) of one epoch
     of the training DataLoader without batch transforms; the first batch (worker start) excluded from
     the wall time. A worker's CPU time is read from RUSAGE_CHILDREN once it has been joined."""
-    from cdkit.data import picture_dl
+    from cdkit.data.loaders import picture_dl
     dl = picture_dl(ds, bs=bs, num_workers=num_workers, shuffle=True, drop_last=True, device="cpu", seed=0)
     c0, k0 = cpu_seconds(), cpu_seconds(children=True)
     it = iter(dl)
@@ -76,12 +76,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # as in DataLoader workers (fastai sets one thread there)
 
-    from cdkit.bsonfile import build_index, image_table
-    from cdkit.data import PictureDataset
+    from cdkit.data.bsonfile import build_index, image_table
+    from cdkit.data.loaders import PictureDataset
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(a.data) if a.data else Path(tmp) / "demo"
         if not a.data:
-            from cdkit.synth import write_dataset
+            from cdkit.data.synth import write_dataset
             t0 = time.perf_counter()
             write_dataset(data, preset="demo", seed=0)
             print(f"wrote the synthetic demo preset to {data} in {time.perf_counter() - t0:.1f} s")

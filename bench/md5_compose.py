@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from cdkit.aggregate import belief_aggregate, blend_products, mean_aggregate
-from cdkit.md5 import Md5Match, apply_md5
+from cdkit.infer.aggregate import belief_aggregate, blend_products, mean_aggregate
+from cdkit.infer.md5 import Md5Match, apply_md5
 
 
 def simulate(n_products, n_classes, k, seed):

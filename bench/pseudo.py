@@ -38,9 +38,9 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=0)
     a = p.parse_args(argv)
 
-    from cdkit.params import make_params
+    from cdkit.base.params import make_params
     from cdkit.steps import aggregate, ensemble, predict, prepare, pseudo, train
-    from cdkit.synth import write_dataset
+    from cdkit.data.synth import write_dataset
     out = Path(a.out)
     rows = []
     quiet = dict(log=lambda *_: None)

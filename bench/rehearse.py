@@ -5,7 +5,7 @@
     make rehearse SCALES="0.0625 0.25 1" DATA=/work/rehearse-data
 
 Per scale it writes (or reuses, when a complete one of the same scale and seed is there) the data set
-of `cdkit.synth_full` under DATA_ROOT/scale-S-seed-N, then runs each step in its own subprocess
+of `cdkit.data.synth_full` under DATA_ROOT/scale-S-seed-N, then runs each step in its own subprocess
 through the library functions the kit's steps call, and measures per step: wall and CPU time (the
 step's process and its workers), peak resident memory of the step's process (its own ru_maxrss) and
 of the process tree (polled sum of RSS, which counts pages shared with workers once per process),
@@ -39,7 +39,7 @@ REAL_CSV = ROOT.parent / "shared" / "data" / "cdiscount" / "category_names.csv"
 STEPS = ("synth", "index", "split", "image_table", "loaders_0w", "loaders_4w", "predict", "predict_standin",
          "derive_stores", "md5", "ensemble", "aggregate", "pseudo", "submit")
 DESCRIPTION = {
-    "synth": "write the data set (cdkit.synth_full)",
+    "synth": "write the data set (cdkit.data.synth_full)",
     "index": "build_index of train.bson and test.bson (+ Parquet)",
     "split": "make_split + save_split",
     "image_table": "image tables: train (label, fold) and test",
@@ -71,24 +71,24 @@ def _peak_self_mb():
 
 
 def _prepared(data, work):
-    "What the steps read: cdkit.prepare.Prepared over the indices and split the earlier rehearsal steps wrote"
-    from cdkit.bsonfile import load_index
-    from cdkit.catalog import Catalog
-    from cdkit.prepare import Prepared
-    from cdkit.split import load_split
+    "What the steps read: cdkit.data.prepare.Prepared over the indices and split the earlier rehearsal steps wrote"
+    from cdkit.data.bsonfile import load_index
+    from cdkit.data.catalog import Catalog
+    from cdkit.data.prepare import Prepared
+    from cdkit.data.split import load_split
     return Prepared(data, work, load_index(work / "train_index.parquet"), load_index(work / "test_index.parquet"),
                     load_split(work / "split.parquet"), Catalog.from_csv(data / "category_names.csv"))
 
 
 def step_synth(data, work, scale, seed):
-    from cdkit.synth_full import write_full_dataset
+    from cdkit.data.synth_full import write_full_dataset
     csv = REAL_CSV if REAL_CSV.exists() else None
     res = write_full_dataset(data, scale=scale, seed=seed, category_csv=csv, progress=False)
     return dict(bytes=sum(res["bytes"].values()), seconds=res["seconds"], taxonomy="real" if csv else "generated")
 
 
 def step_index(data, work, scale, seed):
-    from cdkit.bsonfile import build_index
+    from cdkit.data.bsonfile import build_index
     out = {}
     for name in ("train", "test"):
         t = time.perf_counter()
@@ -100,8 +100,8 @@ def step_index(data, work, scale, seed):
 
 
 def step_split(data, work, scale, seed):
-    from cdkit.bsonfile import load_index
-    from cdkit.split import make_split, save_split
+    from cdkit.data.bsonfile import load_index
+    from cdkit.data.split import make_split, save_split
     split = make_split(load_index(work / "train_index.parquet"), valid_frac=0.02, seed=0)
     save_split(split, work / "split.parquet")
     return dict(valid_products=int((split["fold"] == 0).sum()))
@@ -157,7 +157,7 @@ def _epoch_walk_uss(dl):
 
 def _loaders(data, work, workers):
     import torch
-    from cdkit.data import make_dataloaders
+    from cdkit.data.loaders import make_dataloaders
     torch.set_num_threads(1)
     prep = _prepared(data, work)
     images = prep.train_images()
@@ -202,7 +202,7 @@ def stand_in_model(n_classes=N_CLASSES, seed=0):
 
 def step_predict(data, work, scale, seed):
     import torch
-    from cdkit.predict import predict_to_store
+    from cdkit.infer.predict import predict_to_store
     torch.set_num_threads(1)
     prep = _prepared(data, work)
     test = prep.test_images()
@@ -217,7 +217,7 @@ def step_predict(data, work, scale, seed):
 def step_predict_standin(data, work, scale, seed):
     "The store predict_to_store would write, filled with random peaked top-k rows (no model, no decoding)"
     import numpy as np
-    from cdkit.store import StoreWriter
+    from cdkit.infer.store import StoreWriter
     test = _prepared(data, work).test_images()
     pid, img = test["product_id"].to_numpy(), test["img_idx"].to_numpy()
     rng, k = np.random.default_rng(seed), 20
@@ -237,7 +237,7 @@ def step_predict_standin(data, work, scale, seed):
 def step_derive_stores(data, work, scale, seed):
     "Two more stores: the first's top-k probabilities times log-normal noise, renormalized and re-sorted"
     import numpy as np
-    from cdkit.store import StoreWriter, load_store
+    from cdkit.infer.store import StoreWriter, load_store
     s = load_store(work / "stores" / "m0.store")
     for m in (1, 2):
         rng = np.random.default_rng(m)
@@ -255,7 +255,7 @@ def step_derive_stores(data, work, scale, seed):
 
 def step_md5(data, work, scale, seed):
     import numpy as np
-    from cdkit.md5 import hash_pictures, md5_label_table, md5_lookup
+    from cdkit.infer.md5 import hash_pictures, md5_label_table, md5_lookup
     prep = _prepared(data, work)
     train, test = prep.train_images(), prep.test_images()
     t = time.perf_counter()
@@ -272,8 +272,8 @@ def step_md5(data, work, scale, seed):
 
 
 def step_ensemble(data, work, scale, seed):
-    from cdkit.ensemble import combine
-    from cdkit.store import load_store, save_store
+    from cdkit.infer.ensemble import combine
+    from cdkit.infer.store import load_store, save_store
     stores = [load_store(work / "stores" / f"m{m}.store") for m in range(3)]
     t = time.perf_counter()
     ens = combine(stores, weights=[0.5, 0.3, 0.2])
@@ -290,13 +290,13 @@ def _save_pp(pp, path):
 
 def _load_pp(path):
     import numpy as np
-    from cdkit.aggregate import ProductPredictions
+    from cdkit.infer.aggregate import ProductPredictions
     with np.load(path) as z: return ProductPredictions(**{k: z[k] for k in z.files})
 
 
 def step_aggregate(data, work, scale, seed):
-    from cdkit.aggregate import belief_aggregate, mean_aggregate, prediction_rows
-    from cdkit.store import load_store
+    from cdkit.infer.aggregate import belief_aggregate, mean_aggregate, prediction_rows
+    from cdkit.infer.store import load_store
     rows = prediction_rows([load_store(work / "stores" / "ensemble.store")])
     t = time.perf_counter()
     mean = mean_aggregate(rows.product_id, rows.cls, rows.prob, rows.rest, rows.n_classes, k_out=5)
@@ -310,7 +310,7 @@ def step_aggregate(data, work, scale, seed):
 
 
 def step_pseudo(data, work, scale, seed):
-    from cdkit.pseudolabel import product_confidence, pseudo_images, select_pseudo
+    from cdkit.pseudo.pseudolabel import product_confidence, pseudo_images, select_pseudo
     prep = _prepared(data, work)
     conf = product_confidence(_load_pp(work / "products_mean.npz"))
     chosen = select_pseudo(conf, threshold=0.5, fraction=0.5)
@@ -319,8 +319,8 @@ def step_pseudo(data, work, scale, seed):
 
 
 def step_submit(data, work, scale, seed):
-    from cdkit.catalog import Catalog
-    from cdkit.submission import make_submission, write_submission
+    from cdkit.data.catalog import Catalog
+    from cdkit.submit.submission import make_submission, write_submission
     cat = Catalog.from_csv(data / "category_names.csv")
     pp = _load_pp(work / "products_mean.npz")
     df = make_submission(pp.product_id, cat.to_category(pp.pred_class), data / "sample_submission.csv")
@@ -398,7 +398,7 @@ def measure(name, data, work, scale, seed, log):
 
 def dataset_ready(data, scale, seed):
     "True when `data` holds a complete full-size synthetic set of this scale and seed"
-    from cdkit.io import IncompleteFolderError, check_complete
+    from cdkit.base.io import IncompleteFolderError, check_complete
     meta = Path(data) / "synth.json"
     if not meta.exists(): return False
     try: check_complete(data)
@@ -425,7 +425,7 @@ def report(records, out):
     by = {(r["scale"], r["step"]): r for r in records}
     steps = [s for s in STEPS if any((sc, s) in by for sc in scales)]
     L = ["# Full-size rehearsal", "",
-         "Synthetic data of `cdkit.synth_full` at the competition's real counts times the scale (1 = 7,069,896 train",
+         "Synthetic data of `cdkit.data.synth_full` at the competition's real counts times the scale (1 = 7,069,896 train",
          "products / 12,371,293 pictures, 1,768,182 test products / 3,095,080 pictures, 5,270 categories). Each step ran",
          "in its own process (`bench/rehearse.py`). wall/CPU in s (CPU includes loader workers); RSS = the step",
          "process's peak resident memory; tree = polled peak of the RSS sum over the process and its workers (shared",
@@ -503,7 +503,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.step:
         return run_step(a.step, a.data, a.work, a.scale, a.seed)
-    from cdkit.io import atomic_write
+    from cdkit.base.io import atomic_write
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.json"

@@ -1,4 +1,4 @@
-"""Benchmark the second-level re-ranker (cdkit.rerank): time and peak memory, and binary vs lambdarank.
+"""Benchmark the second-level re-ranker (cdkit.infer.rerank): time and peak memory, and binary vs lambdarank.
 
     nice -n 10 .venv/bin/python bench/rerank.py                      # 10k, 100k, 1M products x 3 members x k=5
     nice -n 10 .venv/bin/python bench/rerank.py --pictures           # + the picture-store features (k=20 store)
@@ -6,7 +6,7 @@
     nice -n 10 .venv/bin/python bench/rerank.py --compare            # objective: binary vs lambdarank, demo-like data
 
 Timing: members are random ProductPredictions (k_out=5) that agree on the top class 70% of the time;
-a re-ranker is fitted out of fold on 2,000 such products (5 folds, cdkit.rerank.ROUNDS rounds), then
+a re-ranker is fitted out of fold on 2,000 such products (5 folds, cdkit.infer.rerank.ROUNDS rounds), then
 each size runs in a fresh process: the streamed `Reranker.predict_members` (block by block, what a
 test set needs), then `candidate_table` over all products and `Reranker.predict` of that table (up to
 --full-max products). Random members rarely agree, so a product has ~13 candidates here against ~9 on
@@ -26,9 +26,9 @@ import time
 
 import numpy as np
 
-from cdkit.aggregate import ProductPredictions, belief_aggregate, mean_aggregate
-from cdkit.rerank import candidate_table, fit_oof
-from cdkit.store import PredStore, topk
+from cdkit.infer.aggregate import ProductPredictions, belief_aggregate, mean_aggregate
+from cdkit.infer.rerank import candidate_table, fit_oof
+from cdkit.infer.store import PredStore, topk
 
 TEST_PRODUCTS = 1_768_182
 N_CLASSES, K = 5270, 5
@@ -154,7 +154,7 @@ def demo_like(n_products, seed, n_classes=48, k=20):
 
 
 def compare(seeds, n_valid=400, n_test=900):
-    from cdkit.aggregate import product_accuracy
+    from cdkit.base.metrics import product_accuracy
     print(f"{'seed':>4} {'best member':>18} {'binary oof':>10} {'test':>6} {'lambdarank oof':>14} {'test':>6}")
     rows = []
     for seed in seeds:

@@ -6,12 +6,12 @@ optimizer step on random batches (no data loading), bf16 autocast + channels_las
     python bench/train_gpu.py --end-to-end --arch resnet101 --bs 160 --workers 8 --data-dir data/cdiscount
 
 --end-to-end runs the kit's real path beside the model-only figure: pictures read from a BSON file and
-decoded by `cdkit.data.make_dataloaders`' workers, batch transforms on the device, the Learner of
-`cdkit.models.make_learner` with the precision callbacks, timed step by step with
-`cdkit.instrument.StepTimer`. It prints end-to-end images/s, the ratio end-to-end / model-only (1.0:
+decoded by `cdkit.data.loaders.make_dataloaders`' workers, batch transforms on the device, the Learner of
+`cdkit.train.models.make_learner` with the precision callbacks, timed step by step with
+`cdkit.base.instrument.StepTimer`. It prints end-to-end images/s, the ratio end-to-end / model-only (1.0:
 the input pipeline costs nothing; 0.5: half the step is spent outside the model) and the share of
 each part of a step (data wait, transfer, augmentation, forward, backward, each callback). Without
---data-dir it writes a small synthetic set (cdkit.synth) to a temporary folder.
+--data-dir it writes a small synthetic set (cdkit.data.synth) to a temporary folder.
 
 Report only. Without a GPU it says so and measures a tiny CPU figure (64 px, batch 8) instead, to
 show the script works; those numbers say nothing about GPU training.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
-from cdkit.models import STUDY, create_model
+from cdkit.train.models import STUDY, create_model
 
 
 def images_per_s(arch, size, bs, steps, device, bf16, channels_last, n_classes=5270, warmup=3):
@@ -64,16 +64,16 @@ class StopAfterSteps(Callback):
 def end_to_end(arch, size, bs, steps, workers, device, bf16, channels_last, data_dir=None, skip=2):
     """Images/s of real training steps (loader, batch transforms, learner, callbacks) and the StepTimer
     summary; the data is `data_dir` (train.bson, category_names.csv) or a small synthetic set"""
-    from cdkit.callbacks import precision_callbacks
-    from cdkit.data import make_dataloaders
-    from cdkit.instrument import StepTimer
-    from cdkit.bsonfile import build_index, image_table
-    from cdkit.catalog import Catalog
-    from cdkit.models import make_learner
-    from cdkit.split import attach_split, make_split
+    from cdkit.train.callbacks import precision_callbacks
+    from cdkit.data.loaders import make_dataloaders
+    from cdkit.base.instrument import StepTimer
+    from cdkit.data.bsonfile import build_index, image_table
+    from cdkit.data.catalog import Catalog
+    from cdkit.train.models import make_learner
+    from cdkit.data.split import attach_split, make_split
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir is None:
-            from cdkit.synth import write_dataset
+            from cdkit.data.synth import write_dataset
             data_dir = Path(tmp) / "data"
             write_dataset(data_dir, "tiny", n_train_products=max(150, 3 * bs * (steps + skip) // 4))
         catalog, bson_path = Catalog.from_csv(Path(data_dir) / "category_names.csv"), Path(data_dir) / "train.bson"

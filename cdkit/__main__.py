@@ -45,7 +45,7 @@ def _show(result):
 def refusal(e: BaseException):
     """The one line that reports `e`, or None when `e` is a bug (its traceback is kept): a CdkitError,
     an OS error that names a path (or the disk), a file that does not parse (the reader names it)"""
-    from .errors import CdkitError
+    from cdkit.base.errors import CdkitError
     if isinstance(e, CdkitError):
         text = str(e)
     elif isinstance(e, PATH_ERRORS) or (isinstance(e, OSError) and e.filename is not None):
@@ -62,16 +62,16 @@ def _fail(message, status):
 
 def _typed_paths(cls, overrides: dict) -> dict:
     "Path-valued overrides made absolute from the current folder (a path typed on the command line)"
-    from .params import path_fields
-    from .paths import typed
+    from cdkit.base.params import path_fields
+    from cdkit.base.paths import typed
     paths = path_fields(cls)
     return {k: (str(typed(v)) if k in paths and isinstance(v, str) and v else v) for k, v in overrides.items()}
 
 
 def _load(cls, params, overrides):
     "The validated parameters of a command; exit status 2 with one line for anything wrong in them"
-    from .params import ParamsError, load_params, parse_overrides
-    from .paths import typed
+    from cdkit.base.params import ParamsError, load_params, parse_overrides
+    from cdkit.base.paths import typed
     try:
         values = _typed_paths(cls, parse_overrides(overrides or []))
         return load_params(cls, [typed(f) for f in params or []], values)
@@ -82,8 +82,8 @@ def _load(cls, params, overrides):
 def missing_on_disk(step, P) -> list:
     """What a step would find missing before hours of work: the data files, the split of step 02, a
     weights file the parameters name, the models and stores the step reads. Reads nothing but names"""
-    from .paths import resolve
-    from .runs import RunLayout
+    from cdkit.base.paths import resolve
+    from cdkit.runs import RunLayout
     problems = []
     data, work = resolve(P.data_dir), resolve(P.work_dir)
     early = step.module in ("explore", "prepare")
@@ -122,7 +122,7 @@ def _step_command(step):
         import importlib
         import logging
 
-        from .report import write_report
+        from cdkit.steps.report import write_report
         P = _load(step.params_class(), params, overrides)
         if check:
             import yaml
@@ -154,7 +154,7 @@ def _describe_step(step) -> str:
 
 def parameters_help(cls) -> str:
     "One line per parameter: name (type, default): the comment on its Field's line"
-    from .params import defaults, field_comments, type_name
+    from cdkit.base.params import defaults, field_comments, type_name
     comments, values = field_comments(cls), defaults(cls)
     lines = [f"  {k} ({type_name(f.annotation)}, default {values[k]!r}): {comments.get(k, '')}".rstrip(": ")
              for k, f in cls.model_fields.items()]
@@ -162,7 +162,7 @@ def parameters_help(cls) -> str:
 
 
 def _register():
-    from .pipeline import STEPS
+    from cdkit.steps.registry import STEPS
     for s in STEPS:
         if s.module == "train" and s.command != "train":
             continue  # `cdkit train arch=...` trains any backbone; 04/05 differ only in defaults
@@ -175,8 +175,8 @@ def _register():
 def synth(out_dir: Path = typer.Argument(..., help="folder to write (relative to the current folder)"),
           preset: str = typer.Option("demo", help="tiny, demo or bench"), seed: int = typer.Option(0, min=0, max=2**32 - 1)):
     "Write a synthetic data set in the competition's format (train.bson, test.bson, csv files)"
-    from .paths import typed
-    from .synth import PRESETS, write_dataset
+    from cdkit.base.paths import typed
+    from cdkit.data.synth import PRESETS, write_dataset
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}", 2)
     out_dir = typed(out_dir)
@@ -188,8 +188,8 @@ def synth(out_dir: Path = typer.Argument(..., help="folder to write (relative to
 def index(bson: Path = typer.Argument(..., help="the BSON file (relative to the current folder)"),
           out: Path = typer.Option(..., help="Parquet path of the index (never inside the raw data folder)")):
     "Index one competition BSON file (Parquet) and print its summary"
-    from .bsonfile import build_index
-    from .paths import typed
+    from cdkit.data.bsonfile import build_index
+    from cdkit.base.paths import typed
     bson, out = typed(bson), typed(out)
     _, stats = build_index(bson, out=out, return_stats=True)
     typer.echo(stats.summary())
@@ -199,15 +199,15 @@ def index(bson: Path = typer.Argument(..., help="the BSON file (relative to the 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo(ctx: typer.Context):
     "Run every notebook on the synthetic demo data (make demo): [--run-dir D] [--only 06,07] [key=value ...]"
-    from .pipeline import main as pipeline_main
+    from cdkit.steps.pipeline import main as pipeline_main
     raise typer.Exit(pipeline_main(_typed_demo_args(ctx.args)))
 
 
 def _typed_demo_args(args) -> list:
     "`cdkit demo`'s --run-dir and path-valued key=value made absolute from the current folder"
-    from .params import path_fields
-    from .pipeline import STEPS
-    from .paths import typed
+    from cdkit.base.params import path_fields
+    from cdkit.steps.registry import STEPS
+    from cdkit.base.paths import typed
     keys = set().union(*(path_fields(s.params_class()) for s in STEPS))
     out = list(args)
     for i, a in enumerate(out):

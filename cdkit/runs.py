@@ -5,7 +5,7 @@ A step never builds another step's path itself; it asks the `RunLayout` of its `
     run_dir/
       params/<step>.yaml                  effective parameters of each step that ran (later steps reuse them)
       models/<name>/                      a trained model (step 03-05) or a fine-tuned one (step 09):
-          model.pth, model.json           weights and the model card (cdkit.models.save_trained)
+          model.pth, model.json           weights and the model card (cdkit.train.models.save_trained)
           params.yaml, metrics.csv, checkpoints/last.pth
       preds/<member>_<split>.store        step 06: TTA predictions of a model (split: valid, test)
       preds/<member>_test.shard03of08.store   one machine's shard of it (merged into the store above)
@@ -28,8 +28,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from .errors import CdkitError
-from .paths import resolve
+from cdkit.base.errors import CdkitError
+from cdkit.base.paths import resolve
 
 SPLITS = ("valid", "test")
 FEATURE_SPLITS = ("fusion", "valid", "test")  # feature stores: the fusion split trains the fusion head
@@ -43,7 +43,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}(-fusion)?" % (MAX_NAME - 
 def check_name(name: str, what="model name") -> str:
     "A name that can be a file name and is not one the layout reserves"
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("ensemble") or ".shard" in name:
-        from .errors import shorten
+        from cdkit.base.errors import shorten
         raise ValueError(f"{what} {shorten(name, 60)} must be 1-{MAX_NAME} letters, digits, '_', '.', '-' (not "
                          "starting with 'ensemble', no '.shard')")
     return name
@@ -171,7 +171,7 @@ def _meta_tags(meta):
 
 def _parquet(read, path):
     "read(path) of a Parquet file; a truncated or damaged one is a FileFormatError naming it"
-    from .errors import FileFormatError
+    from cdkit.base.errors import FileFormatError
     try:
         return read(path)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
@@ -196,9 +196,9 @@ def _tags_of(path):
             raise FileNotFoundError(f"{path} not found")
         return _table_tags(_parquet(pq.read_schema, path))
     if path.suffix == ".features":
-        from .features import read_manifest as read_features_manifest
+        from cdkit.infer.features import read_manifest as read_features_manifest
         return _meta_tags(read_features_manifest(path).get("meta"))
-    from .store import read_manifest
+    from cdkit.infer.store import read_manifest
     return _meta_tags(read_manifest(path).get("meta"))
 
 
@@ -265,7 +265,7 @@ def write_products(df, path, generation, split=None):
     name says) in the schema metadata"""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from .io import atomic_write
+    from cdkit.base.io import atomic_write
     split = split or _path_split(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
     tags = {PARQUET_GENERATION: generation.encode(), **({PARQUET_SPLIT: split.encode()} if split else {})}

@@ -51,7 +51,7 @@ def real_dir():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     "The synthetic tiny preset, written once per test session"
-    from cdkit.synth import write_dataset
+    from cdkit.data.synth import write_dataset
     out = tmp_path_factory.mktemp("tiny")
     write_dataset(out, preset="tiny", seed=DATA_SEED)
     return out
@@ -60,7 +60,7 @@ def tiny_data(tmp_path_factory):
 def quick(tiny_data, tmp_path, **kw):
     """TrainParams of a seconds-long run: resnet18 at 32 px on part of the tiny preset, one process, no
     worker processes; step 02 runs once per tmp_path (valid_frac 0.2)"""
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     from cdkit.steps.train import TrainParams
     if not (tmp_path / "prep" / "split.parquet").exists():
         create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)

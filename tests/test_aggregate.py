@@ -3,9 +3,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cdkit.aggregate import (accuracy_by_level, accuracy_by_n_pictures, belief_aggregate, logmean_aggregate,
-                             mean_aggregate, prediction_rows, product_accuracy)
-from cdkit.store import PredStore, spread, topk
+from cdkit.base.metrics import accuracy_by_level, accuracy_by_n_pictures, product_accuracy
+from cdkit.infer.aggregate import belief_aggregate, logmean_aggregate, mean_aggregate, prediction_rows
+from cdkit.infer.store import PredStore, spread, topk
 
 
 def random_rows(rng, n_products, n_classes, k, max_preds, peak=3.0, discrete=False):
@@ -163,14 +163,14 @@ def test_prediction_rows_and_accuracy():
 # ---- MD5 after aggregation ----
 
 def _pp(pred_cls, scores):
-    from cdkit.aggregate import ProductPredictions
+    from cdkit.infer.aggregate import ProductPredictions
     cls = np.asarray(pred_cls, np.int64)
     sc = np.asarray(scores, np.float64)
     return ProductPredictions(np.arange(len(cls)), np.full(len(cls), 3), cls[:, 0].copy(), cls, sc)
 
 
 def test_blend_products_overrides_listed_products_only():
-    from cdkit.aggregate import blend_products
+    from cdkit.infer.aggregate import blend_products
     pp = _pp([[1, 2, 3], [4, 5, -1], [7, 8, 9]], [[0.5, 0.3, 0.1], [0.6, 0.2, -np.inf], [0.9, 0.05, 0.01]])
     # product 0: the train label is a class outside its candidates; product 1: its runner-up
     new, changed = blend_products(pp, [0, 1], [[42, -1], [5, -1]], [[1.0, 0], [1.0, 0]], alpha=1.0)
@@ -189,8 +189,8 @@ def test_md5_after_belief_aggregation_keeps_the_train_label():
     "Among the rows, belief aggregation excludes the one-hot MD5 row as an outlier; after it, the label holds"
     import importlib.util
     from pathlib import Path
-    from cdkit.aggregate import belief_aggregate, blend_products
-    from cdkit.md5 import apply_md5
+    from cdkit.infer.aggregate import belief_aggregate, blend_products
+    from cdkit.infer.md5 import apply_md5
     spec = importlib.util.spec_from_file_location("mc", Path(__file__).resolve().parents[1] / "bench" / "md5_compose.py")
     mc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mc)
@@ -204,7 +204,7 @@ def test_md5_after_belief_aggregation_keeps_the_train_label():
 
 
 def test_product_keys_ignore_picture_order():
-    from cdkit.md5 import product_keys
+    from cdkit.infer.md5 import product_keys
     rng = np.random.default_rng(0)
     h = rng.integers(0, 256, (5, 16), dtype=np.uint8)
     pid = np.array([7, 7, 3, 3, 3])
@@ -278,7 +278,7 @@ def test_belief_settings_follow_their_definitions(belief, definition, weights):
     "step 08's `belief` choice -> belief_aggregate's winner and score equal the definition's (exact arithmetic)"
     from fractions import Fraction
     from hypothesis import assume
-    from cdkit.params import make_params
+    from cdkit.base.params import make_params
     from cdkit.steps.aggregate import AggregateParams, belief_kwargs
     C = 6
     pid, rows, want = [], [], {}
@@ -313,8 +313,8 @@ def test_belief_authors_scores_an_all_excluded_candidate_by_the_plain_mean():
 
 
 def test_belief_choice_params():
-    from cdkit.aggregate import BELIEF_SETTINGS
-    from cdkit.params import ParamsError, make_params
+    from cdkit.infer.aggregate import BELIEF_SETTINGS
+    from cdkit.base.params import ParamsError, make_params
     from cdkit.steps.aggregate import AggregateParams, belief_kwargs
     for name, want in BELIEF_SETTINGS.items():
         assert belief_kwargs(make_params(AggregateParams, dict(belief=name))) == want

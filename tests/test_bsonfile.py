@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from conftest import jpeg_bytes
 
-from cdkit.bsonfile import (NO_LABEL, BsonFormatError, BsonReader, ImageDecodeError, build_index,
+from cdkit.data.bsonfile import (NO_LABEL, BsonFormatError, BsonReader, ImageDecodeError, build_index,
                             decode_rgb, image_table, load_index)
 
 

@@ -11,7 +11,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
 from torch import nn
 
-from cdkit.callbacks import (BatchGrowth, GradAccum, ProductAccuracy, gathered_positions, grown_batch,
+from cdkit.train.callbacks import (BatchGrowth, GradAccum, ProductAccuracy, gathered_positions, grown_batch,
                              precision_callbacks)
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdkit.catalog import Catalog, UnknownCategoryError
-from cdkit.split import TRAIN, attach_split, load_split, make_split, save_split
+from cdkit.data.catalog import Catalog, UnknownCategoryError
+from cdkit.data.split import TRAIN, attach_split, load_split, make_split, save_split
 
 
 def small_catalog():

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from cdkit.__main__ import main
-from cdkit.pipeline import STEPS
+from cdkit.steps.pipeline import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdkit.__main__ import main
-from cdkit.pipeline import STEPS
+from cdkit.steps.pipeline import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -111,7 +111,7 @@ def test_synth_index_demo_and_usage_errors_are_one_line(tmp_path, capsys, args):
 @pytest.fixture
 def prepared(tiny_data, tmp_path):
     "A copy of the tiny data set and step 02's work folder, in tmp_path"
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     create_prepared(data, tmp_path / "work", valid_frac=0.2, log=lambda *a: None)
@@ -193,8 +193,8 @@ def test_damaged_data_files_are_one_line_in_a_fresh_process(tiny_data, tmp_path,
 @given(spelling=st.sampled_from(["made", "./made", "sub/../made", "sub/./../made"]),
        depth=st.integers(min_value=0, max_value=2))
 def test_typed_paths_are_relative_to_the_current_folder(tmp_path_factory, spelling, depth):
-    from cdkit.paths import ROOT as KIT_ROOT
-    from cdkit.paths import typed
+    from cdkit.base.paths import ROOT as KIT_ROOT
+    from cdkit.base.paths import typed
     cwd = tmp_path_factory.mktemp("cwd")
     for i in range(depth):
         cwd = cwd / f"d{i}"
@@ -258,7 +258,7 @@ def test_help_keeps_the_brackets(capsys):
 
 @pytest.mark.parametrize("command", sorted(STEP_COMMANDS))
 def test_step_help_lists_every_parameter(command, capsys):
-    from cdkit.params import defaults, field_comments
+    from cdkit.base.params import defaults, field_comments
     cls = STEP_COMMANDS[command]
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out

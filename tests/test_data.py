@@ -1,4 +1,4 @@
-"""cdkit.data on a small competition-format file whose pictures encode their own label.
+"""cdkit.data.loaders on a small competition-format file whose pictures encode their own label.
 
 Every picture is one flat colour: red = 20 + 40 * label, green = 30 + 60 * img_idx, so a batch can be
 checked against the image table pixel by pixel. One product holds a truncated JPEG."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 from fastai.torch_core import TensorCategory, TensorImage
 
-from cdkit.bsonfile import build_index, image_table
-from cdkit.data import (IMAGENET_MEAN, IMAGENET_STD, PictureDataset, aug_params, make_dataloaders, make_test_dl,
+from cdkit.data.bsonfile import build_index, image_table
+from cdkit.data.loaders import (IMAGENET_MEAN, IMAGENET_STD, PictureDataset, aug_params, make_dataloaders, make_test_dl,
                         picture_dl)
 
 N_LABELS = 4
@@ -122,7 +122,7 @@ def test_corrupt_picture_is_counted_logged_and_substituted(small, caplog):
     path, t = small
     ds = PictureDataset(t, path, 180, crop="random", split_idx=0)
     row = int(np.flatnonzero((t["product_id"] == CORRUPT[0]) & (t["img_idx"] == CORRUPT[1]))[0])
-    with caplog.at_level(logging.WARNING, logger="cdkit.data"):
+    with caplog.at_level(logging.WARNING, logger="cdkit.data.loaders"):
         x, y = ds[row]
     assert ds.bad_pictures == 1
     assert f"picture {CORRUPT[1]} of product {CORRUPT[0]}" in caplog.text

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from conftest import quick
 
 from cdkit.__main__ import main
-from cdkit.callbacks import DivergedError, FiniteLoss
-from cdkit.errors import CdkitError
-from cdkit.params import ParamsError
+from cdkit.train.callbacks import DivergedError, FiniteLoss
+from cdkit.base.errors import CdkitError
+from cdkit.base.params import ParamsError
 from cdkit.steps import train as step
 
 
@@ -71,7 +71,7 @@ def test_the_check_syncs_once_per_window_not_per_batch():
 
 
 def test_a_fusion_head_with_nan_features_stops_and_saves_no_head(tmp_path):
-    from cdkit.fusion import HeadSpec, product_groups, train_head
+    from cdkit.infer.fusion import HeadSpec, product_groups, train_head
     n, d = 200, 8
     x = np.full((n, d), np.inf, np.float16)  # features that overflowed
     g = product_groups(np.arange(n), np.zeros(n, np.int64))
@@ -95,7 +95,7 @@ def test_half_given_or_zero_normalization_is_refused_before_any_work(tmp_path, c
 @given(mean=st.lists(st.floats(-2, 2), min_size=3, max_size=3),
        std=st.lists(st.one_of(st.floats(-2, 0), st.floats(0.01, 2)), min_size=3, max_size=3))
 def test_normalization_is_accepted_exactly_when_every_std_is_positive(mean, std):
-    from cdkit.data import NormalizationError, batch_tfms
+    from cdkit.data.loaders import NormalizationError, batch_tfms
     ok = all(s > 0 for s in std)
     try:
         step.TrainParams(mean=mean, std=std)

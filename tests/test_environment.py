@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cdkit.__main__ import main
-from cdkit.params import ParamsError
+from cdkit.base.params import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_kaggle_input_folder_is_the_default_data_dir(tiny_data, tmp_path, monkey
 
 @pytest.mark.parametrize("name", ["cdiscount", "real-data"])
 def test_synthetic_data_never_lands_in_a_real_data_folder(tmp_path, name, capsys):
-    from cdkit.steps.explore import ensure_data
+    from cdkit.data.synth import ensure_data
     target = tmp_path / name
     with pytest.raises(FileNotFoundError, match="synthetic data is written only into a folder whose name says so"):
         ensure_data(target, "tiny")
@@ -42,7 +42,7 @@ def test_synthetic_data_never_lands_in_a_real_data_folder(tmp_path, name, capsys
 
 
 def test_synthetic_data_goes_into_a_folder_that_says_so(tmp_path):
-    from cdkit.steps.explore import ensure_data
+    from cdkit.data.synth import ensure_data
     (tmp_path / "my-demo").mkdir()
     (tmp_path / "my-demo" / "notes.txt").write_text("mine")
     with pytest.raises(FileNotFoundError, match="holds other files"):
@@ -55,7 +55,7 @@ def test_synthetic_data_goes_into_a_folder_that_says_so(tmp_path):
 @pytest.fixture()
 def products_run(tiny_data, tmp_path):
     "A run folder holding stage base's products (every product predicted as the most frequent category)"
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     from cdkit.runs import RunLayout
     prep = create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     layout = RunLayout.of(tmp_path / "run")
@@ -86,7 +86,7 @@ def test_submit_without_credentials_is_one_line(products_run, no_kaggle_credenti
 
 
 def test_notebook_10_without_credentials_names_the_cause(products_run, no_kaggle_credentials):
-    from cdkit.pipeline import NotebookFailed, run_pipeline
+    from cdkit.steps.pipeline import NotebookFailed, run_pipeline
     with pytest.raises(NotebookFailed, match=r"10_submit.ipynb failed in cell \d+ \(SubmissionError: no Kaggle "
                                              r"credentials found \(looked in"):
         run_pipeline(products_run["run_dir"], only=["10"], overrides=dict(products_run, submit=True),
@@ -94,7 +94,7 @@ def test_notebook_10_without_credentials_names_the_cause(products_run, no_kaggle
 
 
 def test_accelerate_cpu_launch_of_two_processes_is_refused(tmp_path, monkeypatch):
-    from cdkit.distributed import check_launch
+    from cdkit.train.distributed import check_launch
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ParamsError, match="asked for 2 processes but started one.*--multi_gpu"):

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cdkit.fusion import FusionNet, gather, product_groups
-from cdkit.split import FUSION_FOLD, TRAIN, VALID_FOLD, make_split
+from cdkit.infer.fusion import FusionNet, gather, product_groups
+from cdkit.data.split import FUSION_FOLD, TRAIN, VALID_FOLD, make_split
 
 
 @pytest.mark.parametrize("order", ["aware", "invariant"])
@@ -74,7 +74,7 @@ def test_the_fusion_split_is_carved_per_category_and_never_trained_on():
 
 
 def test_step02_refuses_a_split_made_with_other_settings(tiny_data, tmp_path):
-    from cdkit.prepare import SplitSettingsError, create_prepared
+    from cdkit.data.prepare import SplitSettingsError, create_prepared
     prep = create_prepared(tiny_data, tmp_path, fusion_frac=0.2, log=lambda *a: None)
     assert prep.n_fusion > 0
     train = prep.train_images()
@@ -88,11 +88,11 @@ def test_step02_refuses_a_split_made_with_other_settings(tiny_data, tmp_path):
 
 
 def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tmp_path):
-    from cdkit.features import load_features, merge_features
-    from cdkit.models import create_model
-    from cdkit.predict import feature_layer, predict_to_store
-    from cdkit.prepare import create_prepared
-    from cdkit.store import load_store
+    from cdkit.infer.features import load_features, merge_features
+    from cdkit.train.models import create_model
+    from cdkit.infer.predict import feature_layer, predict_to_store
+    from cdkit.data.prepare import create_prepared
+    from cdkit.infer.store import load_store
     prep = create_prepared(tiny_data, tmp_path / "w", fusion_frac=0.2, log=lambda *a: None)
     images, bson = prep.images("valid")
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tm
 
 def test_a_fusion_head_learns_what_is_split_across_pictures(tmp_path):
     "Class = (a, b) where picture 1 shows a and picture 2 shows b: no single picture can tell the class"
-    from cdkit.fusion import HeadSpec, train_head
+    from cdkit.infer.fusion import HeadSpec, train_head
     rng = np.random.default_rng(0)
     n, d = 1200, 16
     a, b = rng.integers(0, 3, n), rng.integers(0, 3, n)

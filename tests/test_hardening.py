@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import jpeg_bytes
 
-from cdkit.bsonfile import (
+from cdkit.data.bsonfile import (
     BadPictureError,
     BsonFormatError,
     BsonReader,
@@ -32,7 +32,7 @@ from cdkit.bsonfile import (
     load_index,
     save_index,
 )
-from cdkit.io import IncompleteFolderError, check_complete, sweep_temps, writing_dataset
+from cdkit.base.io import IncompleteFolderError, check_complete, sweep_temps, writing_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PIC = jpeg_bytes(0)
@@ -107,8 +107,8 @@ def test_fast_path_and_general_parser_agree(tiny_data):
 
 
 def test_reader_md5_and_loaders_count_unsound_pictures(tmp_path):
-    from cdkit.data import BLANK_VALUE, PictureDataset
-    from cdkit.md5 import hash_pictures
+    from cdkit.data.loaders import BLANK_VALUE, PictureDataset
+    from cdkit.infer.md5 import hash_pictures
     path, unsound = damaged_file(tmp_path / "train.bson")
     table = image_table(build_index(path))
     reader = BsonReader(path)
@@ -226,7 +226,7 @@ def test_killed_synth_leaves_an_incomplete_folder(tmp_path):
     out = tmp_path / "data"
     code, text = run_python(f"""
         import os, signal
-        from cdkit import synth
+        from cdkit.data import synth
         real_get = synth._Pictures.get
         def get(self, domain, *a):
             if domain == "test": os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while test.bson is written
@@ -253,7 +253,7 @@ def killed_while_writing(path):
     "Leave what a process killed inside atomic_write of `path` leaves (its temp file)"
     code, text = run_python(f"""
         import os, signal
-        from cdkit.io import atomic_write
+        from cdkit.base.io import atomic_write
         def write(tmp):
             open(tmp, "wb").write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -273,10 +273,10 @@ def test_index_build_sweeps_temps_of_killed_writes(tmp_path, tiny_data):
 
 
 def test_store_writer_sweeps_stores_of_killed_writers(tmp_path):
-    from cdkit.store import StoreWriter, load_store
+    from cdkit.infer.store import StoreWriter, load_store
     code, text = run_python(f"""
         import os, signal, numpy as np
-        from cdkit.store import StoreWriter
+        from cdkit.infer.store import StoreWriter
         w = StoreWriter({str(tmp_path / "a.store")!r}, n_classes=5, k=2, chunk_rows=4)
         w.add(np.arange(8), np.zeros(8), np.full((8, 1, 5), 0.2))
         os.kill(os.getpid(), signal.SIGKILL)
@@ -291,7 +291,7 @@ def test_store_writer_sweeps_stores_of_killed_writers(tmp_path):
 def test_checkpoint_sweeps_temps_of_killed_writes(tmp_path):
     from test_callbacks import tiny_dls, tiny_learner
 
-    from cdkit.callbacks import Checkpoint
+    from cdkit.train.callbacks import Checkpoint
     path = tmp_path / "checkpoints" / "last.pth"
     left = killed_while_writing(path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -313,8 +313,8 @@ def test_full_disk_during_checkpoint_is_named(tmp_path):
         import resource, signal, sys
         sys.path.insert(0, "tests")
         from test_callbacks import tiny_dls, tiny_learner
-        from cdkit.callbacks import save_checkpoint
-        from cdkit.io import DiskFullError, atomic_write
+        from cdkit.train.callbacks import save_checkpoint
+        from cdkit.base.io import DiskFullError, atomic_write
         learn = tiny_learner(tiny_dls())
         learn.create_opt()
         learn.train_iter = 0  # as after an epoch
@@ -363,7 +363,7 @@ def test_forged_picture_size_is_refused_before_decoding(forge):
 
 
 def test_forged_picture_is_a_counted_bad_picture(tmp_path):
-    from cdkit.data import PictureDataset
+    from cdkit.data.loaders import PictureDataset
     path = tmp_path / "f.bson"
     path.write_bytes(bson.encode({"_id": 1, "imgs": [{"picture": forged_jpeg(65500, 65500)}, {"picture": PIC}],
                                   "category_id": 1}))
@@ -375,7 +375,7 @@ def test_forged_picture_is_a_counted_bad_picture(tmp_path):
 # --- 8. stores: named errors, checksums, finite values -----------------------------------------------
 
 def small_store(path, n=6, seed=0, chunk_rows=3):
-    from cdkit.store import StoreWriter
+    from cdkit.infer.store import StoreWriter
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.ones(5), size=n)
     with StoreWriter(path, n_classes=5, k=2, chunk_rows=chunk_rows) as w:
@@ -385,7 +385,7 @@ def small_store(path, n=6, seed=0, chunk_rows=3):
 
 
 def test_corrupt_store_chunk_or_manifest_names_store_and_chunk(tmp_path):
-    from cdkit.store import StoreError, load_store
+    from cdkit.infer.store import StoreError, load_store
     store = small_store(tmp_path / "a.store")
     chunk = store / "chunk_00001.npz"
     data = chunk.read_bytes()
@@ -404,7 +404,7 @@ def test_corrupt_store_chunk_or_manifest_names_store_and_chunk(tmp_path):
 
 
 def test_chunk_from_another_store_is_refused(tmp_path):
-    from cdkit.store import StoreError, load_store
+    from cdkit.infer.store import StoreError, load_store
     a, b = small_store(tmp_path / "a.store", seed=0), small_store(tmp_path / "b.store", seed=1)
     (a / "chunk_00001.npz").write_bytes((b / "chunk_00001.npz").read_bytes())
     with pytest.raises(StoreError, match="chunk_00001.npz does not match the checksum"):
@@ -420,7 +420,7 @@ def test_chunk_from_another_store_is_refused(tmp_path):
 def test_non_finite_probabilities_are_refused(tmp_path, bad):
     import torch
 
-    from cdkit.store import StoreError, StoreWriter
+    from cdkit.infer.store import StoreError, StoreWriter
     p = np.full((4, 1, 5), 0.2)
     p[2, 0, 3] = bad
     with StoreWriter(tmp_path / "s.store", n_classes=5, k=2) as w:
@@ -431,7 +431,7 @@ def test_non_finite_probabilities_are_refused(tmp_path, bad):
             w.add_topk(np.arange(10, 14), np.zeros(4), np.zeros((4, 1, 2)), np.full((4, 1, 2), 0.3),
                        np.array([[0.4], [bad], [0.4], [0.4]]))
         w.add(np.arange(10, 14), np.zeros(4), np.full((4, 1, 5), 0.2))
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     assert len(load_store(tmp_path / "s.store")) == 4
 
 
@@ -462,7 +462,7 @@ def sample(tmp_path):
     ("_id,category_id\n10,1000010653\n14,inf\n", "row 1"),
 ])
 def test_only_canonical_files_validate(tmp_path, sample, text, message):
-    from cdkit.submission import SubmissionError, kaggle_submit, validate_submission
+    from cdkit.submit.submission import SubmissionError, kaggle_submit, validate_submission
     for name, data in (("s.csv", text.encode()), ("s.csv.gz", gzip.compress(text.encode()))):
         path = tmp_path / name
         path.write_bytes(data)
@@ -475,7 +475,7 @@ def test_only_canonical_files_validate(tmp_path, sample, text, message):
 
 
 def test_values_are_converted_safely_and_written_canonically(tmp_path, sample):
-    from cdkit.submission import (
+    from cdkit.submit.submission import (
         SubmissionError,
         fill_missing,
         make_submission,
@@ -515,7 +515,7 @@ KEY = "0123456789abcdef0123456789abcdef"
 def test_errors_and_output_of_the_library_are_scrubbed(tmp_path, sample, monkeypatch, capsys):
     import requests
 
-    from cdkit.submission import SubmissionError, kaggle_submit, write_submission
+    from cdkit.submit.submission import SubmissionError, kaggle_submit, write_submission
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("KAGGLE_KEY", KEY)
     basic = base64.b64encode(f"alice:{KEY}".encode()).decode()
@@ -548,7 +548,7 @@ def submit_command(tmp_path, env):
     (tmp_path / "s.csv").write_text("_id,category_id\n10,1000010653\n14,1000010667\n")
     return run_python(f"""
         import sys
-        from cdkit.submission import main
+        from cdkit.submit.submission import main
         sys.exit(main([{str(tmp_path / "s.csv")!r}, "-m", "try", "--data-dir", {str(tmp_path)!r}]))
     """, env={"HOME": str(home), **env})
 
@@ -577,7 +577,7 @@ def test_verbose_kaggle_never_shows_the_key(tmp_path):
 def test_bad_validation_picture_becomes_grey_and_training_keeps_its_product(tmp_path):
     from PIL import Image
 
-    from cdkit.data import BLANK_VALUE, make_dataloaders
+    from cdkit.data.loaders import BLANK_VALUE, make_dataloaders
 
     def flat(v):
         import io

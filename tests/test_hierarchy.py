@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 
-from cdkit.hierarchy import HierarchyLoss, LevelHeads, add_level_heads, combine_levels, level_heads
-from cdkit.models import ModelCard, create_model, load_trained, save_trained
-from cdkit.params import ParamsError, make_params
+from cdkit.train.hierarchy import HierarchyLoss, LevelHeads, add_level_heads, combine_levels, level_heads
+from cdkit.train.models import ModelCard, create_model, load_trained, save_trained
+from cdkit.base.params import ParamsError, make_params
 from cdkit.steps.train import TrainParams, train
 from conftest import quick
 
@@ -168,7 +168,7 @@ def test_invalid_hierarchy_weights_are_refused_before_any_work(weights, tmp_path
 def test_combine_levels_without_level_heads_is_refused_naming_both(tmp_path):
     "Step 06: combine_levels > 0 when no model of the run has level heads contradicts the models"
     import json
-    from cdkit.params import ParamsError
+    from cdkit.base.params import ParamsError
     from cdkit.steps.predict import PredictParams, check_combine
     from cdkit.runs import RunLayout
     layout = RunLayout(tmp_path)

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdkit.ensemble import combine, combine_out_of_fold, fit_weights
-from cdkit.selection import IN_SAMPLE, OUT_OF_FOLD, choose_per_fold, validation_folds
-from cdkit.store import PredStore, save_store
+from cdkit.infer.ensemble import combine, combine_out_of_fold, fit_weights
+from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD, choose_per_fold, validation_folds
+from cdkit.infer.store import PredStore, save_store
 
 C = 10  # classes of the library-level constructions
 
@@ -102,7 +102,7 @@ def test_validation_folds_depend_on_the_product_ids_alone():
 @pytest.fixture(scope="module")
 def planted_run(tiny_data, tmp_path_factory):
     "Half of the tiny data set's train products as validation, and the planted members' stores on its pictures"
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     from cdkit.runs import RunLayout
     work = tmp_path_factory.mktemp("work")
     prep = create_prepared(tiny_data, work, valid_frac=0.5, log=lambda *a: None)
@@ -128,10 +128,10 @@ def planted_run(tiny_data, tmp_path_factory):
 
 
 def test_steps_07_and_08_report_the_planted_members_honestly(planted_run):
-    from cdkit.aggregate import aggregate_stores
+    from cdkit.infer.aggregate import aggregate_stores
     from cdkit.steps import aggregate as step08
     from cdkit.steps import ensemble as step07
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     prep, layout, common = planted_run
     quiet = lambda *a: None  # noqa: E731
     R7 = step07.run(step07.EnsembleParams(**common), prep, quiet, save=False)
@@ -157,7 +157,7 @@ def _products(pp):
 
 
 def test_report_labels_each_validation_figure(planted_run):
-    from cdkit.report import VALID_IS, load_results, write_report
+    from cdkit.steps.report import VALID_IS, load_results, write_report
     from cdkit.steps import aggregate as step08
     from cdkit.steps import ensemble as step07
     prep, layout, common = planted_run
@@ -189,8 +189,8 @@ def test_stage_pseudo_leaves_out_the_base_models_fusion_member():
 # ---- the data loaders' default ----
 
 def test_make_dataloaders_trains_on_neither_validation_nor_fusion_products(tiny_data, tmp_path):
-    from cdkit.data import make_dataloaders
-    from cdkit.prepare import create_prepared
+    from cdkit.data.loaders import make_dataloaders
+    from cdkit.data.prepare import create_prepared
     prep = create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, fusion_frac=0.2, log=lambda *a: None)
     images = prep.train_images()
     assert prep.fusion_mask(images).any()

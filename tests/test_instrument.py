@@ -8,7 +8,7 @@ from fastai.learner import Learner
 from fastai.data.core import Transform
 from torch import nn
 
-from cdkit.instrument import StepTimer
+from cdkit.base.instrument import StepTimer
 
 BS, N, ITEM_S, AUG_S, CB_S = 8, 64, 0.001, 0.010, 0.015
 

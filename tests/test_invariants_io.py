@@ -2,7 +2,7 @@
 
 1. the raw data is never written: no spelling of a path into a folder holding competition BSON files
    (`..`, `./`, symlinks, sub-folders, trailing slashes) gets a file created, replaced or removed there,
-   by `index`, `prepare`, `synth` or any step's run_dir / work_dir; every writer goes through cdkit.io
+   by `index`, `prepare`, `synth` or any step's run_dir / work_dir; every writer goes through cdkit.base.io
    (a walk of the source finds any other);
 2. only what the kit created is deleted: temp names are the kit's own, swept only in folders the kit
    made; a run folder that is a user's tree is refused;
@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdkit.entry import RUN_MARK, DataSetMismatchError, RunFolderError, step_entry
-from cdkit.errors import CdkitError
-from cdkit.io import FolderBusyError, RawDataError, folder_lock, lend_locks_to_children, sweep_temps, sweep_tree
-from cdkit.io import tmp_path as io_tmp_path
-from cdkit.params import RunParams, make_params
-from cdkit.pipeline import STEPS
+from cdkit.steps.entry import RUN_MARK, DataSetMismatchError, RunFolderError, step_entry
+from cdkit.base.errors import CdkitError
+from cdkit.base.io import FolderBusyError, RawDataError, folder_lock, lend_locks_to_children, sweep_temps, sweep_tree
+from cdkit.base.io import tmp_path as io_tmp_path
+from cdkit.base.params import RunParams, make_params
+from cdkit.steps.pipeline import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -71,7 +71,7 @@ def raw(tmp_path_factory, tiny_data):
     (d / "sub").mkdir()
     (d / "sub" / "notes.txt").write_text("the user's")
     (base / "link").symlink_to(d)
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     create_prepared(d, base / "work", valid_frac=0.2, log=lambda *a: None)
     return d
 
@@ -115,7 +115,7 @@ def test_index_outside_the_raw_data_is_written(raw, tmp_path):
 @FEW
 @given(where=SPELLINGS)
 def test_synth_never_writes_into_another_data_set(raw, where):
-    from cdkit.synth import write_dataset
+    from cdkit.data.synth import write_dataset
     refused(raw, lambda: write_dataset(spell(where, raw), preset="tiny"))
     refused(raw, lambda: write_dataset(raw, preset="tiny"))  # the same folder, a competition data set
 
@@ -150,13 +150,13 @@ def test_prepare_command_refuses_the_raw_folder_as_work_dir(raw):
 @given(where=st.sampled_from(["{d}", "{d}/.", "{d}/..", "{d}/sub", "{d}/sub/notes.txt", "{d}/train.bson",
                                "{link}/test.bson", "{link}/../cdiscount/sub"]))
 def test_no_removal_reaches_the_raw_data(raw, where):
-    from cdkit.io import remove
+    from cdkit.base.io import remove
     refused(raw, lambda: remove(spell(where, raw)))
 
 
 def test_kit_written_data_set_may_be_written_again(tmp_path):
-    from cdkit.io import DATA_MARK
-    from cdkit.synth import write_dataset
+    from cdkit.base.io import DATA_MARK
+    from cdkit.data.synth import write_dataset
     write_dataset(tmp_path / "d", preset="tiny")
     assert (tmp_path / "d" / DATA_MARK).exists()
     write_dataset(tmp_path / "d", preset="tiny", seed=1)  # its own folder: the marker says the kit wrote it
@@ -166,7 +166,7 @@ def test_kit_written_data_set_may_be_written_again(tmp_path):
         write_dataset(tmp_path / "e", preset="tiny")
 
 
-# --- every writer goes through cdkit.io --------------------------------------------------------------
+# --- every writer goes through cdkit.base.io --------------------------------------------------------------
 
 RAW_WRITE_ATTRS = {"write_text", "write_bytes", "mkdir", "unlink", "rmdir", "touch", "symlink_to"}
 PATH_WRITERS = {"to_csv", "to_parquet", "to_json", "to_pickle", "savefig", "save"}  # write a path, or a buffer
@@ -174,17 +174,17 @@ RAW_WRITE_FUNCS = {("shutil", "rmtree"), ("shutil", "move"), ("shutil", "copy"),
                    ("shutil", "copyfile"), ("shutil", "copytree"), ("os", "replace"), ("os", "rename"),
                    ("os", "remove"), ("os", "unlink"), ("os", "makedirs"), ("os", "mkdir"), ("os", "rmdir"),
                    ("torch", "save"), ("np", "save")}
-# The few writes outside cdkit/io.py that stay raw, (file, enclosing function), each with why. A write
+# The few writes outside cdkit/base/io.py that stay raw, (file, enclosing function), each with why. A write
 # inside `lambda tmp: ...` (the callback of io.atomic_write, handed the primitive's temp path) is fine.
 STORE_TEMP = "a prediction store fills its own temp folder (io.tmp_path, guarded) chunk by chunk, moved by io.replace_dir"
 ALLOWED = {
-    ("cdkit/store.py", "__init__"): STORE_TEMP,
-    ("cdkit/store.py", "flush"): STORE_TEMP,
-    ("cdkit/store.py", "close"): STORE_TEMP,
-    ("cdkit/store.py", "abort"): STORE_TEMP,
-    ("cdkit/features.py", "close"): "the manifest of a feature store, into the temp folder of io.atomic_dir",
-    ("cdkit/features.py", "__init__"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
-    ("cdkit/features.py", "abort"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
+    ("cdkit/infer/store.py", "__init__"): STORE_TEMP,
+    ("cdkit/infer/store.py", "flush"): STORE_TEMP,
+    ("cdkit/infer/store.py", "close"): STORE_TEMP,
+    ("cdkit/infer/store.py", "abort"): STORE_TEMP,
+    ("cdkit/infer/features.py", "close"): "the manifest of a feature store, into the temp folder of io.atomic_dir",
+    ("cdkit/infer/features.py", "__init__"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
+    ("cdkit/infer/features.py", "abort"): "the feature writer's own temp folder (io.tmp_path, guarded), as the store's",
 }
 
 
@@ -195,7 +195,7 @@ def _write_mode(call) -> bool:
 
 
 def raw_writes(path: Path):
-    "(line, text, function) of each write in `path` that bypasses cdkit.io"
+    "(line, text, function) of each write in `path` that bypasses cdkit.base.io"
     tree = ast.parse(path.read_text())
     found = []
 
@@ -239,10 +239,10 @@ def test_every_write_of_the_kit_goes_through_cdkit_io():
     offenders = []
     for path in sorted((ROOT / "cdkit").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == "cdkit/io.py":
+        if rel == "cdkit/base/io.py":
             continue
         offenders += [f"{rel}:{line} ({func}): {text}" for line, text, func in raw_writes(path) if (rel, func) not in ALLOWED]
-    assert not offenders, "writes that bypass cdkit.io (use its primitives):\n" + "\n".join(offenders)
+    assert not offenders, "writes that bypass cdkit.base.io (use its primitives):\n" + "\n".join(offenders)
 
 
 def test_the_source_walk_finds_raw_writes(tmp_path):
@@ -312,7 +312,7 @@ def test_a_run_folder_holding_a_users_files_is_refused(tmp_path_factory, name):
 
 def test_a_folder_holding_only_executed_notebooks_is_claimed_and_one_with_user_files_is_not(tmp_path):
     "papermill writes its output copy (runs/x/03.ipynb, as the README does) before the step runs: that folder is the run's"
-    from cdkit.entry import check_claimable
+    from cdkit.steps.entry import check_claimable
     run = tmp_path / "run"
     run.mkdir()
     (run / "02.ipynb").write_text("{}")
@@ -373,7 +373,7 @@ class ProbeFailed(CdkitError):
 
 @step_entry("probe", saves_params=True)
 def probe_run(P: ProbeParams):
-    from cdkit.io import atomic_write
+    from cdkit.base.io import atomic_write
     if P.fail:
         raise ProbeFailed("failed as asked")
     atomic_write(Path(P.run_dir) / "probe.txt", lambda tmp: Path(tmp).write_text("done"))
@@ -414,7 +414,7 @@ def test_a_step_failing_on_its_parameters_leaves_no_folder(tmp_path):
 
 HOLD = """
 import sys, time
-from cdkit.io import folder_lock, lend_locks_to_children
+from cdkit.base.io import folder_lock, lend_locks_to_children
 with folder_lock(sys.argv[1]), lend_locks_to_children():
     print('held', flush=True)
     time.sleep(120)
@@ -467,7 +467,7 @@ def test_a_kernel_child_of_the_pipeline_runs_inside_its_lock(tmp_path):
 
 
 def test_results_are_recorded_under_the_lock(held):
-    from cdkit.report import record
+    from cdkit.steps.report import record
     run, pid = held
     with pytest.raises(FolderBusyError):
         record(run, "section", "name", 1.0)
@@ -476,8 +476,8 @@ def test_results_are_recorded_under_the_lock(held):
 # --- 4. one run folder, one data set -----------------------------------------------------------------
 
 def test_a_run_folder_never_mixes_two_data_sets(tmp_path, tiny_data):
-    from cdkit.pipeline import run_pipeline
-    from cdkit.synth import write_dataset
+    from cdkit.steps.pipeline import run_pipeline
+    from cdkit.data.synth import write_dataset
     other = tmp_path / "other"
     write_dataset(other, preset="tiny", seed=1)
     run = tmp_path / "run"

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from cdkit.params import ParamsError
+from cdkit.base.params import ParamsError
 
 
 def test_indexing_and_hashing_draw_bars(tiny_data, capsys):
-    from cdkit.bsonfile import BsonReader, build_index, image_table
-    from cdkit.md5 import hash_pictures
+    from cdkit.data.bsonfile import BsonReader, build_index, image_table
+    from cdkit.infer.md5 import hash_pictures
     index = build_index(tiny_data / "train.bson", progress=True)
     hashes = hash_pictures(BsonReader(tiny_data / "train.bson"), image_table(index), progress=True)
     err = capsys.readouterr().err
@@ -21,8 +21,8 @@ def test_indexing_and_hashing_draw_bars(tiny_data, capsys):
 
 def test_prediction_draws_a_bar(tiny_data, tmp_path, capsys):
     import torch
-    from cdkit.bsonfile import build_index, image_table
-    from cdkit.predict import predict_to_store
+    from cdkit.data.bsonfile import build_index, image_table
+    from cdkit.infer.predict import predict_to_store
     images = image_table(build_index(tiny_data / "test.bson")).head(40)
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
     predict_to_store(model, images, tiny_data / "test.bson", tmp_path / "q.store", size=32, item_size=160, bs=16,
@@ -32,7 +32,7 @@ def test_prediction_draws_a_bar(tiny_data, tmp_path, capsys):
 
 
 def test_heartbeat_names_the_running_cell(tmp_path):
-    from cdkit.pipeline import Heartbeat, running_cell
+    from cdkit.steps.pipeline import Heartbeat, running_cell
     nb = tmp_path / "03.ipynb"
     cells = [{"cell_type": "code", "source": "P = 1", "metadata": {"papermill": {"status": "completed"}}},
              {"cell_type": "markdown", "source": "## Train", "metadata": {}},
@@ -49,7 +49,7 @@ def test_heartbeat_names_the_running_cell(tmp_path):
 
 
 def test_pipeline_refuses_to_retrain_a_finished_model_before_running_anything(tiny_data, tmp_path):
-    from cdkit.pipeline import run_pipeline
+    from cdkit.steps.pipeline import run_pipeline
     model = tmp_path / "run" / "models" / "resnet"
     model.mkdir(parents=True)
     (model / "model.json").write_text("{}")
@@ -65,7 +65,7 @@ def test_figures_of_pictures_stay_small(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from cdkit.report import save_figure
+    from cdkit.steps.report import save_figure
     fig, axes = plt.subplots(4, 4, figsize=(14, 14))
     rng = np.random.default_rng(0)
     for ax in axes.flat: ax.imshow(rng.integers(0, 255, (180, 540, 3), dtype=np.uint8))

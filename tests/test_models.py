@@ -6,7 +6,7 @@ import torch
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import Normalize
 
-from cdkit.models import STUDY, UnknownArchError, create_model, ensure_normalized, make_learner, resolve_arch
+from cdkit.train.models import STUDY, UnknownArchError, create_model, ensure_normalized, make_learner, resolve_arch
 
 
 def test_unknown_arch_lists_close_matches():

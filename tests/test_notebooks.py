@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cdkit.params import ParamsError, defaults, load_params, notebook_parameters
-from cdkit.paths import NOTEBOOKS, PARAMS
-from cdkit.pipeline import STEPS, notebook_for_params, params_class, step_parameters
+from cdkit.base.params import ParamsError, defaults, load_params, notebook_parameters
+from cdkit.base.paths import NOTEBOOKS, PARAMS
+from cdkit.steps.pipeline import STEPS, notebook_for_params, params_class, step_parameters
 
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))  # 06b: a step inserted after 06
 PARAMS_FILES = sorted(p for p in PARAMS.glob("*.yaml") if p.stem != "cdiscount")

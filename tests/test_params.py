@@ -2,7 +2,7 @@ from typing import Optional
 
 import pytest
 
-from cdkit.params import Params, ParamsError, load_params, parse_overrides, save_params, take_params
+from cdkit.base.params import Params, ParamsError, load_params, parse_overrides, save_params, take_params
 
 
 class P(Params):
@@ -55,7 +55,7 @@ def test_save_params(tmp_path):
 @pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("3e2", 300.0), ("-2E+1", -20.0), ("1.5e-2", 0.015)])
 def test_exponent_without_a_dot_is_a_number(text, value, tmp_path):
     "lr=1e-3 is what people type; YAML 1.1 (PyYAML) alone would read it as a string and the float field refuse it"
-    from cdkit.params import load_params, parse_overrides, read_params_file
+    from cdkit.base.params import load_params, parse_overrides, read_params_file
     from cdkit.steps.train import TrainParams
     assert parse_overrides([f"lr={text}"]) == {"lr": value}
     (tmp_path / "p.yaml").write_text(f"lr: {text}\n")

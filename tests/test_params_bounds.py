@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 import cdkit.steps
-from cdkit.params import (MAX_PARAMS_BYTES, Params, ParamsError, load_params, parse_overrides, read_params_file,
+from cdkit.base.params import (MAX_PARAMS_BYTES, Params, ParamsError, load_params, parse_overrides, read_params_file,
                           unbounded_fields)
-from cdkit.pipeline import STEPS
+from cdkit.steps.pipeline import STEPS
 from cdkit.steps.predict import PredictParams
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdkit.pipeline import NotebookFailed, run_pipeline
+from cdkit.steps.pipeline import NotebookFailed, run_pipeline
 from conftest import SEED
 from cdkit.runs import RunLayout
-from cdkit.submission import validate_submission
+from cdkit.submit.submission import validate_submission
 
 # small and fast: two epochs of a small backbone in each training notebook (each notebook's own
 # backbone is run by tests/test_train.py), two TTA views; pseudo-labels for every test product
@@ -27,7 +27,7 @@ def pipeline_run(tiny_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     work = tmp_path_factory.mktemp("work")
     timings = run_pipeline(run, overrides=dict(TINY, data_dir=str(tiny_data), work_dir=str(work)), log=lambda *a: None)
-    from cdkit.prepare import load_prepared
+    from cdkit.data.prepare import load_prepared
     return run, timings, load_prepared(tiny_data, work)
 
 
@@ -67,12 +67,12 @@ def study_problems(run, prep) -> list:
     against results.json and report.md; and each step's effect on the probabilities it stores (TTA: several
     views that differ; the ensemble: not its first member; MD5: products it matched; pseudo-labels: a model
     and an ensemble that moved), never on an argmax that may or may not flip on another machine"""
-    from cdkit.aggregate import belief_aggregate, prediction_rows
-    from cdkit.params import load_params
-    from cdkit.report import _fmt
+    from cdkit.infer.aggregate import belief_aggregate, prediction_rows
+    from cdkit.base.params import load_params
+    from cdkit.steps.report import _fmt
     from cdkit.steps.aggregate import AggregateParams, belief_kwargs
     from cdkit.steps.predict import store_accuracy
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     layout = RunLayout(run)
     study = json.loads(layout.results.read_text())["study"]
     report = layout.results.with_name("report.md").read_text()
@@ -144,7 +144,7 @@ def _mutated(run, tmp_path, mutate):
 
 def test_the_study_check_catches_a_wrong_copied_or_idle_row(pipeline_run, tmp_path):
     "The check above fails for a validation figure off by 0.05, one copied from the row above, and a TTA that did nothing"
-    from cdkit.store import load_store, save_store
+    from cdkit.infer.store import load_store, save_store
     run, _, prep = pipeline_run
 
     def off(study, layout):
@@ -175,7 +175,7 @@ def test_the_study_check_catches_a_wrong_copied_or_idle_row(pipeline_run, tmp_pa
 def test_pseudo_step_changes_the_final_predictions(pipeline_run):
     "The fine-tune moved the weights and the probabilities stored (asserted on them, not on an argmax that may not flip)"
     import torch
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     run, _, prep = pipeline_run
     layout = RunLayout(run)
     a = torch.load(layout.model_dir("resnet") / "model.pth", weights_only=True)
@@ -197,9 +197,9 @@ def test_pseudo_step_changes_the_final_predictions(pipeline_run):
 
 def test_fusion_members_enter_the_ensemble_with_their_products(pipeline_run):
     "Step 06b's members: one distribution per product on every picture, weighed into the ensemble that step 08 reads"
-    from cdkit.ensemble import combine
+    from cdkit.infer.ensemble import combine
     from cdkit.steps.predict import store_accuracy
-    from cdkit.store import load_store
+    from cdkit.infer.store import load_store
     run, _, prep = pipeline_run
     layout = RunLayout(run)
     results = json.loads(layout.results.read_text())
@@ -229,7 +229,7 @@ def test_fusion_members_enter_the_ensemble_with_their_products(pipeline_run):
 
 def test_reranked_products_are_what_step_08_writes_when_chosen(pipeline_run, tmp_path):
     import shutil
-    from cdkit.params import load_params
+    from cdkit.base.params import load_params
     from cdkit.steps import aggregate as step
     run, _, prep = pipeline_run
     copy = tmp_path / "run"  # the module's run folder stays as the pipeline left it
@@ -260,7 +260,7 @@ def test_submission_is_the_stage_better_on_validation(pipeline_run):
 def test_md5_labels_survive_belief_aggregation(pipeline_run, tmp_path):
     "Step 08 with belief forced: every test product with a picture copied from train takes its train label"
     import shutil
-    from cdkit.params import load_params
+    from cdkit.base.params import load_params
     from cdkit.steps import aggregate as step
     run, _, prep = pipeline_run
     copy = tmp_path / "run"  # step 08 writes its products: the module's run folder stays as the pipeline left it
@@ -293,7 +293,7 @@ def test_md5_labels_survive_belief_aggregation(pipeline_run, tmp_path):
 
 
 def test_contradictions_are_refused_naming_both(pipeline_run):
-    from cdkit.params import ParamsError, make_params
+    from cdkit.base.params import ParamsError, make_params
     from cdkit.steps import pseudo as step09
     from cdkit.steps.train import TrainParams
     run, _, prep = pipeline_run
@@ -313,7 +313,7 @@ def test_contradictions_are_refused_naming_both(pipeline_run):
 
 
 def test_later_steps_need_step_02(tiny_data, tmp_path):
-    from cdkit.prepare import SplitMissingError, load_prepared
+    from cdkit.data.prepare import SplitMissingError, load_prepared
     with pytest.raises(SplitMissingError, match="run step 02 first"):
         load_prepared(tiny_data, tmp_path / "empty")
 
@@ -326,7 +326,7 @@ def test_a_failing_notebook_is_named_with_its_cell_and_copy(tiny_data, tmp_path)
 
 def test_a_dead_kernel_names_the_notebook_and_its_copy(tmp_path):
     import nbformat
-    from cdkit.pipeline import run_notebook
+    from cdkit.steps.pipeline import run_notebook
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.cells = [nbformat.v4.new_code_cell("import os\nos._exit(9)  # as the OOM killer would")]
@@ -339,12 +339,12 @@ def test_a_dead_kernel_names_the_notebook_and_its_copy(tmp_path):
 def test_a_run_folder_in_use_is_refused_and_orphans_are_swept(tmp_path):
     import subprocess
     import sys
-    from cdkit.io import FolderBusyError
+    from cdkit.base.io import FolderBusyError
     run = tmp_path / "run"
     orphan = run / "products" / ".cdkit-tmp-999999-deadbeef-base_test.parquet"  # a write killed with its process
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"half")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.io import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.base.io import folder_lock\n"
                                "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)", str(run)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -368,7 +368,7 @@ def test_kernels_start_without_the_tcp_warning(tmp_path, capfd):
     import subprocess
     import sys
     import nbformat
-    from cdkit.pipeline import KERNEL_TCP_WARNING, install_kernel_config, run_notebook
+    from cdkit.steps.pipeline import KERNEL_TCP_WARNING, install_kernel_config, run_notebook
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)")]
@@ -389,7 +389,7 @@ def test_kernels_start_without_the_tcp_warning(tmp_path, capfd):
 
 def test_a_demo_seed_reaches_every_step_that_trains_or_draws_but_not_the_split():
     "`cdkit demo seed=2`: the seed of 03-05, 06, 09; 06b's and 08's seed lists shifted to 6..8; step 02's split unchanged"
-    from cdkit.pipeline import STEPS, step_parameters
+    from cdkit.steps.pipeline import STEPS, step_parameters
     got = {s.notebook: step_parameters(s.path, (), {"seed": 2}) for s in STEPS}
     for nb in ("03_train_resnet", "04_train_inception", "05_train_xception", "06_predict_tta", "09_pseudo_label_finetune"):
         assert got[nb]["seed"] == 2, nb
@@ -404,7 +404,7 @@ def test_rerunning_part_of_a_finished_run(pipeline_run):
     leaves no stale row"""
     import re
     import shlex
-    from cdkit.pipeline import main as pipeline_main
+    from cdkit.steps.pipeline import main as pipeline_main
     run, _, prep = pipeline_run
     over = [f"{k}={v}" for k, v in dict(TINY, data_dir=prep.data_dir, work_dir=prep.work_dir).items()]
     heads = sorted((run / "models" / "resnet-fusion").rglob("*"))

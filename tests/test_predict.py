@@ -1,13 +1,13 @@
-"""cdkit.predict: the streaming TTA predictor against fastai's get_preds, under seeds and shards."""
+"""cdkit.infer.predict: the streaming TTA predictor against fastai's get_preds, under seeds and shards."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cdkit.bsonfile import build_index, image_table
-from cdkit.data import make_dataloaders
-from cdkit.predict import ViewMaker, predict_to_store, view_params, view_theta
-from cdkit.store import load_store, merge_stores
+from cdkit.data.bsonfile import build_index, image_table
+from cdkit.data.loaders import make_dataloaders
+from cdkit.infer.predict import ViewMaker, predict_to_store, view_params, view_theta
+from cdkit.infer.store import load_store, merge_stores
 
 SIZE, ITEM = 32, 48
 
@@ -23,7 +23,7 @@ def tiny_cnn(n_classes):
 def setup(tiny_data, tmp_path_factory):
     "A Learner with cdkit loaders on the tiny synthetic train set, and the test pictures to predict"
     from fastai.learner import Learner
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     prep = create_prepared(tiny_data, tmp_path_factory.mktemp("work"), log=lambda *a: None)
     n = prep.catalog.n_classes
     dls = make_dataloaders(prep.train_images(), prep.train_bson, n, size=SIZE, item_size=ITEM, bs=16, device="cpu")
@@ -114,9 +114,9 @@ def test_corrupt_picture_is_predicted_and_counted(tmp_path):
 
 def test_step06_shards_are_stored_apart_and_merged_by_the_last(tiny_data, tmp_path):
     "Two machines' shards go to their own stores, the last merges them: the same as predicting unsharded"
-    from cdkit.models import ModelCard, create_model, save_trained
-    from cdkit.params import make_params
-    from cdkit.prepare import create_prepared
+    from cdkit.train.models import ModelCard, create_model, save_trained
+    from cdkit.base.params import make_params
+    from cdkit.data.prepare import create_prepared
     from cdkit.runs import RunLayout
     from cdkit.steps import predict as step
     prep = create_prepared(tiny_data, tmp_path / "work", log=lambda *a: None)

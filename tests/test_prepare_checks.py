@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cdkit.bsonfile import MAX_PICTURES, BsonFormatError, build_index, image_table
-from cdkit.errors import CdkitError
-from cdkit.prepare import DataSetError, create_prepared
+from cdkit.data.bsonfile import MAX_PICTURES, BsonFormatError, build_index, image_table
+from cdkit.base.errors import CdkitError
+from cdkit.data.prepare import DataSetError, create_prepared
 
 CATS = [1000000001, 1000000002, 1000000003]
 PIC = b"\xff\xd8\xff\xe0not decoded by step 02\xff\xd9"

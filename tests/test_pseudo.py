@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdkit import pseudolabel as ps
-from cdkit.params import ParamsError, load_params, notebook_parameters
-from cdkit.paths import NOTEBOOKS, PARAMS
+from cdkit.pseudo import pseudolabel as ps
+from cdkit.base.params import ParamsError, load_params, notebook_parameters
+from cdkit.base.paths import NOTEBOOKS, PARAMS
 
 
 # ---- alpha(t) ----
@@ -160,8 +160,8 @@ def test_mix_plan_ratio_and_passes():
 @pytest.fixture(scope="module")
 def base_run(tiny_data, tmp_path_factory):
     "A random-init model saved as training saves it (model.pth + its card): no training needed"
-    from cdkit.models import ModelCard, create_model, save_trained
-    from cdkit.prepare import create_prepared
+    from cdkit.train.models import ModelCard, create_model, save_trained
+    from cdkit.data.prepare import create_prepared
     work = tmp_path_factory.mktemp("work")
     prep = create_prepared(tiny_data, work, log=lambda *_: None)
     run = tmp_path_factory.mktemp("runs") / "base"
@@ -174,7 +174,7 @@ def base_run(tiny_data, tmp_path_factory):
 
 def test_model_sees_the_asked_ratio(base_run):
     from fastai.callback.core import Callback
-    from cdkit.models import load_trained
+    from cdkit.train.models import load_trained
     prep, run = base_run
     base = load_trained(run)
     images = prep.train_images()
@@ -204,7 +204,7 @@ def test_model_sees_the_asked_ratio(base_run):
 # ---- parameters ----
 
 def test_params_checked_and_files_consistent():
-    from cdkit.params import defaults, make_params
+    from cdkit.base.params import defaults, make_params
     from cdkit.steps.pseudo import PseudoParams
     with pytest.raises(ParamsError, match="alpha_unit"):
         make_params(PseudoParams, dict(alpha_unit="epochs"))
@@ -221,7 +221,7 @@ def test_params_checked_and_files_consistent():
 
 def test_finetune_takes_the_training_steps_optimizer_and_schedule():
     "The same names, bounds and checks as TrainParams (one definition), and the same refusals"
-    from cdkit.params import make_params
+    from cdkit.base.params import make_params
     from cdkit.steps.pseudo import PseudoParams
     from cdkit.steps.train import SCHEDULE_FIELDS, TrainParams
     for name in SCHEDULE_FIELDS:
@@ -238,8 +238,8 @@ def test_finetune_takes_the_training_steps_optimizer_and_schedule():
 
 def test_finetune_runs_sgd_on_stepped_lr_with_the_authors_alpha(base_run):
     "step 09's fine-tune with the authors' optimizer and schedule: SGD momentum 0.1, lr stepped per epoch, StepAlpha"
-    from cdkit.models import load_trained
-    from cdkit.params import make_params
+    from cdkit.train.models import load_trained
+    from cdkit.base.params import make_params
     from cdkit.steps.pseudo import PseudoParams
     from cdkit.steps.train import opt_func
     prep, run = base_run

@@ -160,8 +160,8 @@ def test_readme_papermill_lines_match_their_notebooks(line):
     and the line makes the folder of the executed copy (papermill fails with a traceback where it is missing,
     as on a fresh clone)"""
     import yaml
-    from cdkit.params import make_params, notebook_parameters
-    from cdkit.pipeline import params_class, step_parameters
+    from cdkit.base.params import make_params, notebook_parameters
+    from cdkit.steps.pipeline import params_class, step_parameters
     args = PLANS[line][1]
     nb, files, values, made = ROOT / args[0], [], {}, None
     k = 2

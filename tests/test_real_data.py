@@ -1,6 +1,6 @@
 """Dress rehearsal of the real-data path: the README's real-data commands, extracted from the README itself
 (the bash blocks of its section "The real data"), run literally and in their order by bash on a synthetic
-set in the real layout (`cdkit.synth_full` at a tiny scale, the real taxonomy when its file is there, no
+set in the real layout (`cdkit.data.synth_full` at a tiny scale, the real taxonomy when its file is there, no
 test truth), written where the README tells users to put the download: data/cdiscount of a temporary
 folder that stands for the clone (CDKIT_ROOT and the current folder; params/ and notebooks/ copied).
 
@@ -85,11 +85,11 @@ tool, args = sys.argv[1], sys.argv[2:]
 overrides = yaml.safe_load(Path(os.environ["REHEARSAL_OVERRIDES"]).read_text())
 declared = None
 if tool == "cdkit" and args:
-    from cdkit.pipeline import STEPS
+    from cdkit.steps.pipeline import STEPS
     step = next((s for s in STEPS if s.command == args[0]), None)
     declared = step and step.params_class().model_fields
 elif tool == "papermill" and args:
-    from cdkit.params import notebook_parameters
+    from cdkit.base.params import notebook_parameters
     declared = notebook_parameters(args[0])
 if declared:
     out = Path(os.environ["REHEARSAL_TMP"]) / f"overrides-{os.getpid()}.yaml"
@@ -139,7 +139,7 @@ def run_line(line, clone, env):
 def download(tmp_path_factory):
     """The competition's files in the real layout: train.bson, test.bson, category_names.csv,
     sample_submission.csv (no test truth, no synth.json: the steps must do without them)"""
-    from cdkit.synth_full import write_full_dataset
+    from cdkit.data.synth_full import write_full_dataset
     d = tmp_path_factory.mktemp("download") / "cdiscount"
     csv = next((p for p in REAL_CSV if p.exists()), None)  # the real taxonomy when it is there (never committed)
     write_full_dataset(d, scale=SCALE, seed=0, category_csv=csv, progress=False)
@@ -169,8 +169,8 @@ def test_every_real_data_line_is_run_or_listed():
 # ---- the rules the commands need, fast ----
 
 def test_a_shared_file_gives_each_step_the_keys_it_declares(tmp_path):
-    from cdkit.params import ParamsError, load_params, take_params
-    from cdkit.pipeline import step_of, step_parameters
+    from cdkit.base.params import ParamsError, load_params, take_params
+    from cdkit.steps.pipeline import step_of, step_parameters
     from cdkit.steps.prepare import PrepareParams
     from cdkit.steps.train import TrainParams
     shared, prep = ROOT / "params" / "cdiscount.yaml", ROOT / "params" / "prepare_full.yaml"
@@ -200,7 +200,7 @@ def test_a_shared_file_gives_each_step_the_keys_it_declares(tmp_path):
 
 
 def test_on_kaggle_the_real_data_folders_are_the_mounted_input_and_working(tmp_path, monkeypatch):
-    from cdkit.params import load_params
+    from cdkit.base.params import load_params
     from cdkit.steps.prepare import PrepareParams
     from cdkit.steps.train import TrainParams
     shared = ROOT / "params" / "cdiscount.yaml"
@@ -237,9 +237,9 @@ def test_only_names_exact_steps_and_the_stale_advice_runs(tmp_path):
     notebook, and the report's advice for stale rows passes it too"""
     import re
     import shlex
-    from cdkit.params import ParamsError, parse_overrides
-    from cdkit.pipeline import STEPS, check_models_free, check_only, selected, step_parameters
-    from cdkit.report import write_report
+    from cdkit.base.params import ParamsError, parse_overrides
+    from cdkit.steps.pipeline import STEPS, check_models_free, check_only, selected, step_parameters
+    from cdkit.steps.report import write_report
     assert [s.notebook for s in STEPS if selected(s, ["06"])] == ["06_predict_tta"]
     assert [s.notebook for s in STEPS if selected(s, ["06b", "09_pseudo_label_finetune"])] == [
         "06b_fusion_head", "09_pseudo_label_finetune"]
@@ -286,7 +286,7 @@ def test_real_data_commands_run_literally(download, tmp_path):
     sub = run / "submission.csv.gz"
     assert sub.exists(), sorted(p.name for p in run.iterdir())
     import pandas as pd
-    from cdkit.submission import validate_submission
+    from cdkit.submit.submission import validate_submission
     ids = pd.read_csv(download / "category_names.csv")["category_id"]
     validate_submission(sub, download / "sample_submission.csv", ids.to_numpy())
     assert len(pd.read_csv(sub)) == len(pd.read_csv(download / "sample_submission.csv"))

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import simplejpeg
 
-from cdkit.io import INCOMPLETE
-from cdkit.synth_full import (FILES, TRAIN_PICTURE_COUNTS, picture_counts, scaled_counts, write_full_dataset)
+from cdkit.base.io import INCOMPLETE
+from cdkit.data.synth_full import (FILES, TRAIN_PICTURE_COUNTS, picture_counts, scaled_counts, write_full_dataset)
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = ROOT.parent / "shared" / "data" / "cdiscount" / "category_names.csv"
@@ -134,7 +134,7 @@ def test_rehearsal_steps_and_report(tmp_path, full_small):
 
 
 def _random_store(n_pics_per_product, views, k, seed, shuffle, n_classes=30):
-    from cdkit.store import PredStore
+    from cdkit.infer.store import PredStore
     r = np.random.default_rng(seed)
     pid = np.repeat(np.arange(len(n_pics_per_product)) * 3 + 5, n_pics_per_product)
     img = np.concatenate([np.arange(n) for n in n_pics_per_product])
@@ -150,7 +150,7 @@ def _random_store(n_pics_per_product, views, k, seed, shuffle, n_classes=30):
 @pytest.mark.parametrize("last_k", [8, 6])  # the same k everywhere (compact classes), or padding
 def test_aggregate_stores_streams_to_the_same_result(method, last_k):
     "Per-product blocks over stores (the 24.8 M-row case) give what aggregating all rows at once gives"
-    from cdkit.aggregate import aggregate_stores, belief_aggregate, mean_aggregate, prediction_rows
+    from cdkit.infer.aggregate import aggregate_stores, belief_aggregate, mean_aggregate, prediction_rows
     npp = np.random.default_rng(0).integers(1, 5, 400)
     stores = [_random_store(npp, 2, 8, 1, False), _random_store(npp, 2, 8, 2, True),
               _random_store(npp, 3, last_k, 3, True)]

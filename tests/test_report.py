@@ -6,7 +6,7 @@ import numpy as np
 
 import pytest
 
-from cdkit import report
+from cdkit.steps import report
 
 
 @pytest.fixture

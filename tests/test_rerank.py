@@ -3,9 +3,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdkit.aggregate import ProductPredictions, product_accuracy
-from cdkit.rerank import _params, _to_predictions, candidate_table, fit_oof, product_folds, train_model
-from cdkit.store import PredStore
+from cdkit.base.metrics import product_accuracy
+from cdkit.infer.aggregate import ProductPredictions
+from cdkit.infer.rerank import _params, _to_predictions, candidate_table, fit_oof, product_folds, train_model
+from cdkit.infer.store import PredStore
 
 
 def pp(pid, cls, score):

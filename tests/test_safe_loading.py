@@ -10,8 +10,8 @@ import torch
 from conftest import quick
 
 from cdkit.__main__ import main
-from cdkit.callbacks import UnsafeCheckpointError, safe_load
-from cdkit.errors import CdkitError
+from cdkit.train.callbacks import UnsafeCheckpointError, safe_load
+from cdkit.base.errors import CdkitError
 
 ROOT = Path(__file__).resolve().parents[1]
 # (file, call) pairs allowed, with the reason. fastai's `load_learner(path)` unpickles: allowed only
@@ -91,7 +91,7 @@ def test_no_code_of_the_kit_loads_a_file_unsafely():
         rel = str(path.relative_to(ROOT))
         for line, call in unsafe_loads(path.read_text(), rel):
             if (rel, call) not in ALLOWED: bad.append(f"{rel}:{line}: {call}")
-    assert not bad, "unsafe loads (use torch.load(..., weights_only=True) / cdkit.callbacks.safe_load):\n" + "\n".join(bad)
+    assert not bad, "unsafe loads (use torch.load(..., weights_only=True) / cdkit.train.callbacks.safe_load):\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("src,n", [
@@ -166,13 +166,13 @@ def test_a_crafted_last_pth_is_refused_on_resume(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{ckpt}: refused" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
-    from cdkit.models import read_card
+    from cdkit.train.models import read_card
     assert read_card(ckpt.parent.parent).epochs_done == 1  # nothing trained on
 
 
 def test_a_crafted_fusion_checkpoint_or_head_is_refused_on_resume(tmp_path):
     "What `cdkit fuse resume=true` does per head: continue from checkpoints/<head>.pth, or load a finished <head>.pth"
-    from cdkit.fusion import HeadSpec, load_head, product_groups, train_head
+    from cdkit.infer.fusion import HeadSpec, load_head, product_groups, train_head
     n, d = 64, 8
     x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float16)
     g = product_groups(np.arange(n), np.zeros(n, np.int64))

@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cdkit.features import FeatureStoreError, FeatureWriter, features_current, load_features, verify_features
-from cdkit.io import DiskFullError
-from cdkit.params import make_params
+from cdkit.infer.features import FeatureStoreError, FeatureWriter, features_current, load_features, verify_features
+from cdkit.base.io import DiskFullError
+from cdkit.base.params import make_params
 from cdkit.runs import (MixedGenerationError, RunLayout, check_generation, new_generation, read_products,
                         write_products)
-from cdkit.store import StoreError, StoreWriter, load_store, verify_store
-from cdkit.submission import CoverageError, check_coverage
+from cdkit.infer.store import StoreError, StoreWriter, load_store, verify_store
+from cdkit.submit.submission import CoverageError, check_coverage
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 QUIET = dict(log=lambda *a: None)
@@ -38,7 +38,7 @@ def damage(target, data):
 
 @pytest.fixture(scope="module")
 def prep(tiny_data, tmp_path_factory):
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     return create_prepared(tiny_data, tmp_path_factory.mktemp("work"), valid_frac=0.2, log=lambda *a: None)
 
 
@@ -207,7 +207,7 @@ def test_a_file_copied_onto_the_other_split_is_refused(prep, tmp_path, kind, src
 def model_run(prep, tmp_path_factory):
     "A run folder with one tiny untrained model, predicted once by step 06"
     import torch
-    from cdkit.models import ModelCard, create_model, save_trained
+    from cdkit.train.models import ModelCard, create_model, save_trained
     run = tmp_path_factory.mktemp("run06")
     torch.manual_seed(0)
     n = prep.catalog.n_classes
@@ -377,7 +377,7 @@ def test_step10_refuses_products_of_another_test_set(prep, tmp_path, covered):
 
 def test_features_on_a_disk_that_cannot_reserve_them(tmp_path, monkeypatch):
     "posix_fallocate says ENOSPC: DiskFullError naming the store before any row is written, nothing left behind"
-    import cdkit.features as features
+    import cdkit.infer.features as features
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -392,10 +392,10 @@ WRITE_UNTIL_FULL = textwrap.dedent("""
     import os, resource, sys
     import numpy as np
     from pathlib import Path
-    import cdkit.features as features
-    from cdkit.features import FeatureWriter
-    from cdkit.io import DiskFullError
-    from cdkit.store import StoreWriter
+    import cdkit.infer.features as features
+    from cdkit.infer.features import FeatureWriter
+    from cdkit.base.io import DiskFullError
+    from cdkit.infer.store import StoreWriter
     out = Path(sys.argv[1])
     os.posix_fallocate = lambda *a: None  # a file system that cannot reserve: the writes themselves hit the limit
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # past it a write fails (EFBIG), as on a full disk

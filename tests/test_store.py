@@ -3,9 +3,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cdkit.ensemble import align_stores, combine, fit_weights
-from cdkit.md5 import apply_md5, hash_pictures, md5_label_table, md5_lookup
-from cdkit.store import (PredStore, StoreError, StoreWriter, bytes_per_view, load_store, merge_stores,
+from cdkit.infer.ensemble import combine, fit_weights
+from cdkit.infer.store import align_stores
+from cdkit.infer.md5 import apply_md5, hash_pictures, md5_label_table, md5_lookup
+from cdkit.infer.store import (PredStore, StoreError, StoreWriter, bytes_per_view, load_store, merge_stores,
                          nominal_bytes_per_view, save_store, shard_rows, topk)
 
 C, V = 64, 2

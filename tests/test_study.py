@@ -8,8 +8,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdkit.callbacks import BatchGrowth, GradAccum, grown_batch
-from cdkit.params import ParamsError, load_params, make_params
+from cdkit.train.callbacks import BatchGrowth, GradAccum, grown_batch
+from cdkit.base.params import ParamsError, load_params, make_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "docs" / "STUDY.md"
@@ -34,7 +34,7 @@ def study_table():
 
 def effective(name):
     "The parameters params/study_<name>.yaml runs with, layered over params/cdiscount.yaml as the README says"
-    from cdkit.pipeline import notebook_for_params, params_class
+    from cdkit.steps.pipeline import notebook_for_params, params_class
     f = ROOT / "params" / f"study_{name}.yaml"
     return load_params(params_class(notebook_for_params(f)), [ROOT / "params" / "cdiscount.yaml", f])
 

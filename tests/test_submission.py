@@ -3,7 +3,7 @@ import gzip
 import pandas as pd
 import pytest
 
-from cdkit.submission import (SubmissionError, fill_missing, kaggle_submit, make_submission, validate_submission,
+from cdkit.submit.submission import (SubmissionError, fill_missing, kaggle_submit, make_submission, validate_submission,
                               write_submission)
 
 KNOWN = [1000010653, 1000010667, 1000004079]
@@ -77,7 +77,7 @@ def test_kaggle_submit_with_fake_api(tmp_path, sample):
 
 
 def test_submit_command_dry_run(tmp_path, sample, capsys):
-    from cdkit.submission import main
+    from cdkit.submit.submission import main
     pd.DataFrame({"category_id": KNOWN, "category_level1": "A", "category_level2": "B",
                   "category_level3": ["C", "D", "E"]}).to_csv(tmp_path / "category_names.csv", index=False)
     path = write_submission(valid(sample), tmp_path / "s.csv.gz", sample, KNOWN)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdkit import synth
+from cdkit.data import synth
 
 # small and quick: a few dozen products is enough to see every knob act
 SMALL = dict(n_train_products=60, n_test_products=30, min_train_per_category=2)

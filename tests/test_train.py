@@ -12,10 +12,10 @@ from fastai.callback.core import Callback
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdkit.params import ParamsError, load_params, notebook_parameters
+from cdkit.base.params import ParamsError, load_params, notebook_parameters
 from cdkit.__main__ import main
-from cdkit.models import load_trained
-from cdkit.params import defaults
+from cdkit.train.models import load_trained
+from cdkit.base.params import defaults
 from cdkit.steps import train as step
 from cdkit.steps.train import InceptionTrainParams, TrainParams, XceptionTrainParams, train
 
@@ -27,7 +27,7 @@ NOTEBOOKS = {"03_train_resnet.ipynb": "resnet18", "04_train_inception.ipynb": "i
 
 def quick(tiny_data, tmp_path, **kw):
     "Seconds-long runs: resnet18 at 32 px on part of the tiny preset, one process, no worker processes"
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)  # step 02
     base = dict(data_dir=str(tiny_data), work_dir=str(tmp_path / "prep"), run_dir=str(tmp_path / "run"),
                 arch="resnet18", size=32, bs=16, acc_steps=2, epochs=2, max_train_images=64, num_workers=0, lr=0.01)
@@ -35,7 +35,7 @@ def quick(tiny_data, tmp_path, **kw):
 
 
 def test_params_files_load_and_name_real_backbones():
-    from cdkit.models import resolve_arch
+    from cdkit.train.models import resolve_arch
     for name in TRAIN_PARAMS:
         f = ROOT / "params" / f"{name}.yaml"
         P = load_params(TrainParams, [ROOT / "params" / "cdiscount.yaml", f])
@@ -90,14 +90,14 @@ def test_resume_is_exact(tiny_data, tmp_path):
 
 
 def test_distributed_two_cpu_processes(tiny_data, tmp_path):
-    # the `accelerate launch` path, on 2 CPU processes over gloo (cdkit.distributed)
+    # the `accelerate launch` path, on 2 CPU processes over gloo (cdkit.train.distributed)
     launcher = Path(sys.executable).parent / "accelerate"
     args = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdkit", "train",
             f"data_dir={tiny_data}", f"work_dir={tmp_path / 'prep'}", f"run_dir={tmp_path / 'run'}",
             "name=ddp", "arch=resnet18", "size=32", "bs=8", "acc_steps=1", "epochs=1", "num_workers=0",
             "max_train_images=64"]
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -115,7 +115,7 @@ def test_distributed_two_cpu_processes(tiny_data, tmp_path):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_headless(name, tiny_data, tmp_path):
     import papermill as pm
-    from cdkit.prepare import create_prepared
+    from cdkit.data.prepare import create_prepared
     create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     out = tmp_path / name
     pm.execute_notebook(str(ROOT / "notebooks" / name), str(out), kernel_name="python3", progress_bar=False,
@@ -153,11 +153,11 @@ def test_learner_used_after_training_leaves_the_run_files_alone(tiny_data, tmp_p
 
 def test_a_model_folder_in_use_is_refused_naming_the_pid(tiny_data, tmp_path):
     "Another process trains into the folder: a second `cdkit train` stops at once; after kill -9 the folder is free"
-    from cdkit.io import folder_lock
-    from cdkit.prepare import create_prepared
+    from cdkit.base.io import folder_lock
+    from cdkit.data.prepare import create_prepared
     create_prepared(tiny_data, tmp_path / "prep", valid_frac=0.2, log=lambda *a: None)
     folder = tmp_path / "run" / "models" / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.io import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cdkit.base.io import folder_lock\n"
                                "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)",
                                str(folder)], stdout=subprocess.PIPE, text=True)
     try:
@@ -177,8 +177,8 @@ def test_a_model_folder_in_use_is_refused_naming_the_pid(tiny_data, tmp_path):
 
 def test_study_params_reproduce_the_study():
     "params/study_*.yaml: SGD with momentum 0.1, weight decay 1e-4, lr 0.01 -> 0.005 -> 0.0005 at epochs 1 and 3, no smoothing, 1 view (docs/STUDY.md)"
-    from cdkit.params import load_params
-    from cdkit.pipeline import notebook_for_params, params_class
+    from cdkit.base.params import load_params
+    from cdkit.steps.pipeline import notebook_for_params, params_class
     shared = ROOT / "params" / "cdiscount.yaml"
     trained = {}
     for name in ("resnet101", "seresnet50", "inception_v3", "xception"):
@@ -214,7 +214,7 @@ def test_stepped_sgd_schedule(tiny_data, tmp_path):
     res = train(P)
     assert res.history["lr"].tolist() == pytest.approx([0.01, 0.005, 0.001])
     assert type(res.learn.opt).__name__ == "Optimizer" and res.learn.opt.hypers[-1]["mom"] == 0.9
-    from cdkit.params import make_params
+    from cdkit.base.params import make_params
     with pytest.raises(ParamsError, match="one_cycle=True contradicts lr_steps"):
         make_params(TrainParams, dict(lr_steps=[1], lr_step_factors=[0.5]))
     with pytest.raises(ParamsError, match="differ in length"):
@@ -240,15 +240,15 @@ def _spellings(root, tail, draw):
 def test_changed_params_compares_paths_by_what_they_name(data):
     import tempfile
 
-    import cdkit.paths
-    from cdkit.params import changed_params
+    import cdkit.base.paths
+    from cdkit.base.params import changed_params
     with tempfile.TemporaryDirectory() as t, pytest.MonkeyPatch.context() as mp:
         root = Path(t).resolve()
         for d in ("runs/demo/x", "runs/other", "data/demo/x"):
             (root / d).mkdir(parents=True)
         (root / "alias").symlink_to(root / "runs")
         (root / "runs" / "x").mkdir()
-        mp.setattr(cdkit.paths, "ROOT", root)
+        mp.setattr(cdkit.base.paths, "ROOT", root)
         a, b = (_spellings(root, ["runs", "demo"], data.draw) for _ in range(2))
         saved = {"run_dir": a, "data_dir": "data/demo", "lr": 0.01}
         now = TrainParams(run_dir=b, data_dir=f"{root}/data/./demo", lr=0.01)
@@ -327,9 +327,9 @@ def test_a_failed_export_leaves_no_file_and_the_learner_whole(tiny_data, tmp_pat
 
 
 def test_load_learner_reopens_a_model_and_predicts_what_step_06_predicts(tiny_data, tmp_path):
-    from cdkit.predict import predict_to_store
-    from cdkit.prepare import load_prepared
-    from cdkit.store import load_store
+    from cdkit.infer.predict import predict_to_store
+    from cdkit.data.prepare import load_prepared
+    from cdkit.infer.store import load_store
     res = train(quick(tiny_data, tmp_path, name="re", epochs=1))
     learn = step.load_learner(tmp_path / "run", "re")
     assert learn.dls.valid.one_batch()[0].shape[-1] == 32

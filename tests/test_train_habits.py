@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cdkit.params import ParamsError  # noqa: E402
+from cdkit.base.params import ParamsError  # noqa: E402
 from cdkit.steps import train as step  # noqa: E402
 from conftest import quick  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_loggers_by_name(tiny_data, tmp_path):
         if importlib.util.find_spec(name) is None:
             with pytest.raises(ParamsError, match=f"'{name}' needs the package '{name}' \\(pip install {name}\\)"):
                 step.setup(quick(tiny_data, tmp_path, name=f"with-{name}", callbacks=[name]))
-    from cdkit.params import make_params
+    from cdkit.base.params import make_params
     with pytest.raises(ParamsError, match="callbacks"):
         make_params(step.TrainParams, dict(callbacks=["mlflow"]))
 

@@ -14,8 +14,8 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cdkit.params import defaults, field_comments  # noqa: E402
-from cdkit.pipeline import STEPS  # noqa: E402
+from cdkit.base.params import defaults, field_comments  # noqa: E402
+from cdkit.steps.pipeline import STEPS  # noqa: E402
 
 
 def parameters_cell(cls) -> str:
@@ -40,8 +40,8 @@ def code(text, tags=None):
 
 def step_cell(module, cls, last, figures=True):
     "The cell that runs a step: its parameters validated by its Params class, run, recorded for the report, then `last`"
-    imports = ["from cdkit.params import take_params", f"from cdkit.steps import {module} as step"]
-    imports += ["from cdkit.report import save_figure"] if figures else []
+    imports = ["from cdkit.base.params import take_params", f"from cdkit.steps import {module} as step"]
+    imports += ["from cdkit.steps.report import save_figure"] if figures else []
     return code("\n".join(imports) + f"\n\nP = take_params(step.{cls}, globals())\nR = step.run(P)\n"
                 f"step.record(P.run_dir, R)\n{last}")
 
@@ -61,7 +61,7 @@ competition data: `papermill ... -f params/cdiscount.yaml -f params/{full}` (the
 
 TRAIN_CELLS = [
     code("""
-from cdkit.params import take_params
+from cdkit.base.params import take_params
 from cdkit.steps import train as step
 
 P = step.effective(take_params(step.{cls}, globals()))  # unknown, mistyped or contradictory parameter: error here
@@ -103,7 +103,7 @@ hierarchy sizes, sample products, picture sizes and duplicate pictures.
 """),
         "PARAMS",
         code("""
-from cdkit.params import take_params
+from cdkit.base.params import take_params
 from cdkit.steps import explore as step
 
 P = take_params(step.ExploreParams, globals())
@@ -136,7 +136,7 @@ byte offset and length, pictures; rebuilt when their BSON file changes) and `spl
 """),
         "PARAMS",
         code("""
-from cdkit.params import take_params
+from cdkit.base.params import take_params
 from cdkit.steps import prepare as step
 
 P = take_params(step.PrepareParams, globals())
@@ -244,10 +244,10 @@ default), the settings `m`, `z`, `rule`, `score`, `min_preds`, `ddof`, `atol`, `
 """),
         "PARAMS",
         code("""
-from cdkit.params import take_params
-from cdkit.prepare import load_prepared
+from cdkit.base.params import take_params
+from cdkit.data.prepare import load_prepared
 from cdkit.steps import aggregate as step
-from cdkit.report import save_figure
+from cdkit.steps.report import save_figure
 
 P = take_params(step.AggregateParams, globals())
 prep = load_prepared(P.data_dir, P.work_dir)
@@ -321,7 +321,7 @@ Kaggle API; credentials come from the kaggle package and are never printed.
 """),
         "PARAMS",
         code("""
-from cdkit.params import take_params
+from cdkit.base.params import take_params
 from cdkit.steps import submit as step
 
 P = take_params(step.SubmitParams, globals())

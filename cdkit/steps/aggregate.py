@@ -3,7 +3,7 @@
 Rows: `pictures` aggregates the stage's ensemble store (one prediction per picture, step 07); `all`
 aggregates every picture x model x view of the members' stores (the study's wording). Mean and
 belief aggregation both run; `method="auto"` keeps the one better on validation for test, and chooses
-inside folds for validation (`cdkit.selection.choose_per_fold`: each fold of validation products takes
+inside folds for validation (`cdkit.infer.selection.choose_per_fold`: each fold of validation products takes
 the method better on the other folds), so the final validation figure is out of fold.
 
 MD5 is applied after aggregation, to whichever method won: a product with pictures byte-identical to
@@ -25,13 +25,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..aggregate import (ProductPredictions, accuracy_by_level, accuracy_by_n_pictures, aggregate_stores,
+from cdkit.steps.entry import step_entry
+from cdkit.base.metrics import accuracy_by_level, accuracy_by_n_pictures
+from cdkit.infer.aggregate import (ProductPredictions, aggregate_stores,
                          blend_products, mean_aggregate, prediction_rows)
-from ..params import RunParams, Seed
-from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, ModelNames, RunLayout
-from .predict import DEMO_MEMBERS
+from cdkit.base.params import RunParams, Seed
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import SPLITS, ModelNames, RunLayout
+from cdkit.steps.predict import DEMO_MEMBERS
 
 
 class AggregateParams(RunParams):
@@ -65,7 +66,7 @@ class AggregateParams(RunParams):
         """belief='poster' or 'authors' fills in its settings; a value given that differs is refused after. A
         value equal to the class default counts as not given: a notebook's parameters cell repeats every
         default, so `-p belief authors` (or a params file) must not collide with them"""
-        from ..aggregate import BELIEF_SETTINGS
+        from cdkit.infer.aggregate import BELIEF_SETTINGS
         if isinstance(data, dict) and data.get("belief") in ("poster", "authors"):
             named = BELIEF_SETTINGS[data["belief"]]
             kept = {k: v for k, v in data.items() if not (k in named and v == cls.model_fields[k].default)}
@@ -74,7 +75,7 @@ class AggregateParams(RunParams):
 
     @model_validator(mode="after")
     def _consistent(self):
-        from ..aggregate import BELIEF_SETTINGS, min_preds_needed
+        from cdkit.infer.aggregate import BELIEF_SETTINGS, min_preds_needed
         if self.belief != "kit":
             bad = {k: v for k, v in BELIEF_SETTINGS[self.belief].items() if getattr(self, k) != v}
             if bad:
@@ -95,7 +96,7 @@ class AggregateParams(RunParams):
 
 
 def belief_kwargs(P: AggregateParams) -> dict:
-    "The settings `cdkit.aggregate.belief_aggregate` runs with (those of `P.belief`, filled in by the params)"
+    "The settings `cdkit.infer.aggregate.belief_aggregate` runs with (those of `P.belief`, filled in by the params)"
     return dict(m=P.m, z=P.z, rule=P.rule, score=P.score, min_preds=P.min_preds, ddof=P.ddof, atol=P.atol,
                 all_excluded=P.all_excluded)
 
@@ -131,7 +132,7 @@ class AggregateResult:
 
 
 def _stores(P: AggregateParams, layout: RunLayout, split):
-    from ..store import load_store
+    from cdkit.infer.store import load_store
     if P.rows == "all":
         return [load_store(layout.store(m, split)) for m in P.models]
     return [load_store(layout.ensemble_store(P.stage, split))]
@@ -139,7 +140,7 @@ def _stores(P: AggregateParams, layout: RunLayout, split):
 
 def _check_pairs(P: AggregateParams, layout: RunLayout, stores):
     "Each store's valid and test halves come from one run of the step that wrote them"
-    from ..runs import rewrites_ensemble, rewrites_store, same_generation
+    from cdkit.runs import rewrites_ensemble, rewrites_store, same_generation
     names = P.models if P.rows == "all" else [f"ensemble-{P.stage}"]
     for i, name in enumerate(names):
         same_generation([stores[s][i] for s in SPLITS],
@@ -148,9 +149,9 @@ def _check_pairs(P: AggregateParams, layout: RunLayout, stores):
 
 def picture_hashes(prep: Prepared, which, log=print):
     "MD5 digests (n, 16) of every picture of train or test in image-table order, hashed once and cached"
-    from ..bsonfile import BsonReader
-    from ..io import atomic_write
-    from ..md5 import hash_pictures
+    from cdkit.data.bsonfile import BsonReader
+    from cdkit.base.io import atomic_write
+    from cdkit.infer.md5 import hash_pictures
     images = prep.train_images() if which == "train" else prep.test_images()
     cache = prep.work_dir / f"{which}_md5.npy"
     if cache.exists() and cache.stat().st_mtime_ns >= (prep.work_dir / f"{which}_index.parquet").stat().st_mtime_ns:
@@ -169,7 +170,7 @@ def md5_votes(prep: Prepared, split, min_share=0.5, product_sets=True, log=print
     that are byte-identical to train pictures, where at least `min_share` of the copies agree), or None;
     sets: (product_id, cls, prob) of the products whose whole set of pictures equals a train product's, or
     None. The lookup table holds the train pictures outside the validation split (all of train for test)."""
-    from ..md5 import md5_label_table, md5_lookup, product_keys
+    from cdkit.infer.md5 import md5_label_table, md5_lookup, product_keys
     train_h, train_img = picture_hashes(prep, "train", log)
     if split == "valid":  # validation products look up the other train products only
         lookup = ~prep.valid_mask(train_img)
@@ -222,11 +223,11 @@ def apply_md5(pp: ProductPredictions, prep: Prepared, split, alpha=1.0, product_
 
 
 def rerank_products(P, prep: Prepared, stores, members, md5, log=print):
-    """The second level (`cdkit.rerank`): candidates of the mean and belief products and of each member's
+    """The second level (`cdkit.infer.rerank`): candidates of the mean and belief products and of each member's
     own products, picture-position features from the aggregated store, MD5 suggestions; fitted on the
     validation products out of fold, one re-ranker per seed, their probabilities averaged. Returns
     ({split: ProductPredictions}, DataFrame of each seed's accuracy)."""
-    from ..rerank import candidate_table, fit_oof
+    from cdkit.infer.rerank import candidate_table, fit_oof
     truth = prep.truth("valid")
     n_pics = {"valid": prep.train_index, "test": prep.test_index}
     inputs = {}
@@ -271,7 +272,7 @@ def _average_products(parts, k_out, n_classes):
 def save_products(pp: ProductPredictions, prep: Prepared, path, md5_changed=None, generation=None):
     """product_id, pred_class, category_id, score (+ md5: the lookup changed it) as Parquet, atomically,
     with the generation that the stage's valid and test products share"""
-    from ..runs import new_generation, write_products
+    from cdkit.runs import new_generation, write_products
     df = pp.to_frame()
     df["category_id"] = prep.catalog.to_category(np.maximum(df["pred_class"].to_numpy(), 0))
     if md5_changed is not None:
@@ -296,8 +297,8 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
     lookups = {split: md5_votes(prep, split, P.md5_min_share, P.md5_products, log) for split in SPLITS} if P.md5 else {}
     rerank_seeds = None
     if P.rerank:
-        from ..store import load_store
-        from ..runs import check_stores
+        from cdkit.infer.store import load_store
+        from cdkit.runs import check_stores
         for m in P.models:
             check_stores(layout, m)
         members = {split: {"mean": preds[(split, "mean")], "belief": preds[(split, "belief")],
@@ -314,7 +315,7 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
         unfolded = {"valid": preds[("valid", chosen)]}  # the old figure: chosen on all of validation
         preds[("valid", "chosen per fold")] = _pick_products({m: preds[("valid", m)] for m in methods}, pick)
     md5, paths = {}, {}
-    from ..runs import new_generation
+    from cdkit.runs import new_generation
     generation = new_generation()  # valid and test products: one generation, so a kill between them shows
     for split in SPLITS:
         made = preds[(split, "chosen per fold")] if (split, "chosen per fold") in preds else preds[(split, chosen)]
@@ -343,8 +344,8 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
 
 def _choose(preds, methods, prep: Prepared):
     """(method better on all validation products, {fold: method better on the other folds}, the method
-    each validation product is scored with), the folds those of `cdkit.selection.validation_folds`"""
-    from ..selection import choose_per_fold, validation_folds
+    each validation product is scored with), the folds those of `cdkit.infer.selection.validation_folds`"""
+    from cdkit.infer.selection import choose_per_fold, validation_folds
     truth = prep.truth("valid")
     ids = preds[("valid", methods[0])].product_id
     t = truth.reindex(ids).to_numpy()
@@ -394,8 +395,8 @@ def _breakdowns(preds, prep: Prepared):
 
 def record(run_dir, R: AggregateResult):
     "The study's rows of this stage, each from its own aggregation"
-    from ..report import LEVERS, VALID_IS, record as rec
-    from ..selection import IN_SAMPLE, OUT_OF_FOLD
+    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD
     a = R.accuracy
     # every row's validation figure is out of fold: the ensemble store is, the re-ranker is fitted out of fold,
     # and with method="auto" each fold's products take the method chosen on the other folds
@@ -472,7 +473,7 @@ def excluded_products(stores, pp, n=8, seed=0):
 
 def _rows_of(stores, pp, ids):
     "The prediction rows of the products `ids` and their `excluded` flags (in prediction_rows order)"
-    from ..store import PredStore
+    from cdkit.infer.store import PredStore
     subs, flags, start = [], [], 0
     for s in stores:
         keep = np.isin(s.product_id, ids)
@@ -487,7 +488,7 @@ def plot_excluded(R: AggregateResult, prep: Prepared, split="test", n=8, seed=0)
     """Products in which belief aggregation excluded a picture: each picture titled with its
     prediction's top class; pictures excluded for the winning class framed in red"""
     import matplotlib.pyplot as plt
-    from ..bsonfile import BsonReader
+    from cdkit.data.bsonfile import BsonReader
     stores, pp = R.stores[split], R.predictions[(split, "belief")]
     ids = excluded_products(stores, pp, n, seed)
     if not len(ids):

@@ -1,7 +1,7 @@
 """Step 07: ensemble the models' stores (all their TTA views) into one distribution per picture.
 
 Member weights are fitted on the validation pictures (log-loss). Test takes the weights fitted on all
-of validation; validation is scored out of fold (`cdkit.ensemble.combine_out_of_fold`: each fold of
+of validation; validation is scored out of fold (`cdkit.infer.ensemble.combine_out_of_fold`: each fold of
 validation products with weights fitted on the other folds), so the validation store that step 08
 aggregates, re-ranks and chooses on holds no in-sample fit. The result is
 `RunLayout.ensemble_store(stage, split)`. Stage `base` ensembles the trained models;
@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ..entry import step_entry
-from ..params import RunParams
-from ..prepare import Prepared, load_prepared
-from ..runs import (SPLITS, ModelNames, RunLayout, new_generation, rewrites_ensemble, rewrites_store,
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import RunParams
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import (SPLITS, ModelNames, RunLayout, new_generation, rewrites_ensemble, rewrites_store,
                     same_generation)
-from .predict import DEMO_MEMBERS, store_accuracy
+from cdkit.steps.predict import DEMO_MEMBERS, store_accuracy
 
 
 class EnsembleParams(RunParams):
@@ -50,8 +50,8 @@ class EnsembleResult:
 @step_entry("ensemble", saves_params=True)
 def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> EnsembleResult:
     "Ensemble the members' stores; `save`: record P as the run folder's step-07 settings (step 09 replays them)"
-    from ..ensemble import combine
-    from ..store import load_store, save_store
+    from cdkit.infer.ensemble import combine
+    from cdkit.infer.store import load_store, save_store
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     members = {split: [load_store(layout.store(m, split)) for m in P.models] for split in SPLITS}
@@ -104,7 +104,7 @@ def _labels(valid, prep: Prepared) -> np.ndarray:
 
 def _weights(P: EnsembleParams, valid, prep: Prepared) -> np.ndarray:
     "Member weights: fitted on the validation pictures (log-loss), or equal"
-    from ..ensemble import fit_weights
+    from cdkit.infer.ensemble import fit_weights
     if _fitted(P, valid):
         return np.asarray(fit_weights(valid, _labels(valid, prep), method=P.method, p=P.p), float)
     return np.full(len(valid), 1 / len(valid))
@@ -112,15 +112,15 @@ def _weights(P: EnsembleParams, valid, prep: Prepared) -> np.ndarray:
 
 def _out_of_fold(P: EnsembleParams, valid, prep: Prepared, k_out):
     "The validation ensemble, each fold of products combined with weights fitted on the other folds"
-    from ..ensemble import combine_out_of_fold
-    from ..selection import validation_folds
+    from cdkit.infer.ensemble import combine_out_of_fold
+    from cdkit.infer.selection import validation_folds
     folds = validation_folds(prep.truth("valid").index)
     return combine_out_of_fold(valid, _labels(valid, prep), folds, method=P.method, p=P.p, k_out=k_out)
 
 
 def record(run_dir, R: EnsembleResult):
-    from ..report import LEVERS, VALID_IS, record as rec
-    from ..selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
+    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.infer.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     ens = OUT_OF_FOLD if R.fold_weights else HELD_OUT  # equal weights: nothing was fitted on validation
     if R.stage == "base":
         rec(run_dir, "study", "ensemble (+TTA)", {"test": R.accuracy.get("test"), "valid": R.accuracy.get("valid"),

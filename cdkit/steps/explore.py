@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ..entry import step_entry
-from ..bsonfile import NO_LABEL, BsonReader, build_index, image_table
-from ..catalog import Catalog
-from ..params import DataParams
+from cdkit.steps.entry import step_entry
+from cdkit.data.bsonfile import NO_LABEL, BsonReader, build_index, image_table
+from cdkit.data.catalog import Catalog
+from cdkit.data.synth import ensure_data
+from cdkit.base.params import DataParams
 
 
 class ExploreParams(DataParams):
@@ -50,7 +51,7 @@ class ExploreResult:
 def run(P: ExploreParams, log=print) -> ExploreResult:
     "Index train and test in memory, then the tables of step 01"
     data = ensure_data(P.data_dir, P.synth_preset, P.seed, log)
-    from ..io import check_complete
+    from cdkit.base.io import check_complete
     check_complete(data)
     catalog = Catalog.from_csv(data / "category_names.csv")
     train, stats = build_index(data / "train.bson", return_stats=True)
@@ -63,33 +64,6 @@ def run(P: ExploreParams, log=print) -> ExploreResult:
     return ExploreResult(data, catalog, train, test, "\n".join(summary), pictures_per_product(train),
                          category_frequencies(train, catalog).head(10), hierarchy_sizes(catalog, train), pics,
                          duplicate_summary(pics))
-
-
-SYNTH_WORDS = ("synth", "demo", "tiny", "bench")  # a folder whose name holds one of these may receive synthetic data
-
-
-def ensure_data(data_dir, synth_preset="demo", seed=0, log=print):
-    """Generate the synthetic preset in `data_dir` when it holds no train.bson, only into an empty or new
-    folder whose name says it is synthetic (synth, demo, tiny, bench): a folder meant for the real download
-    is never filled with made-up data"""
-    from ..paths import resolve
-    d = resolve(data_dir)
-    if (d / "train.bson").exists():
-        return d
-    if not synth_preset:
-        raise FileNotFoundError(f"{d / 'train.bson'} not found (download the competition files there)")
-    if not any(w in d.name.lower() for w in SYNTH_WORDS):
-        raise FileNotFoundError(
-            f"{d / 'train.bson'} not found. Download the competition files there (README, 'The real data'); "
-            f"synthetic data is written only into a folder whose name says so ({', '.join(SYNTH_WORDS)}), "
-            "e.g. data_dir='data/demo'")
-    if d.exists() and any(p.name != ".cdkit-incomplete" for p in d.iterdir()):
-        raise FileNotFoundError(f"{d} holds other files but no train.bson; the synthetic '{synth_preset}' preset is "
-                                "written only into an empty or new folder")
-    from ..synth import write_dataset
-    log(f"{d} has no train.bson: writing the synthetic '{synth_preset}' preset (seed {seed})")
-    write_dataset(d, preset=synth_preset, seed=seed)
-    return d
 
 
 def pictures_per_product(index) -> pd.DataFrame:
@@ -125,7 +99,7 @@ def picture_stats(reader, index, max_pictures=200000, seed=0) -> pd.DataFrame:
     table = image_table(index)
     if len(table) > max_pictures:
         table = table.sample(max_pictures, random_state=seed).sort_values(["offset", "img_idx"])
-    from ..progress import bar
+    from cdkit.base.progress import bar
     rows = []
     groups = table.groupby(["offset", "length"], sort=False)
     for (off, n), grp in bar(groups, total=groups.ngroups, desc="md5 of the sampled pictures", unit="product",

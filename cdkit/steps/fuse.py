@@ -3,12 +3,12 @@
 For each backbone of `models`, step 06 stored the pooled features of every picture of the fusion
 split (train products that no backbone trained on: step 02's `fusion_frac`), the validation and the
 test set (`RunLayout.features`). Here a small network over a product's 1-4 pictures
-(`cdkit.fusion.FusionNet`: dropout, a squeeze-excitation gate, max/sum/mean over the pictures, an
+(`cdkit.infer.fusion.FusionNet`: dropout, a squeeze-excitation gate, max/sum/mean over the pictures, an
 MLP) learns on the fusion split and validates on the validation products, in two variants:
 order-aware (the first picture is usually the main photo) and order-invariant, each with several
 seeds. `order="auto"` keeps the variant whose seeds' heads, averaged, are better on validation: that
 variant predicts every test product into `RunLayout.store("<model>-fusion", "test")`; the validation
-store is made inside folds (`cdkit.selection.choose_per_fold`: each fold of validation products from the
+store is made inside folds (`cdkit.infer.selection.choose_per_fold`: each fold of validation products from the
 variant better on the other folds), so the member that steps 07 and 08 read holds no choice made on the
 products it scores. One row per picture carries the product's distribution, so the fusion head enters
 the ensemble (step 07) and the aggregation (step 08) like any other member.
@@ -27,11 +27,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..params import ParamsError, RunParams, Seed
-from ..prepare import Prepared, load_prepared
-from ..runs import SPLITS, ModelNames, RunLayout, same_generation
-from .predict import DEMO_MODELS
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import ParamsError, RunParams, Seed
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import SPLITS, ModelNames, RunLayout, same_generation
+from cdkit.steps.predict import DEMO_MODELS
 
 VARIANTS = ("aware", "invariant")
 
@@ -88,7 +88,7 @@ class FuseResult:
 
 
 def _features(layout: RunLayout, model, split):
-    from ..features import FeatureStoreError, load_features
+    from cdkit.infer.features import FeatureStoreError, load_features
     path = layout.features(model, split)
     try:
         return load_features(path)
@@ -111,7 +111,7 @@ def _check_fresh(P: FuseParams):
         raise ParamsError(f"{held[0]} already holds fusion heads: pass overwrite=true to retrain them (make demo "
                           "does), resume=true to continue them, or another run_dir")
     if P.overwrite:
-        from ..io import remove
+        from cdkit.base.io import remove
         for m in P.models:
             remove(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)))
 
@@ -119,10 +119,10 @@ def _check_fresh(P: FuseParams):
 def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     "Train the heads over one backbone's features, choose the variant, write the member's stores"
     import torch
-    from ..fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
-    from ..io import atomic_write, remove, replace_dir, tmp_path
-    from ..store import load_store, save_store
-    from .predict import store_accuracy
+    from cdkit.infer.fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
+    from cdkit.base.io import atomic_write, remove, replace_dir, tmp_path
+    from cdkit.infer.store import load_store, save_store
+    from cdkit.steps.predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
     member = RunLayout.fusion_member(model)
     out_dir = layout.model_dir(member)
@@ -155,7 +155,7 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
             heads[(variant, seed)] = (spec, net)
     # each head alone on validation and test; the chosen variant's heads together make the member
     per_head = {}
-    from ..runs import GENERATION, new_generation, rewrites_store
+    from cdkit.runs import GENERATION, new_generation, rewrites_store
     meta = {GENERATION: new_generation(), "rebuild": rewrites_store(member)}  # one generation: valid and test
     for split in SPLITS:
         truth = prep.truth(split)
@@ -198,8 +198,8 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
 def _choose_variant(variants, blends, prep: Prepared):
     """(variant better on all validation products, the variant each validation product is scored with or
     None when there is no choice), comparing the blends of each variant's heads product by product"""
-    from ..aggregate import aggregate_stores
-    from ..selection import choose_per_fold, validation_folds
+    from cdkit.infer.aggregate import aggregate_stores
+    from cdkit.infer.selection import choose_per_fold, validation_folds
     if len(variants) == 1:
         return variants[0], None
     truth = prep.truth("valid")
@@ -215,7 +215,7 @@ def _choose_variant(variants, blends, prep: Prepared):
 
 def _pick_rows(stores: dict, pick: pd.Series):
     "One store whose rows of each product come from stores[pick[product]] (the stores hold the same pictures)"
-    from ..ensemble import align_stores, take_rows
+    from cdkit.infer.store import align_stores, take_rows
     names = list(stores)
     perms = align_stores([stores[v] for v in names])
     base = take_rows(stores[names[0]], perms[0])
@@ -230,8 +230,8 @@ def _pick_rows(stores: dict, pick: pd.Series):
 @step_entry("fuse", saves_params=True)
 def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResult:
     "Train the fusion heads of every backbone of P.models and write their members' stores"
-    from .predict import store_accuracy
-    from ..store import load_store
+    from cdkit.steps.predict import store_accuracy
+    from cdkit.infer.store import load_store
     t0 = time.time()
     layout = RunLayout.of(P.run_dir)
     _check_fresh(P)
@@ -249,8 +249,8 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
 
 def record(run_dir, R: FuseResult):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
-    from ..report import LEVERS, VALID_IS, record as rec
-    from ..selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
+    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.infer.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     sp, table = R.spread(), R.table.sort_index()  # .loc on an unsorted MultiIndex warns (PerformanceWarning)
     for m, variant in R.chosen.items():
         blend = table.loc[(m, variant, "blend")]

@@ -1,7 +1,7 @@
 """Step 06: streaming TTA prediction of every model into prediction stores.
 
 For each model of `models` (run_dir/models/<name>/) and each split (the validation pictures, the
-test pictures) the predictor (`cdkit.predict.predict_to_store`, the kit's only inference path: step
+test pictures) the predictor (`cdkit.infer.predict.predict_to_store`, the kit's only inference path: step
 09 predicts its fine-tuned model through this step too) writes `RunLayout.store(name, split)`. A
 store is reused only when it was predicted by the same model file with the same settings. With
 `num_shards > 1` each machine predicts its shard into its own store; the shard that finds every
@@ -20,10 +20,10 @@ from typing import Union
 
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..params import ParamsError, RunParams
-from ..prepare import Prepared, load_prepared
-from ..runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import ParamsError, RunParams
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
 
 DEMO_MODELS = ["resnet", "inception", "xception"]
 DEMO_MEMBERS = DEMO_MODELS + [f"{m}-fusion" for m in DEMO_MODELS]  # with the fusion heads of step 06b
@@ -73,7 +73,7 @@ class PredictResult:
 def store_accuracy(store, prep: Prepared, split, views=None) -> float:
     """Product accuracy of one store's rows (the listed views, or all) with mean aggregation, a block of
     products at a time (3.1 M test pictures x 5 views would be 15 M rows at once)"""
-    from ..aggregate import aggregate_stores
+    from cdkit.infer.aggregate import aggregate_stores
     pp = aggregate_stores([store], "mean", views=views)
     return prep.accuracy(pp.product_id, pp.pred_class, split)
 
@@ -142,19 +142,19 @@ def generation_of_stamp(stamp: dict) -> str:
 
 
 def _store_meta(stamp: dict) -> dict:
-    from ..runs import GENERATION
+    from cdkit.runs import GENERATION
     return {"stamp": stamp, GENERATION: generation_of_stamp(stamp), "rebuild": "step 06 (`cdkit predict`)"}
 
 
 def _combine(P: PredictParams, model_dir: Path) -> float:
     "combine_levels for this model: P's value where the model has level heads, else 0"
-    from ..models import read_card
+    from cdkit.train.models import read_card
     return P.combine_levels if P.combine_levels and read_card(model_dir).has_level_heads else 0.0
 
 
 def check_combine(P: PredictParams, layout: RunLayout):
     "combine_levels > 0 needs at least one model trained with hierarchy_weights"
-    from ..models import read_card
+    from cdkit.train.models import read_card
     if P.combine_levels and not any(read_card(layout.model_dir(m)).has_level_heads for m in P.models):
         raise ParamsError(f"combine_levels={P.combine_levels} contradicts models={P.models}: none was trained with "
                           "hierarchy_weights (no level heads to combine); train with hierarchy_weights or set combine_levels=0")
@@ -163,8 +163,8 @@ def check_combine(P: PredictParams, layout: RunLayout):
 def store_is_current(path, stamp, log=None) -> bool:
     """A complete store exists, its meta matches `stamp` (a retrained model, another card or other settings
     invalidate it) and every chunk matches its checksum; `log` says why a store that exists is rebuilt"""
-    from ..io import output_current
-    from ..store import StoreError, read_manifest, verify_store
+    from cdkit.base.io import output_current
+    from cdkit.infer.store import StoreError, read_manifest, verify_store
     return output_current(path, stamp, read_manifest, verify_store, (StoreError, OSError, ValueError), "predicted", log)
 
 
@@ -182,10 +182,10 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     """Predict one model's stores (this shard), skipping current ones; merge shards when all are there.
     With P.features also its feature stores (the fusion split's in a features-only pass).
     Returns {split: (path or None, written)}"""
-    from ..features import features_current, merge_features
-    from ..models import load_trained
-    from ..predict import predict_to_store
-    from ..store import merge_stores
+    from cdkit.infer.features import features_current, merge_features
+    from cdkit.train.models import load_trained
+    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.store import merge_stores
     layout = RunLayout.of(P.run_dir)
     model_dir = layout.model_dir(name)
     trained, out = None, {}
@@ -237,7 +237,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
 def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> PredictResult:
     """Predict every model of P.models on validation and test; the accuracy table of the complete stores.
     `save`: record P as this run folder's step-06 settings (step 09 replays them)"""
-    from ..store import load_store
+    from cdkit.infer.store import load_store
     check_combine(P, RunLayout.of(P.run_dir))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     stores, written, rows = {}, [], []
@@ -261,7 +261,7 @@ def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> Predic
 
 def record(run_dir, R: PredictResult, stage="base"):
     "The study's rows computed from the first model's own stores: one view (baseline) and all views (+TTA)"
-    from ..report import record as rec
+    from cdkit.steps.report import record as rec
     if not R.complete:
         return
     b = R.baseline

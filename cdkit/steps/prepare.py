@@ -1,6 +1,6 @@
 """Step 02: index both BSON files, fix the validation split and the class map, once for every model.
 
-The only step that creates the split: every later step loads it (`cdkit.prepare.load_prepared`) and
+The only step that creates the split: every later step loads it (`cdkit.data.prepare.load_prepared`) and
 stops with a message naming this step when it is missing."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Optional
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..params import DataParams
-from ..prepare import Prepared, create_prepared, summary_table
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import DataParams
+from cdkit.data.prepare import Prepared, create_prepared, summary_table
 
 
 class PrepareParams(DataParams):

@@ -6,7 +6,7 @@
    (1 for products the MD5 lookup decided); `labels_from="model"` takes the base model's own
    predictions (its step-06 store, all views). A threshold the source cannot reach under its
    models' label smoothing is refused before anything runs.
-2. Selection (`cdkit.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
+2. Selection (`cdkit.pseudo.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
    labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`, `alpha_form`), on the
    training step's optimizer and schedule (the same parameters, `train.SCHEDULE_FIELDS`).
 3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..params import ParamsError, RunParams, load_params
-from ..prepare import Prepared, load_prepared
-from ..runs import RunLayout, check_name
-from . import aggregate as step08
-from . import ensemble as step07
-from . import predict as step06
-from .train import LrFactors, LrSteps, check_schedule, train_field
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import ParamsError, RunParams, load_params
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import RunLayout, check_name
+from cdkit.steps import aggregate as step08
+from cdkit.steps import ensemble as step07
+from cdkit.steps import predict as step06
+from cdkit.steps.train import LrFactors, LrSteps, check_schedule, train_field
 
 
 class PseudoParams(RunParams):
@@ -44,7 +44,7 @@ class PseudoParams(RunParams):
     rank_by: Literal["prob", "margin"] = "prob"  # confidence used by fraction and cap
     fraction: float = Field(1.0, gt=0, le=1)   # then keep at most this share of all test products, most confident first
     cap_per_category: int = Field(0, ge=0, le=10**9)  # then at most this many products per class (0: no cap)
-    # loss weight alpha(t), `cdkit.pseudolabel.alpha_schedule`; docs/STUDY.md gives the three forms and their sources
+    # loss weight alpha(t), `cdkit.pseudo.pseudolabel.alpha_schedule`; docs/STUDY.md gives the three forms and their sources
     alpha_form: Literal["poster", "lee", "authors"] = "lee"  # lee: a_f*(t-T1)/(T2-T1) up to T2; poster: (t-T1)/(T2-T1) up to T2, then a_f; authors: StepAlpha, alpha_min up to T1, a_f*t/T2 up to T2
     alpha_final: float = Field(0.3, ge=0, le=10)  # a_f, the weight after T2 (the authors' StepAlpha: 2)
     alpha_min: float = Field(0.5, ge=0, le=10)  # the weight up to T1 in the authors' form (StepAlpha: 0.5); unused by the others
@@ -119,10 +119,10 @@ def _saved(layout: RunLayout, cls, step):
 
 def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
     "product_id, pred_class (step 08's final), prob (its mean probability over the product's pictures), margin"
-    from ..aggregate import aggregate_stores
-    from ..pseudolabel import product_confidence
-    from ..store import load_store
-    from ..runs import read_products
+    from cdkit.infer.aggregate import aggregate_stores
+    from cdkit.pseudo.pseudolabel import product_confidence
+    from cdkit.infer.store import load_store
+    from cdkit.runs import read_products
     final = read_products(layout, "base")["test"]  # refuses valid and test products of different runs of step 08
     mean = aggregate_stores([load_store(layout.ensemble_store("base", "test"))], "mean")
     conf = product_confidence(mean).set_index("product_id")
@@ -143,16 +143,16 @@ def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
 
 
 def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
-    from ..aggregate import aggregate_stores
-    from ..pseudolabel import product_confidence
-    from ..store import load_store
+    from cdkit.infer.aggregate import aggregate_stores
+    from cdkit.pseudo.pseudolabel import product_confidence
+    from cdkit.infer.store import load_store
     return product_confidence(aggregate_stores([load_store(layout.store(base, "test"))], "mean", k_out=2))
 
 
 def _reach(layout: RunLayout, member):
     "(highest probability, label smoothing) of a member: a trained model (model.json) or step 06b's fusion heads (fusion.json)"
-    from ..errors import read_json
-    from ..models import read_card
+    from cdkit.base.errors import read_json
+    from cdkit.train.models import read_card
     d = layout.model_dir(member)
     if (d / "fusion.json").exists():
         card = read_json(d / "fusion.json")
@@ -176,7 +176,7 @@ def check_threshold(P: PseudoParams, layout: RunLayout, members):
 
 @step_entry("pseudo")
 def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
-    from ..io import folder_lock
+    from cdkit.base.io import folder_lock
     layout = RunLayout.of(P.run_dir)
     with folder_lock(layout.model_dir(P.name), "model folder"):
         return _run(P, prep, layout, log)
@@ -185,10 +185,10 @@ def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
 def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     import torch
     from fastai.torch_core import set_seed
-    from ..models import load_trained, save_trained
-    from ..params import save_params
-    from ..pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
-    from .train import _sample_products, check_fresh, opt_func
+    from cdkit.train.models import load_trained, save_trained
+    from cdkit.base.params import save_params
+    from cdkit.pseudo.pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
+    from cdkit.steps.train import _sample_products, check_fresh, opt_func
     t0 = time.time()
     P06, P07, P08 = (_saved(layout, step06.PredictParams, "predict"), _saved(layout, step07.EnsembleParams, "ensemble"),
                      _saved(layout, step08.AggregateParams, "aggregate"))
@@ -232,7 +232,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     card = base.card
     card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
     save_trained(base.model, layout.model_dir(P.name), card)
-    from ..io import atomic_write
+    from cdkit.base.io import atomic_write
     atomic_write(layout.model_dir(P.name) / "alpha.csv", lambda tmp: alpha.to_csv(tmp, index=False))
     atomic_write(layout.model_dir(P.name) / "selection.parquet", lambda tmp: chosen.to_parquet(tmp, index=False))
 
@@ -243,7 +243,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     base_table = step06.run(P06.replace(models=[P.base], features=False), prep, log, save=False).table
     single = pd.concat([base_table, pred.table])
     changed = {}
-    from ..runs import read_products
+    from cdkit.runs import read_products
     products = {stage: read_products(layout, stage) for stage in ("base", "pseudo")}
     for split in ("valid", "test"):
         a = products["base"][split].set_index("product_id")["pred_class"]
@@ -254,10 +254,10 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
 
 def record(run_dir, R: PseudoResult):
     "The study's pseudo-label row: stage `pseudo`'s final products, computed from its own files"
-    from ..report import record as rec
+    from cdkit.steps.report import record as rec
     a = R.aggregate.accuracy
-    from ..report import VALID_IS
-    from ..selection import OUT_OF_FOLD
+    from cdkit.steps.report import VALID_IS
+    from cdkit.infer.selection import OUT_OF_FOLD
     rec(run_dir, "study", "+pseudo-labels", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
                                              VALID_IS: OUT_OF_FOLD, "labels from": R.labels_from,
                                              "test products changed": R.changed["test"]})

@@ -3,7 +3,7 @@
 `source="auto"` takes, of the stages whose products exist (`base` from step 08, `pseudo` from step
 09), the one more accurate on the validation products: never chosen by the test set. The better of
 several validation figures is above what the chosen stage does on new products, so beside it the
-result gives the figure of that choice made inside folds (`cdkit.selection.choose_per_fold`: each fold
+result gives the figure of that choice made inside folds (`cdkit.infer.selection.choose_per_fold`: each fold
 of validation products scored by the stage better on the other folds), which is out of fold."""
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ..errors import read_parquet
-from ..entry import step_entry
-from ..params import RunParams
-from ..prepare import Prepared, load_prepared
-from ..runs import STAGES, RunLayout, read_products
+from cdkit.base.errors import read_parquet
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import RunParams
+from cdkit.data.prepare import Prepared, load_prepared
+from cdkit.runs import STAGES, RunLayout, read_products
 
 
 class SubmitParams(RunParams):
@@ -68,7 +68,7 @@ def choose_stage(P: SubmitParams, prep: Prepared):
 def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
     """Validation accuracy of choosing among `stages` inside folds of validation products (each fold takes the
     stage better on the other folds; ties to the earlier stage, as `choose_stage`); NaN with fewer than 2"""
-    from ..selection import choose_per_fold, validation_folds
+    from cdkit.infer.selection import choose_per_fold, validation_folds
     if len(stages) < 2:
         return float("nan")
     layout = RunLayout.of(P.run_dir)
@@ -85,7 +85,7 @@ def choice_out_of_fold(P: SubmitParams, prep: Prepared, stages) -> float:
 def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     """Write run_dir/submission.csv.gz from the chosen products, in sample_submission order, validated
     first; products without a prediction get the most frequent train category"""
-    from ..submission import check_coverage, fill_missing, kaggle_submit, make_submission, write_submission
+    from cdkit.submit.submission import check_coverage, fill_missing, kaggle_submit, make_submission, write_submission
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     layout = RunLayout.of(P.run_dir)
     stage, acc = choose_stage(P, prep)
@@ -116,8 +116,8 @@ def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
 
 
 def record(run_dir, R: SubmitResult):
-    from ..report import VALID_IS, record as rec
-    from ..selection import IN_SAMPLE, OUT_OF_FOLD
+    from cdkit.steps.report import VALID_IS, record as rec
+    from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD
     rec(run_dir, "10 submission", "stage submitted", R.stage)
     rec(run_dir, "10 submission", "validation accuracy per stage", R.valid_accuracy)
     if R.chosen_out_of_fold == R.chosen_out_of_fold:  # the submitted figure is the best of several: both kinds

@@ -8,14 +8,14 @@ A model lives in run_dir/models/<name>/ (`RunLayout.model_dir`):
                              accuracy with hierarchy_weights), batch, lr, time
     checkpoints/last.pth     weights, optimizer, epoch, RNG and callback states (exact resume), tensors and
                              plain values only (loaded with weights_only); removed when the run finishes
-    model.pth, model.json    the trained weights and the model card (`cdkit.models.load_trained`)
+    model.pth, model.json    the trained weights and the model card (`cdkit.train.models.load_trained`)
     lr_find.png              when lr_find is on
 
 The folder is locked while a process trains into it (parameters and data are checked first: a refused
 run writes nothing). `resume=True` continues from the checkpoint and refuses parameters that would change
 the model or the data order since the run began (paths compared by what they name); on a finished model
 it does nothing, and more epochs are refused (its schedule has ended). A non-finite loss stops the run
-(`cdkit.callbacks.DivergedError`) before anything final is saved.
+(`cdkit.train.callbacks.DivergedError`) before anything final is saved.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
 """
@@ -34,9 +34,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from ..entry import step_entry
-from ..params import ParamsError, PathStr, RunParams, changed_params, save_params
-from ..runs import RunLayout, check_name
+from cdkit.steps.entry import step_entry
+from cdkit.base.params import ParamsError, PathStr, RunParams, changed_params, save_params
+from cdkit.base.rng import rng_state
+from cdkit.runs import RunLayout, check_name
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class TrainResult:
     epochs_done: int
     seconds: float
     learn: object = None                  # the fastai Learner (in-process use: notebooks, tests)
-    prep: object = None                   # cdkit.prepare.Prepared
+    prep: object = None                   # cdkit.data.prepare.Prepared
     valid_images: pd.DataFrame = None     # the validation rows, in the validation loader's order
     lr_suggestion: Optional[float] = None
     batch_history: list = field(default_factory=list)  # (epoch, bs, acc_steps) seen by BatchGrowth
@@ -207,7 +208,7 @@ class TrainResult:
 
 def effective(P: TrainParams) -> TrainParams:
     "The effective parameters: input sizes filled in from the backbone, the backbone checked"
-    from ..models import resolve_arch
+    from cdkit.train.models import resolve_arch
     try:
         backbone = resolve_arch(P.arch)  # unknown names fail here, before any work
     except ValueError as e:
@@ -219,7 +220,7 @@ def effective(P: TrainParams) -> TrainParams:
 def finished_epochs(model_dir: Path) -> Optional[int]:
     """The epochs of a finished model in `model_dir` (model.json, and no checkpoint: a run removes its
     checkpoint when it trained all its epochs); None when there is none"""
-    from ..models import read_card
+    from cdkit.train.models import read_card
     if (model_dir / "checkpoints" / "last.pth").exists() or not (model_dir / "model.json").exists(): return None
     return read_card(model_dir).epochs_done
 
@@ -265,8 +266,8 @@ def _images(prep, P):
 
 
 def _effective_batch(learn):
-    from ..callbacks import GradAccum, _inner_dl
-    from ..distributed import world_size
+    from cdkit.train.callbacks import GradAccum, _inner_dl
+    from cdkit.train.distributed import world_size
     acc = learn.cbs.filter(lambda c: isinstance(c, GradAccum))
     return _inner_dl(learn.dls.train).bs * (acc[0].acc_steps if acc else 1) * world_size()
 
@@ -281,7 +282,7 @@ class TrainSetup:
     (or `S.close()`)."""
     params: TrainParams                   # effective parameters (input sizes filled in)
     learn: object                         # the fastai Learner
-    prep: object                          # cdkit.prepare.Prepared
+    prep: object                          # cdkit.data.prepare.Prepared
     valid_images: pd.DataFrame            # the validation rows, in the validation loader's order
     start_epoch: int                      # epochs a resumed run has done already
     t0: float = field(default_factory=time.time)
@@ -305,7 +306,7 @@ class TrainSetup:
 def check_fresh(P: TrainParams, model_dir: Path):
     """Refuse to train into a folder that holds another run's files unless `resume` or `overwrite` says
     what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
-    from ..io import remove
+    from cdkit.base.io import remove
     found = [n for n in RUN_FILES if (model_dir / n).exists()]
     if not found or getattr(P, "resume", False): return
     if not P.overwrite:
@@ -343,8 +344,8 @@ def setup(P: TrainParams) -> TrainSetup:
     """The learner of `P`, ready to fit: model folder locked and checked (refused when it holds a run
     and neither resume nor overwrite is asked), data loaded, resumed state restored"""
     import contextlib
-    from ..distributed import check_launch, rank, world_size
-    from ..io import folder_lock
+    from cdkit.train.distributed import check_launch, rank, world_size
+    from cdkit.base.io import folder_lock
     P = effective(P)
     check_launch()  # `accelerate launch --cpu --num_processes 2` would silently train in one process
     if world_size() > 1 and P.lr == "find":
@@ -359,7 +360,7 @@ def setup(P: TrainParams) -> TrainSetup:
     logger_callbacks(P.callbacks, None)
     prep = None
     if world_size() == 1:
-        from ..prepare import load_prepared
+        from cdkit.data.prepare import load_prepared
         prep = load_prepared(P.data_dir, P.work_dir)
     if rank() == 0 and not P.overwrite: check_fresh(P, model_dir)
     lock = contextlib.ExitStack()
@@ -382,12 +383,12 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     from fastai.torch_core import set_seed
     from functools import partial
 
-    from .. import callbacks as C
-    from ..data import make_dataloaders
-    from ..distributed import init_state, rank, world_size
-    from ..hierarchy import HierarchyLoss, LevelAccuracy, level_heads
-    from ..models import make_learner, norm_stats
-    from ..prepare import load_prepared
+    from cdkit.train import callbacks as C
+    from cdkit.data.loaders import make_dataloaders
+    from cdkit.train.distributed import init_state, rank, world_size
+    from cdkit.train.hierarchy import HierarchyLoss, LevelAccuracy, level_heads
+    from cdkit.train.models import make_learner, norm_stats
+    from cdkit.data.prepare import load_prepared
 
     t0 = time.time()
     state = init_state() if world_size() > 1 else None
@@ -399,7 +400,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
             prep = load_prepared(P.data_dir, P.work_dir)
     elif prep is None:
         prep = load_prepared(P.data_dir, P.work_dir)
-    from ..io import makedirs
+    from cdkit.base.io import makedirs
     makedirs(run_dir)
     if rank() == 0: save_params(P, run_dir / "params.yaml")
     set_seed(P.seed + rank())
@@ -446,7 +447,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
     learn.model.to(dls.device)
     if finished is not None:  # a finished model: its weights; fit has nothing left to do
-        from ..callbacks import safe_load
+        from cdkit.train.callbacks import safe_load
         learn.model.load_state_dict(safe_load(run_dir / "model.pth"))
     if resuming:
         saved = C.load_checkpoint(learn, ckpt, saved)
@@ -457,7 +458,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
                  f" and {mid['batches']} batches of the next" if mid else "")
     # what a notebook does between setup and fit (show_batch, lr_find) draws from the RNGs and the
     # loaders' shuffle; fit puts these back, so looking at the data never changes the training
-    rng = (C._rng_state(), [C._inner_dl(dl).rng.getstate() for dl in dls.loaders])
+    rng = (rng_state(), [C._inner_dl(dl).rng.getstate() for dl in dls.loaders])
     return TrainSetup(P, learn, prep, valid_images, start_epoch, t0, resuming, rng=rng)
 
 
@@ -472,14 +473,14 @@ def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
 
 
 def _plain_cbs():
-    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    from cdkit.train.callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
     return (Checkpoint, EpochLog, FiniteLoss, StopAfter)
 
 
 def find_lr(S: TrainSetup, iters=None) -> float:
     """fastai's lr_find on the learner of `S` (without touching the run's log or checkpoint): saves and
     shows lr_find.png, returns the suggestion (valley), which `fit(S)` uses when lr='find'"""
-    from ..distributed import world_size
+    from cdkit.train.distributed import world_size
     if world_size() > 1: raise ParamsError("lr_find takes one process: run it without the launcher")
     S.lr_suggestion = _lr_find(S.learn, S.model_dir, iters or S.params.lr_find_iters)
     return S.lr_suggestion
@@ -488,7 +489,7 @@ def find_lr(S: TrainSetup, iters=None) -> float:
 def _lr_find(learn, run_dir, iters=100):
     import matplotlib
     import matplotlib.pyplot as plt
-    from ..callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
+    from cdkit.train.callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
     # lr_find is a short fit of its own: it must not write the run's log or checkpoint, and it drives the
     # loss to diverge on purpose (FiniteLoss would stop it)
     from fastai.callback.progress import CSVLogger
@@ -503,7 +504,7 @@ def _lr_find(learn, run_dir, iters=100):
     ax.set_title("learning-rate finder")
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
-    from ..io import atomic_write
+    from cdkit.base.io import atomic_write
     atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     if matplotlib.get_backend().lower() == "agg": plt.close(fig)
     return float(suggestion.valley)
@@ -519,7 +520,7 @@ def opt_func(P: TrainParams):
 def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
     """The card saved beside the weights: how to rebuild the model and feed it (`n_levels`: the catalog's
     level-1 and level-2 counts, recorded when the model has level heads)"""
-    from ..models import ModelCard, norm_stats
+    from cdkit.train.models import ModelCard, norm_stats
     mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
     n1, n2 = (int(n) for n in n_levels) if P.hierarchy_weights else (0, 0)
     return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
@@ -533,7 +534,7 @@ def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
 def run(P: TrainParams) -> TrainResult:
     """Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains): `setup`, then
     `find_lr` when lr_find=True or lr='find', then `fit` (the notebooks call the three in turn)"""
-    from ..distributed import world_size
+    from cdkit.train.distributed import world_size
     S = setup(P)
     try:
         if (S.params.lr_find or S.params.lr == "find") and not S.resuming:
@@ -551,10 +552,10 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
     """Train the learner of `S` to `epochs` (from where a resumed run stopped), save model.pth + model.json,
     release the model folder. `lr`: None takes P.lr, or the lr_find suggestion when lr='find' (lr_find
     runs first if it has not)."""
-    from ..distributed import distrib_ctx, rank
-    from ..models import save_trained
-    from ..callbacks import BatchGrowth, Checkpoint, check_finite_weights, fit_schedule
-    from ..io import remove
+    from cdkit.train.distributed import distrib_ctx, rank
+    from cdkit.train.models import save_trained
+    from cdkit.train.callbacks import BatchGrowth, Checkpoint, check_finite_weights, fit_schedule
+    from cdkit.base.io import remove
     try:
         P, learn, start_epoch = S.params, S.learn, S.start_epoch
         if lr is None and P.lr == "find":
@@ -566,8 +567,9 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
         run_dir = S.model_dir
         epochs_done = start_epoch
         if S.rng is not None:
-            from ..callbacks import _inner_dl, _set_rng_state
-            _set_rng_state(S.rng[0])
+            from cdkit.base.rng import set_rng_state
+            from cdkit.train.callbacks import _inner_dl
+            set_rng_state(S.rng[0])
             for dl, st in zip(learn.dls.loaders, S.rng[1]): _inner_dl(dl).rng.setstate(st)
         if start_epoch < P.epochs:
             with distrib_ctx(learn, sync_bn=P.sync_bn):
@@ -606,12 +608,12 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
     import yaml
     from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
     from fastai.metrics import accuracy
-    from .. import callbacks as C
-    from ..data import make_dataloaders
-    from ..hierarchy import HierarchyLoss, LevelAccuracy
-    from ..models import make_learner, read_card
-    from ..params import make_params
-    from ..prepare import load_prepared
+    from cdkit.train import callbacks as C
+    from cdkit.data.loaders import make_dataloaders
+    from cdkit.train.hierarchy import HierarchyLoss, LevelAccuracy
+    from cdkit.train.models import make_learner, read_card
+    from cdkit.base.params import make_params
+    from cdkit.data.prepare import load_prepared
     model_dir = RunLayout.of(run_dir).model_dir(name)
     card = read_card(model_dir)  # FileNotFoundError naming model.json when the model was not trained
     saved = model_dir / "params.yaml"
@@ -633,7 +635,7 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
                          metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
     learn.model.load_state_dict(C.safe_load(model_dir / "model.pth"))
     if levels is not None:
-        from ..hierarchy import level_heads
+        from cdkit.train.hierarchy import level_heads
         learn.loss_func = HierarchyLoss(loss, level_heads(learn.model), P.hierarchy_weights)
         learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
     learn.model.to(dls.device).eval()
@@ -642,7 +644,7 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
 
 def record(run_dir, result: TrainResult):
     "The last epoch's validation figures of a trained model, under 'training' in the run's results"
-    from ..report import record as rec
+    from cdkit.steps.report import record as rec
     last = result.history.iloc[-1] if len(result.history) else {}
     rec(run_dir, "03-05 training", result.model_dir.name,
         {"arch": result.params.arch, "epochs": result.epochs_done, "minutes": round(result.seconds / 60, 2),
@@ -650,11 +652,11 @@ def record(run_dir, result: TrainResult):
          **{k: float(last[k]) for k in ("valid_loss", "accuracy", "product_accuracy") if k in last}})
     if len(result.history):  # the curves go into the report beside this row
         import matplotlib.pyplot as plt
-        from ..report import save_figure
+        from cdkit.steps.report import save_figure
         fig = plot_history(result.history, title=result.model_dir.name)
         save_figure(fig, run_dir, f"03_history_{result.model_dir.name}")
         plt.close(fig)
-    from ..report import write_report
+    from cdkit.steps.report import write_report
     write_report(run_dir)  # a notebook run alone (papermill, JupyterLab) leaves its report too, as `cdkit demo` does
 
 

@@ -1,0 +1,1 @@
+"""The base every layer stands on: errors, atomic writes and locks (io), paths, parameters, progress, timing, metrics."""

@@ -1,0 +1,1 @@
+"""Pseudo-labels: confidence, selection, alpha(t), mixed batches, the fine-tune loop."""

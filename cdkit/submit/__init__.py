@@ -1,0 +1,1 @@
+"""The submission file: building, checking coverage, writing and sending it."""

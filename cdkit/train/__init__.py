@@ -1,0 +1,1 @@
+"""Training: models and their cards, fastai callbacks, the category hierarchy, distributed launch."""
