@@ -1,14 +1,22 @@
 """cdkit: a kit for the Cdiscount Image Classification Challenge.
 
-Layers, each importing only the ones below it:
-- steps (`cdkit.steps.<step>`: Params, run(P) -> Result, plots, record), the pipeline (notebooks with
-  papermill), the report, the command line (`cdkit.__main__`);
-- `cdkit.runs.RunLayout`: where a run folder keeps models, stores, products;
-- the library, one concern each: bsonfile (the BSON format), catalog, split, synth and synth_full
-  (competition-format data), prepare (indices + split), data (fastai loaders), models (+ model card),
-  callbacks, distributed, predict (the one inference path), store, ensemble, aggregate, md5,
-  pseudolabel, submission, instrument, progress;
-- base: io (atomic writes, locks, temp sweep), params, paths.
+The packages are the pipeline's stages, in layers; a module imports only from its own layer or the layers
+below it (tests/test_architecture.py reads the imports from the source and refuses an arrow up or a circle):
+
+    cdkit/__main__.py   the command line (`cdkit <step>`, `cdkit demo`)
+    cdkit/steps/        one module per step: <Step>Params, run(P) -> <Step>Result, plots, record();
+                        registry (the table of steps), entry (what every step's run goes through),
+                        pipeline (runs the notebooks with papermill), report (results.json -> report.md)
+    cdkit/runs.py       RunLayout: where a run folder keeps models, stores, products, the report
+    cdkit/pseudo/       pseudo-labels: selection, alpha(t), mixed batches, the fine-tune loop
+    cdkit/submit/       the submission file
+    cdkit/infer/        the streaming predictor, prediction and feature stores, the fusion head, ensembling,
+                        top-k kernels, product aggregation (mean, belief), the re-ranker, MD5 lookup
+    cdkit/train/        models and their cards, callbacks, the category hierarchy, distributed launch
+    cdkit/data/         the BSON format, the catalog, the split, prepared indices, loaders, synthetic data
+    cdkit/base/         errors, io (atomic writes, locks, the raw-data guard), paths, params, progress,
+                        metrics, rng
+
 Importing cdkit itself imports none of the heavy ones.
 """
 __version__ = "0.1.0"
