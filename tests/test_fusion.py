@@ -90,14 +90,14 @@ def test_step02_refuses_a_split_made_with_other_settings(tiny_data, tmp_path):
 def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tmp_path):
     from cdkit.infer.features import load_features, merge_features
     from cdkit.train.models import create_model
-    from cdkit.infer.predict import feature_layer, predict_to_store
+    from cdkit.infer.predict import Shard, Views, feature_layer, predict_to_store
     from cdkit.data.prepare import create_prepared
     from cdkit.infer.store import load_store
     prep = create_prepared(tiny_data, tmp_path / "w", fusion_frac=0.2, log=lambda *a: None)
     images, bson = prep.images("valid")
     torch.manual_seed(0)
     model = create_model("resnet10t", prep.catalog.n_classes).eval()
-    kw = dict(n_views=2, size=32, item_size=160, exact=True, bs=8, device="cpu")
+    kw = dict(views=Views(2, size=32, item_size=160), exact=True, bs=8, device="cpu")
     predict_to_store(model, images, bson, tmp_path / "p.store", features_path=tmp_path / "p.features", **kw)
     fs, st = load_features(tmp_path / "p.features"), load_store(tmp_path / "p.store")
     assert len(fs) == len(images) and fs.x.dtype == np.float16
@@ -112,7 +112,7 @@ def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tm
     parts = []
     for shard in range(2):
         p = tmp_path / f"s{shard}.features"
-        predict_to_store(model, images, bson, None, features_path=p, shard=shard, num_shards=2, **kw)
+        predict_to_store(model, images, bson, None, features_path=p, part=Shard(shard, 2), **kw)
         parts.append(p)
     merged = load_features(merge_features(parts, tmp_path / "m.features"))
     assert np.array_equal(merged.product_id, fs.product_id) and np.allclose(np.asarray(merged.x, np.float32),

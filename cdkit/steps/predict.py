@@ -184,7 +184,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     Returns {split: (path or None, written)}"""
     from cdkit.infer.features import features_current, merge_features
     from cdkit.train.models import load_trained
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import Shard, StoreSpec, Views, predict_to_store
     from cdkit.infer.store import merge_stores
     layout = RunLayout.of(P.run_dir)
     model_dir = layout.model_dir(name)
@@ -200,12 +200,11 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
         if (path and not store_is_current(path, stamp, log)) or (fpath and not features_current(fpath, fstamp, log)):
             trained = trained or load_trained(model_dir, device=_device(P.device), combine_levels=_combine(P, model_dir))
             images, bson_path = prep.images(split)
-            predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
-                             k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
-                             mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
-                             prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
-                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=_store_meta(stamp),
-                             overwrite=True, features_path=fpath, features_meta=_store_meta(fstamp))
+            views = Views(1 + P.n_tta, P.seed, trained.size, trained.item_size, trained.mean, trained.std)
+            keep = StoreSpec(min(P.k, trained.n_classes), P.prob_dtype, trained.n_classes, _store_meta(stamp), overwrite=True)
+            predict_to_store(trained.model, images, bson_path, path, views, keep, Shard(P.shard, P.num_shards),
+                             features_path=fpath, features_meta=_store_meta(fstamp), bs=P.bs,
+                             num_workers=P.num_workers, device=_device(P.device))
             log(f"{name}: wrote {' and '.join(str(p) for p in (path, fpath) if p)}")
             written = True
         if fpath and P.num_shards > 1:
