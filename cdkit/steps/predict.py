@@ -23,10 +23,10 @@ from pydantic import Field, model_validator
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import ParamsError, RunParams
 from cdkit.data.prepare import Prepared, load_prepared
-from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
+from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelFiles, ModelNames, RunLayout, fusion_member
 
 DEMO_MODELS = ["resnet", "inception", "xception"]
-DEMO_MEMBERS = DEMO_MODELS + [f"{m}-fusion" for m in DEMO_MODELS]  # with the fusion heads of step 06b
+DEMO_MEMBERS = DEMO_MODELS + [fusion_member(m) for m in DEMO_MODELS]  # with the fusion heads of step 06b
 
 
 class PredictParams(RunParams):
@@ -123,8 +123,8 @@ _PICTURE_FIELDS = ("split", "data", "shard", "num_shards")
 def _stamp(P: PredictParams, model_dir: Path, split, prep: Prepared = None):
     """What a store must have been predicted with to be reused: the content of model.pth and model.json
     (input size, normalization, classes), the prediction settings, the split and its pictures"""
-    w = model_dir / "model.pth"
-    stamp = dict(model=str(w), model_sha256=file_digest(w), card_sha256=file_digest(model_dir / "model.json"),
+    w = ModelFiles(model_dir).weights
+    stamp = dict(model=str(w), model_sha256=file_digest(w), card_sha256=file_digest(ModelFiles(model_dir).card),
                  split=split, n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
                  num_shards=P.num_shards, combine_levels=_combine(P, model_dir))
     if prep is not None:
