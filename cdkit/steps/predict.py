@@ -89,12 +89,8 @@ def file_digest(path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
-        import hashlib
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        from cdkit.base.io import file_sha256
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
 
 
