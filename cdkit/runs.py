@@ -16,6 +16,7 @@ A step never builds another step's path itself; it asks the `RunLayout` of its `
       products/<stage>_<split>.parquet    step 08: product predictions (product_id, pred_class, category_id, score)
       submission.csv.gz                   step 10
       results.json, figures/, report.md   what each step measured, and the report built from it
+      notebooks/<notebook>.ipynb          the executed notebooks of `cdkit demo`
 
 A stage is one pass of steps 06-08: `base` (the trained models) and `pseudo` (step 09 repeats them
 with the fine-tuned model in its base model's place)."""
@@ -166,6 +167,19 @@ class RunLayout:
     @property
     def submission(self) -> Path:
         return self.root / "submission.csv.gz"
+
+    def notebook(self, name) -> Path:
+        "The executed copy of a step's notebook (`cdkit demo`)"
+        return self.root / "notebooks" / f"{name}.ipynb"
+
+    @staticmethod
+    def top_names() -> frozenset:
+        "What the kit writes at the top of a run folder"
+        r = RunLayout(Path("."))
+        paths = (r.step_params("x").parent, r.model_dir("x").parent, r.store("x", "test").parent,
+                 r.products("base", "test").parent, r.figures, r.notebook("x").parent, r.results, r.report,
+                 r.submission)
+        return frozenset(p.name for p in paths)
 
 
 # Generations. The files one run of a step writes together (a model's valid and test stores, an

@@ -233,8 +233,8 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
     save_trained(base.model, layout.model_dir(P.name), card)
     from cdkit.base.io import atomic_write
-    atomic_write(layout.model_dir(P.name) / "alpha.csv", lambda tmp: alpha.to_csv(tmp, index=False))
-    atomic_write(layout.model_dir(P.name) / "selection.parquet", lambda tmp: chosen.to_parquet(tmp, index=False))
+    atomic_write(layout.model(P.name).pseudo_alpha, lambda tmp: alpha.to_csv(tmp, index=False))
+    atomic_write(layout.model(P.name).pseudo_selection, lambda tmp: chosen.to_parquet(tmp, index=False))
 
     # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
     pred = step06.run(P06.replace(models=[P.name], features=False), prep, log, save=False)

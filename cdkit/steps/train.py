@@ -164,7 +164,7 @@ def train_field(name, default=None):
 RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs", "overwrite",
                      "checkpoint_every", "callbacks"}
 # files of a run in models/<name>/: one of them there means the name is taken
-RUN_FILES = ("model.json", "model.pth", "metrics.csv", "checkpoints", "lr_find.png", "history.csv", "tensorboard")
+RUN_FILES = ModelFiles.trained_names()
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -330,10 +330,10 @@ def logger_callbacks(names, model_dir):
     for n in dict.fromkeys(names):
         if n == "csv":
             from fastai.callback.progress import CSVLogger
-            cbs.append(CSVLogger(Path(model_dir) / "history.csv", append=True))
+            cbs.append(CSVLogger(ModelFiles(model_dir).history, append=True))
         elif n == "tensorboard":
             from fastai.callback.tensorboard import TensorBoardCallback
-            cbs.append(TensorBoardCallback(log_dir=Path(model_dir) / "tensorboard", trace_model=False))
+            cbs.append(TensorBoardCallback(log_dir=ModelFiles(model_dir).tensorboard, trace_model=False))
         elif n == "wandb":
             from fastai.callback.wandb import WandbCallback
             cbs.append(WandbCallback(log_preds=False, log_model=False))
@@ -505,7 +505,7 @@ def _lr_find(learn, run_dir, iters=100):
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
     from cdkit.base.io import atomic_write
-    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    atomic_write(ModelFiles(run_dir).lr_find, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     if matplotlib.get_backend().lower() == "agg": plt.close(fig)
     return float(suggestion.valley)
 
@@ -682,7 +682,7 @@ def show_lr_find(run_dir):
     "The lr_find plot a run saved"
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.imshow(plt.imread(Path(run_dir) / "lr_find.png")), ax.axis("off")
+    ax.imshow(plt.imread(ModelFiles(run_dir).lr_find)), ax.axis("off")
     return fig
 
 

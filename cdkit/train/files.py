@@ -39,6 +39,35 @@ class ModelFiles:
         "The state after the last finished epoch while the model trains (removed when it is finished)"
         return self.dir / "checkpoints" / "last.pth"
 
+    # what the optional loggers and the learning-rate finder of steps 03-05 leave
+    @property
+    def lr_find(self) -> Path:
+        return self.dir / "lr_find.png"
+
+    @property
+    def history(self) -> Path:
+        return self.dir / "history.csv"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / "tensorboard"
+
+    # step 09's fine-tuned model: the pseudo-label weights per round and the products chosen
+    @property
+    def pseudo_alpha(self) -> Path:
+        return self.dir / "alpha.csv"
+
+    @property
+    def pseudo_selection(self) -> Path:
+        return self.dir / "selection.parquet"
+
+    @staticmethod
+    def trained_names() -> tuple:
+        "The names a training run leaves in its folder: one of them there means the name is taken"
+        f = ModelFiles(Path("."))
+        return tuple(p.name for p in (f.card, f.weights, f.metrics, f.checkpoint.parent, f.lr_find, f.history,
+                                      f.tensorboard))
+
     # a fusion member's folder (step 06b)
     @property
     def fusion_card(self) -> Path:
