@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(os.environ.get("CDKIT_ROOT", Path(__file__).resolve().parents[1]))
+ROOT = Path(os.environ.get("CDKIT_ROOT", Path(__file__).resolve().parents[2]))
 DATA = ROOT / "data"            # downloaded or generated data sets (never committed)
 RUNS = ROOT / "runs"            # run folders (cdkit.runs.RunLayout), e.g. runs/demo/
 NOTEBOOKS = ROOT / "notebooks"
