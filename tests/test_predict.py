@@ -145,3 +145,16 @@ def test_step06_shards_are_stored_apart_and_merged_by_the_last(tiny_data, tmp_pa
         order_m, order_w = np.argsort(merged[s].keys()), np.argsort(w.keys())
         assert np.array_equal(merged[s].keys()[order_m], w.keys()[order_w])
         assert np.array_equal(merged[s].cls[order_m], w.cls[order_w])
+
+
+def test_step06_result_is_named_fields_and_its_table_is_built_from_them():
+    "The accuracies are ViewAccuracy fields per (model, split); the display table keeps its columns"
+    from cdkit.steps.predict import PredictResult, ViewAccuracy
+    acc = {("a", "valid"): ViewAccuracy(0.5, 0.6, 2), ("a", "test"): ViewAccuracy(0.4, 0.45, 2),
+           ("b", "valid"): ViewAccuracy(0.3, 0.35, 2)}
+    R = PredictResult({}, acc, ["a", "b"], complete=False)
+    assert R.baseline("test") == ViewAccuracy(0.4, 0.45, 2)
+    t = R.table
+    assert list(t.index) == ["a", "b"]
+    assert list(t.columns) == ["valid 1 view", "valid all views", "views", "test 1 view", "test all views"]
+    assert t.loc["a", "test all views"] == 0.45 and np.isnan(t.loc["b", "test 1 view"])
