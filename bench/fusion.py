@@ -213,7 +213,7 @@ def run_method(a, method):
     "Child process: train one head on the fusion split and stream the test split through it; JSON results"
     import torch
     from cdkit.infer.features import load_features
-    from cdkit.infer.fusion import HeadSpec, fusion_to_store, product_groups, train_head
+    from cdkit.infer.fusion import FitSpec, HeadSpec, ProductSet, fusion_to_store, product_groups, train_head
     if a.threads: torch.set_num_threads(a.threads)
     reads = [0.0]
     time_reads(reads)
@@ -224,8 +224,8 @@ def run_method(a, method):
         fs = {s: load_features(folder / f"{s}.features") for s in ("fusion", "valid")}
         g = {s: product_groups(f.product_id, f.img_idx) for s, f in fs.items()}
         y = {s: labels(folder / f"{s}.features").reindex(g[s].product_id).to_numpy() for s in fs}
-        net, hist = train_head(spec, fs["fusion"].x, g["fusion"], y["fusion"], fs["valid"].x, g["valid"], y["valid"],
-                               folder / method, method, epochs=a.epochs, lr=a.lr, bs=a.bs, device=a.device)
+        net, hist = train_head(spec, FitSpec(epochs=a.epochs, lr=a.lr, bs=a.bs), ProductSet(fs["fusion"].x, g["fusion"], y["fusion"]),
+                               ProductSet(fs["valid"].x, g["valid"], y["valid"]), folder / method, method, device=a.device)
     res["train"] = ph.result(read=reads[0], acc=float(hist["accuracy"].iloc[-1]), products=len(g["fusion"]),
                              valid_products=len(g["valid"]), pictures=len(fs["fusion"]) + len(fs["valid"]))
     del fs, g, y

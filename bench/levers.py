@@ -114,7 +114,7 @@ def one_run(recipe, seed, data, work, out, epochs, max_train_images, log):
 def _combined(run, prep, weight=1.0):
     "(valid, test) accuracy of the original view with combine_levels=weight, predicted beside the run's stores"
     from cdkit.train.models import load_trained
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import StoreSpec, Views, predict_to_store
     from cdkit.steps.predict import store_accuracy
     from cdkit.infer.store import load_store
     tr = load_trained(run / "models" / "resnet", combine_levels=weight)
@@ -122,8 +122,8 @@ def _combined(run, prep, weight=1.0):
     for split in ("valid", "test"):
         images, bson = prep.images(split)
         path = run / "levels_combined" / f"{split}.store"
-        predict_to_store(tr.model, images, bson, path, size=tr.size, item_size=tr.item_size, mean=tr.mean, std=tr.std,
-                         n_classes=tr.n_classes, overwrite=True, device="cpu", progress=False)
+        predict_to_store(tr.model, images, bson, path, Views(size=tr.size, item_size=tr.item_size, mean=tr.mean, std=tr.std),
+                         StoreSpec(n_classes=tr.n_classes, overwrite=True), device="cpu", progress=False)
         out.append(store_accuracy(load_store(path), prep, split))
     return tuple(out)
 

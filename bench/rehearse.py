@@ -202,14 +202,15 @@ def stand_in_model(n_classes=N_CLASSES, seed=0):
 
 def step_predict(data, work, scale, seed):
     import torch
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import StoreSpec, Views, predict_to_store
     torch.set_num_threads(1)
     prep = _prepared(data, work)
     test = prep.test_images()
     t0 = time.perf_counter()
-    path = predict_to_store(stand_in_model(), test, prep.test_bson, work / "stores" / "m0.store", n_views=1, k=20,
-                            size=PREDICT_SIZE, item_size=PREDICT_SIZE, bs=PREDICT_BS, num_workers=2,
-                            n_classes=N_CLASSES, device="cpu", overwrite=True, log_every=0)
+    path = predict_to_store(stand_in_model(), test, prep.test_bson, work / "stores" / "m0.store",
+                            Views(1, size=PREDICT_SIZE, item_size=PREDICT_SIZE),
+                            StoreSpec(k=20, n_classes=N_CLASSES, overwrite=True), bs=PREDICT_BS, num_workers=2,
+                            device="cpu", log_every=0)
     dt = time.perf_counter() - t0
     return dict(pictures=len(test), pictures_per_s=round(len(test) / dt, 1), store=str(path))
 

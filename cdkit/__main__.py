@@ -99,9 +99,9 @@ def missing_on_disk(step, P) -> list:
     layout = RunLayout.of(P.run_dir)
     reads = []  # (path, what writes it)
     if step.module == "predict":
-        reads = [(layout.model_dir(m) / "model.json", "train it (cdkit train)") for m in P.models]
+        reads = [(layout.model(m).card, "train it (cdkit train)") for m in P.models]
     elif step.module == "pseudo":
-        reads = [(layout.model_dir(P.base) / "model.json", "train it (cdkit train)")]
+        reads = [(layout.model(P.base).card, "train it (cdkit train)")]
     elif step.module == "fuse":
         reads = [(layout.features(m, s), "cdkit predict with features on") for m in P.models for s in ("fusion", "valid", "test")]
     elif step.module == "ensemble":

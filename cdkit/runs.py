@@ -6,15 +6,17 @@ A step never builds another step's path itself; it asks the `RunLayout` of its `
       params/<step>.yaml                  effective parameters of each step that ran (later steps reuse them)
       models/<name>/                      a trained model (step 03-05) or a fine-tuned one (step 09):
           model.pth, model.json           weights and the model card (cdkit.train.models.save_trained)
-          params.yaml, metrics.csv, checkpoints/last.pth
+          params.yaml, metrics.csv, checkpoints/last.pth   (`RunLayout.model(name)`: cdkit.train.files.ModelFiles)
       preds/<member>_<split>.store        step 06: TTA predictions of a model (split: valid, test)
       preds/<member>_test.shard03of08.store   one machine's shard of it (merged into the store above)
       preds/<model>_<split>.features/     step 06: pooled features of each picture (split: fusion, valid, test)
-      models/<model>-fusion/              step 06b: the fusion heads over <model>'s features (fusion.json, seed*.pth)
+      models/<model>-fusion/              step 06b: the fusion heads over <model>'s features (fusion.json,
+                                          <variant>_seed<s>.pth; `fusion_member`, `is_fusion`, `base_of`)
       preds/ensemble-<stage>_<split>.store    step 07: the ensemble of a stage's members
       products/<stage>_<split>.parquet    step 08: product predictions (product_id, pred_class, category_id, score)
       submission.csv.gz                   step 10
       results.json, figures/, report.md   what each step measured, and the report built from it
+      notebooks/<notebook>.ipynb          the executed notebooks of `cdkit demo`
 
 A stage is one pass of steps 06-08: `base` (the trained models) and `pseudo` (step 09 repeats them
 with the fine-tuned model in its base model's place)."""
@@ -30,6 +32,7 @@ from pydantic import AfterValidator
 
 from cdkit.base.errors import CdkitError
 from cdkit.base.paths import resolve
+from cdkit.train.files import ModelFiles
 
 SPLITS = ("valid", "test")
 FEATURE_SPLITS = ("fusion", "valid", "test")  # feature stores: the fusion split trains the fusion head
@@ -37,7 +40,8 @@ STAGES = ("base", "pseudo")
 # Used with fullmatch (`$` would accept a final newline). At most MAX_NAME characters (plus a fusion member's
 # "-fusion"): a name becomes file names with suffixes (<name>_test.shard03of08.store), 255 bytes at most.
 MAX_NAME = 100
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}(-fusion)?" % (MAX_NAME - 1))
+FUSION_SUFFIX = "-fusion"  # step 06b's member over a model's features: <model>-fusion
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}(%s)?" % (MAX_NAME - 1, re.escape(FUSION_SUFFIX)))
 
 
 def check_name(name: str, what="model name") -> str:
@@ -56,6 +60,21 @@ def check_names(names: list) -> list:
     if len(set(names)) != len(names):
         raise ValueError(f"models={names} names a model twice")
     return names
+
+
+def fusion_member(model) -> str:
+    "The ensemble member that the fusion head over `model`'s features predicts as (step 06b)"
+    return check_name(f"{model}{FUSION_SUFFIX}")
+
+
+def is_fusion(member) -> bool:
+    "Whether an ensemble member is a fusion head's (step 06b) rather than a trained model's"
+    return member.endswith(FUSION_SUFFIX)
+
+
+def base_of(member) -> str:
+    "The model whose features a fusion member fuses; a trained model's member is the model itself"
+    return member[:-len(FUSION_SUFFIX)] if is_fusion(member) else member
 
 
 # a Params field holding model names (models in run_dir/models/)
@@ -85,9 +104,13 @@ class RunLayout:
     def model_dir(self, name) -> Path:
         return self.root / "models" / check_name(name)
 
+    def model(self, name) -> ModelFiles:
+        "The files of a model's folder: weights, card, params, metrics, checkpoint (a fusion member's: its card, heads)"
+        return ModelFiles(self.model_dir(name))
+
     def model_names(self) -> list:
         d = self.root / "models"
-        return sorted(p.name for p in d.iterdir() if (p / "model.json").exists()) if d.exists() else []
+        return sorted(p.name for p in d.iterdir() if ModelFiles(p).card.exists()) if d.exists() else []
 
     # step 06
     def store(self, member, split, shard=None, num_shards=1) -> Path:
@@ -106,10 +129,11 @@ class RunLayout:
         return self.root / "preds" / f"{name}.features"
 
     # step 06b
-    @staticmethod
-    def fusion_member(model) -> str:
-        "The ensemble member that the fusion head over `model`'s features predicts as"
-        return check_name(f"{model}-fusion")
+    fusion_member = staticmethod(fusion_member)
+
+    def fusion_card(self, model) -> Path:
+        "What step 06b trained and chose over `model`'s features (cdkit.infer.fusion.FusionCard)"
+        return self.model(fusion_member(model)).fusion_card
 
     # step 07
     def ensemble_store(self, stage, split) -> Path:
@@ -133,6 +157,9 @@ class RunLayout:
     def figures(self) -> Path:
         return self.root / "figures"
 
+    def figure(self, name) -> Path:
+        return self.figures / f"{name}.png"
+
     @property
     def report(self) -> Path:
         return self.root / "report.md"
@@ -140,6 +167,19 @@ class RunLayout:
     @property
     def submission(self) -> Path:
         return self.root / "submission.csv.gz"
+
+    def notebook(self, name) -> Path:
+        "The executed copy of a step's notebook (`cdkit demo`)"
+        return self.root / "notebooks" / f"{name}.ipynb"
+
+    @staticmethod
+    def top_names() -> frozenset:
+        "What the kit writes at the top of a run folder"
+        r = RunLayout(Path("."))
+        paths = (r.step_params("x").parent, r.model_dir("x").parent, r.store("x", "test").parent,
+                 r.products("base", "test").parent, r.figures, r.notebook("x").parent, r.results, r.report,
+                 r.submission)
+        return frozenset(p.name for p in paths)
 
 
 # Generations. The files one run of a step writes together (a model's valid and test stores, an
@@ -247,7 +287,7 @@ def _same(items, rewrites):
 
 def rewrites_store(member) -> str:
     "The step that writes a member's stores"
-    if member.endswith("-fusion"):
+    if is_fusion(member):
         return "step 06b (`cdkit fuse overwrite=true`)"
     return "step 06 (`cdkit predict`)"
 

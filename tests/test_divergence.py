@@ -71,14 +71,14 @@ def test_the_check_syncs_once_per_window_not_per_batch():
 
 
 def test_a_fusion_head_with_nan_features_stops_and_saves_no_head(tmp_path):
-    from cdkit.infer.fusion import HeadSpec, product_groups, train_head
+    from cdkit.infer.fusion import FitSpec, HeadSpec, ProductSet, product_groups, train_head
     n, d = 200, 8
     x = np.full((n, d), np.inf, np.float16)  # features that overflowed
     g = product_groups(np.arange(n), np.zeros(n, np.int64))
     y = np.arange(n) % 3
     spec = HeadSpec(d, 3, hidden=8)
     with pytest.raises(DivergedError, match=r"epoch 1 of 2"):
-        train_head(spec, x, g, y, x, g, y, tmp_path, "h", epochs=2, bs=32, device="cpu")
+        train_head(spec, FitSpec(epochs=2, bs=32), ProductSet(x, g, y), ProductSet(x, g, y), tmp_path, "h", device="cpu")
     assert not (tmp_path / "h.pth").exists() and not (tmp_path / "checkpoints" / "h.pth").exists()
 
 

@@ -90,14 +90,14 @@ def test_step02_refuses_a_split_made_with_other_settings(tiny_data, tmp_path):
 def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tmp_path):
     from cdkit.infer.features import load_features, merge_features
     from cdkit.train.models import create_model
-    from cdkit.infer.predict import feature_layer, predict_to_store
+    from cdkit.infer.predict import Shard, Views, feature_layer, predict_to_store
     from cdkit.data.prepare import create_prepared
     from cdkit.infer.store import load_store
     prep = create_prepared(tiny_data, tmp_path / "w", fusion_frac=0.2, log=lambda *a: None)
     images, bson = prep.images("valid")
     torch.manual_seed(0)
     model = create_model("resnet10t", prep.catalog.n_classes).eval()
-    kw = dict(n_views=2, size=32, item_size=160, exact=True, bs=8, device="cpu")
+    kw = dict(views=Views(2, size=32, item_size=160), exact=True, bs=8, device="cpu")
     predict_to_store(model, images, bson, tmp_path / "p.store", features_path=tmp_path / "p.features", **kw)
     fs, st = load_features(tmp_path / "p.features"), load_store(tmp_path / "p.store")
     assert len(fs) == len(images) and fs.x.dtype == np.float16
@@ -112,7 +112,7 @@ def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tm
     parts = []
     for shard in range(2):
         p = tmp_path / f"s{shard}.features"
-        predict_to_store(model, images, bson, None, features_path=p, shard=shard, num_shards=2, **kw)
+        predict_to_store(model, images, bson, None, features_path=p, part=Shard(shard, 2), **kw)
         parts.append(p)
     merged = load_features(merge_features(parts, tmp_path / "m.features"))
     assert np.array_equal(merged.product_id, fs.product_id) and np.allclose(np.asarray(merged.x, np.float32),
@@ -121,7 +121,7 @@ def test_features_come_from_the_same_forward_pass_and_shards_merge(tiny_data, tm
 
 def test_a_fusion_head_learns_what_is_split_across_pictures(tmp_path):
     "Class = (a, b) where picture 1 shows a and picture 2 shows b: no single picture can tell the class"
-    from cdkit.infer.fusion import HeadSpec, train_head
+    from cdkit.infer.fusion import FitSpec, HeadSpec, ProductSet, train_head
     rng = np.random.default_rng(0)
     n, d = 1200, 16
     a, b = rng.integers(0, 3, n), rng.integers(0, 3, n)
@@ -134,10 +134,45 @@ def test_a_fusion_head_learns_what_is_split_across_pictures(tmp_path):
     g = product_groups(pid, img)
     tr, va = g.select(np.arange(0, 1000)), g.select(np.arange(1000, n))
     spec = HeadSpec(d, 9, hidden=32, dropout=0.1, order="aware", pool="max")
-    net, hist = train_head(spec, x, tr, y[:1000], x, va, y[1000:], tmp_path, "h", epochs=12, lr=1e-2, bs=64,
-                           label_smoothing=0.0, device="cpu")
+    net, hist = train_head(spec, FitSpec(epochs=12, lr=1e-2, bs=64, label_smoothing=0.0), ProductSet(x, tr, y[:1000]),
+                           ProductSet(x, va, y[1000:]), tmp_path, "h", device="cpu")
     xb, mb = gather(x, va.rows)
     with torch.no_grad():
         acc = (net(xb, mb).argmax(1).numpy() == y[1000:]).mean()
     assert acc > 0.8  # a single picture is right at most 1/3 of the time
     assert (tmp_path / "h.pth").exists() and len(hist) == 12 and not (tmp_path / "checkpoints" / "h.pth").exists()
+
+
+def test_the_fusion_card_round_trips_and_a_damaged_one_names_its_file(tmp_path):
+    "fusion.json is written and read through FusionCard; a card missing a field or choosing no trained variant is refused"
+    import json
+    from cdkit.base.errors import FileFormatError
+    from cdkit.infer.fusion import FusionCard, HeadSpec
+    from dataclasses import asdict
+    spec = HeadSpec(16, 5, hidden=8)
+    card = FusionCard("resnet", "resnet-fusion", "aware", ["aware"], [0, 1], {"aware": asdict(spec)},
+                      {"test": "preds/resnet_test.features"}, {"label_smoothing": 0.1})
+    path = card.write(tmp_path / "fusion.json")
+    back = FusionCard.read(path)
+    assert back == card and back.head_spec("aware") == spec
+    assert list(json.loads(path.read_text())) == ["backbone", "member", "chosen", "variants", "seeds", "spec",
+                                                  "features", "params"]
+    for damage in ({"chosen": "invariant"}, {"spec": {"aware": {"d": 16}}}, {"seeds": "0"}):
+        (tmp_path / "bad.json").write_text(json.dumps({**asdict(card), **damage}))
+        with pytest.raises(FileFormatError, match=r"bad\.json: not a fusion card"):
+            FusionCard.read(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"member": "resnet-fusion"}))
+    with pytest.raises(FileFormatError, match=r"bad\.json: not a fusion card \(no backbone, chosen"):
+        FusionCard.read(tmp_path / "bad.json")
+
+
+def test_fusion_members_are_named_and_recognised_by_the_run_layout(tmp_path):
+    from cdkit.runs import RunLayout, base_of, fusion_member, is_fusion
+    assert fusion_member("resnet") == "resnet-fusion" and is_fusion("resnet-fusion") and not is_fusion("resnet")
+    assert base_of("resnet-fusion") == "resnet" and base_of("resnet") == "resnet"
+    layout = RunLayout.of(tmp_path)
+    assert layout.fusion_card("resnet") == tmp_path.resolve() / "models" / "resnet-fusion" / "fusion.json"
+    m = layout.model("resnet")
+    assert (m.weights.name, m.card.name, m.params.name, m.metrics.name) == ("model.pth", "model.json", "params.yaml",
+                                                                          "metrics.csv")
+    assert m.checkpoint.relative_to(m.dir).as_posix() == "checkpoints/last.pth"

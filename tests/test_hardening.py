@@ -539,7 +539,7 @@ def test_errors_and_output_of_the_library_are_scrubbed(tmp_path, sample, monkeyp
 
 
 def submit_command(tmp_path, env):
-    "Run `submit` in a fresh interpreter with only `env`: (returncode, everything it printed)"
+    "Submit in a fresh interpreter with only `env`: (returncode, everything it printed; a refusal on one line)"
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     pd.DataFrame({"category_id": KNOWN, "category_level1": "A", "category_level2": "B",
@@ -548,8 +548,15 @@ def submit_command(tmp_path, env):
     (tmp_path / "s.csv").write_text("_id,category_id\n10,1000010653\n14,1000010667\n")
     return run_python(f"""
         import sys
-        from cdkit.submit.submission import main
-        sys.exit(main([{str(tmp_path / "s.csv")!r}, "-m", "try", "--data-dir", {str(tmp_path)!r}]))
+        from cdkit.data.catalog import Catalog
+        from cdkit.submit.submission import SubmissionError, kaggle_submit
+        known = Catalog.from_csv({str(tmp_path / "category_names.csv")!r}).category_ids
+        try:
+            kaggle_submit({str(tmp_path / "s.csv")!r}, "try", sample_submission_path={str(tmp_path / "sample_submission.csv")!r},
+                          known_category_ids=known)
+        except SubmissionError as e:
+            print(f"refused: {{e}}")
+            sys.exit(1)
     """, env={"HOME": str(home), **env})
 
 

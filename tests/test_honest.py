@@ -211,7 +211,7 @@ def test_make_dataloaders_trains_on_neither_validation_nor_fusion_products(tiny_
 
 def test_fusion_variant_rows_come_from_the_variant_chosen_on_the_other_folds():
     "Two variants' blends over the same pictures (stored in different row orders): each product's rows from its pick"
-    from cdkit.steps.fuse import _pick_rows
+    from cdkit.infer.selection import pick_rows
     pid = np.repeat(np.arange(6) + 40, 2)
     img = np.tile([0, 1], 6)
     aware = PredStore(pid, img.astype(np.int8), np.full((12, 1, 1), 1, np.uint16), np.full((12, 1, 1), 0.5, np.float32),
@@ -220,7 +220,7 @@ def test_fusion_variant_rows_come_from_the_variant_chosen_on_the_other_folds():
     invariant = PredStore(pid[order], img[order].astype(np.int8), np.full((12, 1, 1), 2, np.uint16),
                           np.full((12, 1, 1), 0.7, np.float32), np.full((12, 1), 0.3, np.float32), C)
     pick = pd.Series(["aware", "invariant", "aware", "invariant", "invariant", "aware"], index=np.arange(6) + 40)
-    out = _pick_rows({"aware": aware, "invariant": invariant}, pick)
+    out = pick_rows({"aware": aware, "invariant": invariant}, pick)
     assert np.array_equal(out.product_id, pid) and np.array_equal(out.img_idx, img)
     want = np.where(pick.reindex(pid).to_numpy() == "aware", 1, 2)
     assert np.array_equal(out.cls[:, 0, 0], want)

@@ -22,11 +22,11 @@ def test_indexing_and_hashing_draw_bars(tiny_data, capsys):
 def test_prediction_draws_a_bar(tiny_data, tmp_path, capsys):
     import torch
     from cdkit.data.bsonfile import build_index, image_table
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import StoreSpec, Views, predict_to_store
     images = image_table(build_index(tiny_data / "test.bson")).head(40)
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
-    predict_to_store(model, images, tiny_data / "test.bson", tmp_path / "q.store", size=32, item_size=160, bs=16,
-                     k=3, device="cpu", progress=True)
+    predict_to_store(model, images, tiny_data / "test.bson", tmp_path / "q.store", Views(size=32, item_size=160),
+                     StoreSpec(k=3), bs=16, device="cpu", progress=True)
     err = capsys.readouterr().err
     assert "predict q.store: 100%" in err and "40/40" in err
 

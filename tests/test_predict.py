@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cdkit.data.bsonfile import build_index, image_table
 from cdkit.data.loaders import make_dataloaders
-from cdkit.infer.predict import ViewMaker, predict_to_store, view_params, view_theta
+from cdkit.infer.predict import Shard, StoreSpec, ViewMaker, Views, predict_to_store, view_params, view_theta
 from cdkit.infer.store import load_store, merge_stores
 
 SIZE, ITEM = 32, 48
@@ -34,7 +34,7 @@ def setup(tiny_data, tmp_path_factory):
 
 def test_exact_original_view_equals_get_preds(setup):
     learn, test, bson_path, out = setup
-    path = predict_to_store(learn, test, bson_path, out / "exact", n_views=1, exact=True, bs=16, device="cpu")
+    path = predict_to_store(learn, test, bson_path, out / "exact", Views(1), exact=True, bs=16, device="cpu")
     st = load_store(path)
     assert np.array_equal(st.product_id, test["product_id"]) and np.array_equal(st.img_idx, test["img_idx"])
     preds, _ = learn.get_preds(dl=learn.dls.test_dl(test, bson_path=bson_path, bs=16))
@@ -45,7 +45,7 @@ def test_exact_original_view_equals_get_preds(setup):
 
 def test_tta_views_are_seeded_and_differ_from_the_original(setup):
     learn, test, bson_path, out = setup
-    run = lambda name, seed: load_store(predict_to_store(learn, test, bson_path, out / name, n_views=3, seed=seed,
+    run = lambda name, seed: load_store(predict_to_store(learn, test, bson_path, out / name, Views(3, seed=seed),
                                                          exact=True, bs=16, device="cpu"))
     a, b, c = run("tta_a", 0), run("tta_b", 0), run("tta_c", 1)
     assert a.n_views == 3
@@ -60,9 +60,9 @@ def test_tta_views_are_seeded_and_differ_from_the_original(setup):
 
 def test_shards_merged_equal_the_unsharded_run(setup):
     learn, test, bson_path, out = setup
-    kw = dict(n_views=2, seed=5, k=6, prob_dtype="float32", device="cpu")
+    kw = dict(views=Views(2, seed=5), store=StoreSpec(k=6, prob_dtype="float32"), device="cpu")
     whole = load_store(predict_to_store(learn, test, bson_path, out / "whole", bs=16, **kw))
-    shards = [predict_to_store(learn, test, bson_path, out / f"part{i}", bs=7, shard=i, num_shards=3, **kw)
+    shards = [predict_to_store(learn, test, bson_path, out / f"part{i}", part=Shard(i, 3), bs=7, **kw)
               for i in range(3)]  # other batch boundaries too: views must not depend on them
     merged = load_store(merge_stores(shards, out / "merged"))
     np.testing.assert_array_equal(merged.product_id, whole.product_id)
@@ -107,8 +107,8 @@ def test_corrupt_picture_is_predicted_and_counted(tmp_path):
     (tmp_path / "raw").mkdir()  # the raw data folder: stores go elsewhere
     path = write_bson(tmp_path / "raw" / "train.bson")
     t = labelled_table(path)
-    st = load_store(predict_to_store(tiny_cnn(4), t, path, tmp_path / "store", size=SIZE, item_size=ITEM, n_views=2,
-                                     k=4, bs=8, device="cpu"))
+    st = load_store(predict_to_store(tiny_cnn(4), t, path, tmp_path / "store", Views(2, size=SIZE, item_size=ITEM),
+                                     StoreSpec(k=4), bs=8, device="cpu"))
     assert len(st) == len(t) and st.meta["bad_pictures"] == 1 and st.n_classes == 4
 
 
@@ -145,3 +145,16 @@ def test_step06_shards_are_stored_apart_and_merged_by_the_last(tiny_data, tmp_pa
         order_m, order_w = np.argsort(merged[s].keys()), np.argsort(w.keys())
         assert np.array_equal(merged[s].keys()[order_m], w.keys()[order_w])
         assert np.array_equal(merged[s].cls[order_m], w.cls[order_w])
+
+
+def test_step06_result_is_named_fields_and_its_table_is_built_from_them():
+    "The accuracies are ViewAccuracy fields per (model, split); the display table keeps its columns"
+    from cdkit.steps.predict import PredictResult, ViewAccuracy
+    acc = {("a", "valid"): ViewAccuracy(0.5, 0.6, 2), ("a", "test"): ViewAccuracy(0.4, 0.45, 2),
+           ("b", "valid"): ViewAccuracy(0.3, 0.35, 2)}
+    R = PredictResult({}, acc, ["a", "b"], complete=False)
+    assert R.baseline("test") == ViewAccuracy(0.4, 0.45, 2)
+    t = R.table
+    assert list(t.index) == ["a", "b"]
+    assert list(t.columns) == ["valid 1 view", "valid all views", "views", "test 1 view", "test all views"]
+    assert t.loc["a", "test all views"] == 0.45 and np.isnan(t.loc["b", "test 1 view"])

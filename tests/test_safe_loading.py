@@ -172,7 +172,7 @@ def test_a_crafted_last_pth_is_refused_on_resume(tiny_data, tmp_path, capsys):
 
 def test_a_crafted_fusion_checkpoint_or_head_is_refused_on_resume(tmp_path):
     "What `cdkit fuse resume=true` does per head: continue from checkpoints/<head>.pth, or load a finished <head>.pth"
-    from cdkit.infer.fusion import HeadSpec, load_head, product_groups, train_head
+    from cdkit.infer.fusion import FitSpec, HeadSpec, ProductSet, load_head, product_groups, train_head
     n, d = 64, 8
     x = np.random.default_rng(0).normal(size=(n, d)).astype(np.float16)
     g = product_groups(np.arange(n), np.zeros(n, np.int64))
@@ -181,7 +181,8 @@ def test_a_crafted_fusion_checkpoint_or_head_is_refused_on_resume(tmp_path):
     marker = tmp_path / "ran"
     craft(tmp_path / "checkpoints" / "h.pth", marker)
     with pytest.raises(UnsafeCheckpointError, match=r"h\.pth: refused"):
-        train_head(spec, x, g, y, x, g, y, tmp_path, "h", epochs=2, bs=16, device="cpu", resume=True)
+        train_head(spec, FitSpec(epochs=2, bs=16), ProductSet(x, g, y), ProductSet(x, g, y), tmp_path, "h", resume=True,
+                   device="cpu")
     assert not marker.exists() and not (tmp_path / "h.pth").exists()
     craft(tmp_path / "done.pth", marker)
     with pytest.raises(UnsafeCheckpointError, match=r"done\.pth: refused"):

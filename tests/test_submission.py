@@ -74,16 +74,3 @@ def test_kaggle_submit_with_fake_api(tmp_path, sample):
     valid(sample).iloc[:3].to_csv(bad, index=False)
     with pytest.raises(SubmissionError, match="missing"): kaggle_submit(bad, "x", api=api, **kw)
     assert len(api.calls) == 1
-
-
-def test_submit_command_dry_run(tmp_path, sample, capsys):
-    from cdkit.submit.submission import main
-    pd.DataFrame({"category_id": KNOWN, "category_level1": "A", "category_level2": "B",
-                  "category_level3": ["C", "D", "E"]}).to_csv(tmp_path / "category_names.csv", index=False)
-    path = write_submission(valid(sample), tmp_path / "s.csv.gz", sample, KNOWN)
-    assert main([str(path), "-m", "x", "--data-dir", str(tmp_path), "--dry-run"]) == 0
-    assert "is valid" in capsys.readouterr().out
-    bad = tmp_path / "bad.csv"
-    valid(sample).iloc[:3].to_csv(bad, index=False)
-    assert main([str(bad), "-m", "x", "--data-dir", str(tmp_path), "--dry-run"]) == 1
-    assert "refused: 1 _id values" in capsys.readouterr().out

@@ -327,7 +327,7 @@ def test_a_failed_export_leaves_no_file_and_the_learner_whole(tiny_data, tmp_pat
 
 
 def test_load_learner_reopens_a_model_and_predicts_what_step_06_predicts(tiny_data, tmp_path):
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import Views, predict_to_store
     from cdkit.data.prepare import load_prepared
     from cdkit.infer.store import load_store
     res = train(quick(tiny_data, tmp_path, name="re", epochs=1))
@@ -338,15 +338,15 @@ def test_load_learner_reopens_a_model_and_predicts_what_step_06_predicts(tiny_da
     images = images.iloc[:6]
     a = load_store(predict_to_store(learn, images, bson, tmp_path / "a.store", exact=True, device="cpu"))
     t = load_trained(res.model_dir)  # what step 06 does
-    b = load_store(predict_to_store(t.model, images, bson, tmp_path / "b.store", exact=True, device="cpu", size=t.size,
-                                    item_size=t.item_size, mean=t.mean, std=t.std))
+    b = load_store(predict_to_store(t.model, images, bson, tmp_path / "b.store", Views(size=t.size, item_size=t.item_size,
+                                    mean=t.mean, std=t.std), exact=True, device="cpu"))
     assert np.allclose(a.prob, b.prob, atol=1e-6) and (a.product_id == b.product_id).all()
     # fastai's predict on one picture's JPEG gives step 06's probabilities for it
     ds = learn.dls.valid.dataset
     _, _, probs = learn.predict(ds.jpeg(0))
     all_images, _ = prep.images("valid")
     row = all_images[(all_images.product_id == int(ds.product_id[0])) & (all_images.img_idx == int(ds.img_idx[0]))]
-    one = load_store(predict_to_store(t.model, row, bson, tmp_path / "c.store", exact=True, device="cpu", size=t.size,
-                                      item_size=t.item_size, mean=t.mean, std=t.std))
+    one = load_store(predict_to_store(t.model, row, bson, tmp_path / "c.store", Views(size=t.size, item_size=t.item_size,
+                                      mean=t.mean, std=t.std), exact=True, device="cpu"))
     assert len(one) == 1
     assert np.allclose(probs.numpy()[one.cls[0, 0]], one.prob[0, 0], atol=1e-5)

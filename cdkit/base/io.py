@@ -219,6 +219,16 @@ def output_current(path, stamp, read_manifest, verify, errors, what="written", l
     return True
 
 
+def file_sha256(path) -> str:
+    "sha256 of a file's content, read in blocks of 4 MiB"
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_torch(obj, path):
     """torch.save of `obj` to `path`, atomically. Saved through a file object, so the archive inside is named
     `archive/` whatever the temp file's name: the same state gives the same bytes (torch names the archive

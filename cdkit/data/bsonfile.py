@@ -457,6 +457,11 @@ _FP_SCHEME = "size+sha256(first MB, last MB, 64 blocks of 4 KB)/1"
 _FP_EDGE, _FP_SAMPLES, _FP_BLOCK = 1 << 20, 64, 4096
 
 
+def picture_md5(picture: bytes) -> bytes:
+    "The 16-byte MD5 digest by which byte-identical pictures are recognized (step 01's duplicates, the MD5 lookup)"
+    return hashlib.md5(picture).digest()
+
+
 def source_fingerprint(path):
     "dict(size, mtime_ns, sha256, scheme) of a file, cheap at any size (see `index_matches`)"
     fd = os.open(str(path), os.O_RDONLY)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cdkit.base.errors import CdkitError
-from cdkit.base.io import DiskFullError, disk_full_as_error, makedirs, replace_dir, sweep_temps, tmp_path
+from cdkit.base.io import DiskFullError, disk_full_as_error, file_sha256, makedirs, replace_dir, sweep_temps, tmp_path
 
 DTYPE = np.float16
 FILES = ("features.npy", "pictures.parquet")
@@ -132,7 +132,7 @@ class FeatureWriter:
                 self.f.close()
                 pics = self.tmp / "pictures.parquet"
                 pd.DataFrame({"product_id": self.pid, "img_idx": self.img}).to_parquet(pics, index=False)
-                sums = {"features.npy": self.sha.hexdigest(), "pictures.parquet": _file_sha(pics)}
+                sums = {"features.npy": self.sha.hexdigest(), "pictures.parquet": file_sha256(pics)}
                 (self.tmp / "manifest.json").write_text(json.dumps(dict(n=self.n, d=self.d, dtype="float16",
                                                                         sha256=sums, meta=self.meta),
                                                                    indent=1, default=str))
@@ -158,29 +158,17 @@ def _npy_header(n, d) -> bytes:
     return buf.getvalue()
 
 
-def _file_sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _rebuild_hint(man) -> str:
     hint = man.get("meta", {}).get("rebuild") if isinstance(man.get("meta"), dict) else None
     return f"; {hint} writes it again" if hint else "; run the step that wrote it again"
 
 
 def read_manifest(path) -> dict:
-    p = Path(path) / "manifest.json"
-    if not p.exists():
-        raise FeatureStoreError(f"{path} is not a complete feature store (no manifest.json)")
-    try:
-        man = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FeatureStoreError(f"{p} is corrupt (not JSON: {e})") from None
+    "The manifest of a complete feature store; FeatureStoreError saying why otherwise"
+    from cdkit.infer.store import MANIFEST, load_manifest
+    man = load_manifest(path, FeatureStoreError, f"{path} is not a complete feature store (no {MANIFEST})")
     if not isinstance(man, dict) or not all(k in man for k in ("n", "d")):
-        raise FeatureStoreError(f"{p} is not a feature store manifest")
+        raise FeatureStoreError(f"{Path(path) / MANIFEST} is not a feature store manifest")
     return man
 
 
@@ -194,7 +182,7 @@ def verify_features(path) -> dict:
             raise FeatureStoreError(f"{path / name} is missing{_rebuild_hint(man)}")
     want = man.get("sha256") or {}
     for name in FILES:
-        if name in want and _file_sha(path / name) != want[name]:
+        if name in want and file_sha256(path / name) != want[name]:
             raise FeatureStoreError(f"{path / name} does not match the checksum in its manifest (damaged or "
                                     f"truncated){_rebuild_hint(man)}")
     return man

@@ -13,7 +13,8 @@ about 0.78 per product. Here:
   learned position embedding and the main photo's (the first picture's) own vector beside the pooled
   one; `order="invariant"` gives the same output for any order of the pictures;
 - `train_head` fits one with fastai (one-cycle, Adam, label smoothing, the kit's per-epoch
-  checkpoint and log, so an interrupted run resumes);
+  checkpoint and log, so an interrupted run resumes); `fit_heads` one per variant and seed;
+- `FusionCard`: what step 06b trained and chose (fusion.json), read back validated;
 - `fusion_to_store` streams products a block at a time through one or more heads (their softmax
   averaged) into a prediction store with one row per picture, each carrying its product's
   distribution: the fusion head then enters the ensemble (step 07) and the aggregation (step 08)
@@ -21,7 +22,7 @@ about 0.78 per product. Here:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +186,26 @@ class HeadSpec:
                          self.max_pictures)
 
 
-def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_valid: Groups, y_valid, out_dir, name,
-               epochs=20, lr=2e-3, bs=128, wd=0.01, label_smoothing=0.1, seed=0, resume=False, device=None):
+@dataclass(frozen=True)
+class FitSpec:
+    "How a fusion head is fitted: one-cycle Adam over products"
+    epochs: int = 20
+    lr: float = 2e-3                      # one-cycle peak
+    bs: int = 128                         # products per batch
+    wd: float = 0.01
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class ProductSet:
+    "The products a head learns or is validated on: the feature matrix, its product groups, one label per group"
+    x: object                             # (pictures, d) features, memory-mapped
+    groups: Groups
+    y: np.ndarray                         # (products,) class of each group
+
+
+def train_head(spec: HeadSpec, fit: FitSpec, train: ProductSet, valid: ProductSet, out_dir, name, seed=0,
+               resume=False, device=None):
     """Train one fusion head with fastai; returns (model in eval mode, history DataFrame).
 
     out_dir/<name>.pth the weights, <name>_metrics.csv one line per epoch, checkpoints/<name>.pth the
@@ -201,21 +220,24 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     from fastai.torch_core import set_seed
     from cdkit.train.callbacks import Checkpoint, EpochLog, FiniteLoss, check_finite_weights, load_checkpoint, read_checkpoint
     from cdkit.base.io import makedirs, remove, save_torch
+    from cdkit.train.files import ModelFiles
     out_dir = Path(out_dir)
+    files = ModelFiles(out_dir)
+    epochs, lr, bs, wd, label_smoothing = fit.epochs, fit.lr, fit.bs, fit.wd, fit.label_smoothing
     makedirs(out_dir)
     set_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_ds, valid_ds = ProductFeatures(x_train, g_train, y_train), ProductFeatures(x_valid, g_valid, y_valid)
+    train_ds, valid_ds = ProductFeatures(train.x, train.groups, train.y), ProductFeatures(valid.x, valid.groups, valid.y)
     dls = DataLoaders(_product_dl(train_ds, bs, shuffle=True, drop_last=len(train_ds) > bs, seed=seed),
                       _product_dl(valid_ds, bs * 2), device=device)
-    ckpt = out_dir / "checkpoints" / f"{name}.pth"
+    ckpt = files.head_checkpoint(name)
     start, saved = 0, None
     if resume and ckpt.exists():
         saved = read_checkpoint(ckpt)  # a safe load: refused, never executed, if it is not plain tensors and values
         start = int(saved["epoch"])
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     learn = Learner(dls, spec.build(), loss_func=loss, metrics=[accuracy], wd=wd, path=out_dir, model_dir=".",
-                    cbs=[EpochLog(out_dir / f"{name}_metrics.csv", start), FiniteLoss(), Checkpoint(ckpt, start)])
+                    cbs=[EpochLog(files.head_metrics(name), start), FiniteLoss(), Checkpoint(ckpt, start)])
     learn.model.to(device)
     if start:
         load_checkpoint(learn, ckpt, saved)
@@ -225,10 +247,79 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     model = learn.model.eval()
     check_finite_weights(model, f"fusion head {out_dir / name}")
     state = model.state_dict()
-    save_torch(state, out_dir / f"{name}.pth")
+    save_torch(state, files.head_weights(name))
     remove(ckpt)  # the head is finished: its weights are all a resume needs
-    hist = pd.read_csv(out_dir / f"{name}_metrics.csv")
+    hist = pd.read_csv(files.head_metrics(name))
     return model, hist
+
+
+def fit_heads(specs: dict, seeds, fit: FitSpec, train: ProductSet, valid: ProductSet, out_dir, resume=False,
+              device=None):
+    """One head per (variant, seed) of `specs` ({variant: HeadSpec}) and `seeds`, in out_dir as
+    `<variant>_seed<s>`; with `resume` a finished head is loaded, not retrained.
+    Returns ({(variant, seed): model in eval mode}, {(variant, seed): history of the heads trained now})"""
+    from cdkit.train.files import ModelFiles
+    files = ModelFiles(out_dir)
+    heads, hist = {}, {}
+    for variant, spec in specs.items():
+        for seed in seeds:
+            name = files.head_name(variant, seed)
+            if resume and files.head_weights(name).exists():
+                heads[(variant, seed)] = load_head(spec, files.head_weights(name), device or "cpu")
+            else:
+                heads[(variant, seed)], hist[(variant, seed)] = train_head(spec, fit, train, valid, out_dir, name, seed,
+                                                                           resume, device)
+    return heads, hist
+
+
+@dataclass
+class FusionCard:
+    "What step 06b trained and chose over one backbone's features: the member's fusion.json"
+    backbone: str
+    member: str
+    chosen: str                           # the variant whose heads predict test
+    variants: list                        # the variants trained
+    seeds: list
+    spec: dict                            # {variant: HeadSpec fields}
+    features: dict                        # {split: feature store the heads read}
+    params: dict = field(default_factory=dict)  # the step's effective parameters
+
+    def head_spec(self, variant) -> HeadSpec:
+        return HeadSpec(**self.spec[variant])
+
+    def write(self, path):
+        "The card as JSON, atomically"
+        import json
+        from cdkit.base.io import atomic_write
+        text = json.dumps(asdict(self), indent=1)
+        return atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+
+    @classmethod
+    def read(cls, path) -> "FusionCard":
+        "The card in `path`; FileFormatError naming the file when it is not one"
+        from cdkit.base.errors import FileFormatError, read_json
+        raw = read_json(path)
+        fields = cls.__dataclass_fields__
+        required = [k for k in fields if k != "params"]
+        missing = [k for k in required if k not in raw] if isinstance(raw, dict) else required
+        try:
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            card = cls(**{k: raw[k] for k in fields if k in raw})
+            kinds = dict(backbone=str, member=str, chosen=str, variants=list, seeds=list, spec=dict, features=dict,
+                         params=dict)
+            wrong = [k for k, t in kinds.items() if not isinstance(getattr(card, k), t)]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} of the wrong kind")
+            if card.chosen not in card.variants or set(card.spec) != set(card.variants):
+                raise ValueError(f"chosen={card.chosen!r} and spec's variants {sorted(card.spec)} must be among "
+                                 f"variants={card.variants}")
+            for v in card.variants:
+                card.head_spec(v)
+        except (TypeError, ValueError) as e:
+            raise FileFormatError(f"{path}: not a fusion card ({' '.join(str(e).split())[:200]}); run step 06b "
+                                  "(`cdkit fuse overwrite=true`) again") from None
+        return card
 
 
 def load_head(spec: HeadSpec, path, device="cpu") -> FusionNet:

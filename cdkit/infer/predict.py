@@ -13,6 +13,7 @@ keeps nothing else. Per picture it computes `n_views` softmax distributions:
   come from a hash of (seed, view, product_id, img_idx): the same picture gets the same views
   whatever the batch size, shard or worker count, so sharded runs merge into the unsharded result.
 
+`Views`, `StoreSpec` and `Shard` say how pictures are seen, what the store keeps and which rows are predicted.
 Shards (`shard` of `num_shards`) are contiguous row ranges of the table (`cdkit.infer.store.shard_rows`);
 write one store per shard and join them with `cdkit.infer.store.merge_stores`.
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -146,33 +148,63 @@ class FeatureTap:
     def remove(self): self.handle.remove()
 
 
-def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path, n_views=1, k=20, size=None,
-                     item_size=None, bs=128, num_workers=0, shard=0, num_shards=1, seed=0, aug=None, mean=None,
-                     std=None, n_classes=None, prob_dtype="uint8", exact=False, device=None, meta=None,
-                     overwrite=False, log_every=60.0, progress=None, features_path=None, features_meta=None):
-    """Softmax probabilities of `n_views` views of every picture of `images` (its shard), streamed to a store.
+@dataclass(frozen=True)
+class Views:
+    """How each picture is shown to the model: `n_views` views (1 = the original only; 1 + n = n seeded
+    augmented views besides it), at the model's input. None: the Learner's loaders' value (size is
+    required for a bare module; item_size defaults to size, mean/std to ImageNet's, aug to the defaults)"""
+    n_views: int = 1
+    seed: int = 0                         # the augmented views' draws (a picture always gets the same views)
+    size: Optional[int] = None            # the model's input side
+    item_size: Optional[int] = None       # the crop of the 180x180 picture, resized to `size`
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    aug: object = None                    # AugParams (or a dict of them): the augmented views' ranges
 
-    learn_or_model: a fastai Learner (size, item_size, mean, std and aug default to its
-      `cdkit.data.loaders` loaders' values) or a torch module taking normalized (b, 3, size, size) input
+
+@dataclass(frozen=True)
+class StoreSpec:
+    "What the store keeps per picture and view (see cdkit.infer.store), and what its manifest records"
+    k: int = 20                           # classes kept
+    prob_dtype: str = "uint8"             # uint8 (sqrt-quantized), float16 or float32
+    n_classes: Optional[int] = None       # None: the model's output width, from one forward pass
+    meta: Optional[dict] = None           # merged into the store's meta
+    overwrite: bool = False               # replace a store already at the path
+
+
+@dataclass(frozen=True)
+class Shard:
+    "This machine's part of the pictures: rows `shard_rows(len(images), shard, num_shards)`"
+    shard: int = 0
+    num_shards: int = 1
+
+
+def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path, views: Views = Views(),
+                     store: StoreSpec = StoreSpec(), part: Shard = Shard(), features_path=None, features_meta=None,
+                     bs=128, num_workers=0, device=None, exact=False, progress=None, log_every=60.0):
+    """Softmax probabilities of `views.n_views` views of every picture of `images` (its shard), streamed to a store.
+
+    learn_or_model: a fastai Learner (the `views` left at None take its `cdkit.data.loaders` loaders'
+      values) or a torch module taking normalized (b, 3, size, size) input
     images: image table (product_id, img_idx, offset, length); rows map to the store by
       product_id / img_idx
-    n_views: 1 = the original only; 1 + n = n seeded augmented views besides it
-    k, prob_dtype: what the store keeps per picture and view (see cdkit.infer.store)
+    views, store, part: how pictures are seen (`Views`), what the store keeps (`StoreSpec`), which rows (`Shard`)
     exact: float32 compute (no autocast) and the full distribution in float32 (k = n_classes):
       for tests and small data; otherwise bf16 autocast on CUDA
-    shard, num_shards: predict rows `shard_rows(len(images), shard, num_shards)` only
     progress: a bar per picture (None: in notebooks and on terminals, see `cdkit.base.progress`); the log
       line every `log_every` seconds says the same where no bar is drawn
     features_path: also write the pooled features of the original view (`cdkit.infer.features`), taken in
       the same forward pass; store_path None: the features only
     Returns the store's path (the features' when store_path is None). Undecodable pictures are predicted as blank grey pictures; their
     count is in the store's meta (`bad_pictures`)."""
+    n_views, seed, k, prob_dtype, n_classes = views.n_views, views.seed, store.k, store.prob_dtype, store.n_classes
+    shard, num_shards, meta = part.shard, part.num_shards, store.meta
     cfg = _dls_cfg(learn_or_model)
-    size = size or cfg.get("size")
+    size = views.size or cfg.get("size")
     if size is None: raise ValueError("size is required when the model comes without cdkit DataLoaders")
-    item_size = item_size or cfg.get("item_size") or size
-    mean, std = mean or cfg.get("mean") or IMAGENET_MEAN, std or cfg.get("std") or IMAGENET_STD
-    aug = aug_params(aug if aug is not None else cfg.get("aug"))
+    item_size = views.item_size or cfg.get("item_size") or size
+    mean, std = views.mean or cfg.get("mean") or IMAGENET_MEAN, views.std or cfg.get("std") or IMAGENET_STD
+    aug = aug_params(views.aug if views.aug is not None else cfg.get("aug"))
     if n_views < 1: raise ValueError(f"n_views must be >= 1, got {n_views}")
     if device is None: device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -185,13 +217,13 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     ds = PictureDataset(images.iloc[rows.start:rows.stop], bson_path, crop="full", with_labels=False, with_row=True,
                         on_bad="blank")
     dl = picture_dl(ds, bs=bs, num_workers=num_workers, device=device)
-    views = ViewMaker(size, item_size, mean, std, aug, seed, device)
+    make_view = ViewMaker(size, item_size, mean, std, aug, seed, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not exact
                 else contextlib.nullcontext())
     info = dict(size=size, item_size=item_size, n_views=n_views, seed=seed, aug=asdict(aug), mean=list(mean),
                 std=list(std), shard=shard, num_shards=num_shards, rows=[rows.start, rows.stop],
                 bson_path=str(bson_path), exact=exact, **(meta or {}))
-    writer = StoreWriter(store_path, n_classes, k, n_views, prob_dtype, info, overwrite=overwrite) if store_path else None
+    writer = StoreWriter(store_path, n_classes, k, n_views, prob_dtype, info, overwrite=store.overwrite) if store_path else None
     tap, fwriter = (FeatureTap(model), None) if features_path else (None, None)
     t0 = last = time.perf_counter()
     done = 0
@@ -206,7 +238,7 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
                 probs = []
                 for v in range(n_views if writer else 1):
                     if tap: tap.on = v == 0
-                    probs.append(torch.softmax(model(views(x, v, pid, img)).float(), -1))
+                    probs.append(torch.softmax(model(make_view(x, v, pid, img)).float(), -1))
                 if writer: writer.add(pid, img, torch.stack(probs, 1))
                 if tap:
                     if fwriter is None:

@@ -61,3 +61,52 @@ def choose_per_fold(correct: pd.DataFrame, folds: pd.Series):
     honest = float(values[np.arange(len(col)), col].mean()) if len(col) else float("nan")
     in_sample = float(values[:, options.index(chosen)].mean()) if len(col) else float("nan")
     return chosen, per_fold, pick, honest, in_sample
+
+
+def choose_store(stores: dict, truth: pd.Series):
+    """Prediction stores of the same validation pictures (options in order of preference, e.g. a fusion
+    head's variants) compared product by product (mean aggregation) inside folds: (the option better on all
+    validation products, the option each product is scored with or None when there is one option)"""
+    from cdkit.infer.aggregate import aggregate_stores
+    options = list(stores)
+    if len(options) == 1:
+        return options[0], None
+    ids = np.unique(stores[options[0]].product_id)
+    correct = {}
+    for o in options:
+        pp = aggregate_stores([stores[o]], "mean")
+        got = pd.Series(pp.pred_class, index=pp.product_id).reindex(ids).to_numpy()
+        correct[o] = (got == truth.reindex(ids).to_numpy()).astype(float)
+    chosen, _, pick, _, _ = choose_per_fold(pd.DataFrame(correct, index=ids), validation_folds(truth.index))
+    return chosen, pick
+
+
+def pick_rows(stores: dict, pick: pd.Series):
+    "One store whose rows of each product come from stores[pick[product]] (the stores hold the same pictures)"
+    from cdkit.infer.store import align_stores, take_rows
+    names = list(stores)
+    perms = align_stores([stores[v] for v in names])
+    base = take_rows(stores[names[0]], perms[0])
+    out_of = pick.reindex(base.product_id).to_numpy()
+    for v, perm in zip(names[1:], perms[1:]):
+        sel = out_of == v
+        other = stores[v]
+        base.cls[sel], base.prob[sel], base.rest[sel] = other.cls[perm[sel]], other.prob[perm[sel]], other.rest[perm[sel]]
+    return base
+
+
+def install_choice(candidates: dict, final, chosen, picked=None, prob_dtype="uint8"):
+    """Make `final` the store of the `chosen` candidate ({option: temporary store path}), or, given `picked`
+    (a store of per-fold picks, see `pick_rows`), that store; the other candidates are removed"""
+    from cdkit.base.io import remove, replace_dir, tmp_path
+    from cdkit.infer.store import save_store
+    if picked is not None:
+        tmp = tmp_path(final)
+        save_store(picked, tmp, prob_dtype, overwrite=True)
+        replace_dir(tmp, final)
+    for option, tmp in candidates.items():
+        if option == chosen and picked is None:
+            replace_dir(tmp, final)
+        else:
+            remove(tmp)
+    return final

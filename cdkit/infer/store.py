@@ -300,6 +300,18 @@ def _rebuild_hint(manifest) -> str:
     return f"; {hint} writes it again" if hint else "; run the step that wrote it again"
 
 
+def load_manifest(path, error, absent: str):
+    """The JSON value of the manifest.json of a store folder (a prediction store, a feature store): `error`
+    with the message `absent` when there is none, `error` naming the file when it is not JSON"""
+    mf = Path(path) / MANIFEST
+    if not mf.exists():
+        raise error(absent)
+    try:
+        return json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{mf} is corrupt (not JSON: {e})") from None
+
+
 def read_manifest(path):
     "The manifest of a complete store; StoreError saying why otherwise"
     path = Path(path)
@@ -308,12 +320,8 @@ def read_manifest(path):
         hint = f"; an unfinished store exists at {tmps[0]} (its writer's close() never ran)" if tmps else ""
         raise StoreError(f"no prediction store at {path}{hint}")
     mf = path / MANIFEST
-    if not mf.exists():
-        raise StoreError(f"{path} is not a complete prediction store: no {MANIFEST} (its writer's close() never ran)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{mf} is corrupt (not JSON: {e})") from None
+    manifest = load_manifest(path, StoreError, f"{path} is not a complete prediction store: no {MANIFEST} (its "
+                             "writer's close() never ran)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{mf} is not a {FORMAT} manifest")
     if "sha256" in manifest and manifest["sha256"] != _manifest_digest(manifest):

@@ -18,7 +18,7 @@ from pydantic import Field
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import RunParams
 from cdkit.data.prepare import Prepared, load_prepared
-from cdkit.runs import (SPLITS, ModelNames, RunLayout, new_generation, rewrites_ensemble, rewrites_store,
+from cdkit.runs import (SPLITS, ModelNames, RunLayout, is_fusion, new_generation, rewrites_ensemble, rewrites_store,
                     same_generation)
 from cdkit.steps.predict import DEMO_MEMBERS, store_accuracy
 
@@ -76,7 +76,7 @@ def run(P: EnsembleParams, prep: Prepared = None, log=print, save=True) -> Ensem
         table.setdefault("ensemble", {})[split] = store_accuracy(load_store(stores[split]), prep, split)
         log(f"ensemble ({P.stage}, {split}): {stores[split]}")
     # what the fusion members add: the ensemble of the other members alone (weights fitted again), measured only
-    plain = [i for i, m in enumerate(P.models) if not m.endswith("-fusion")]
+    plain = [i for i, m in enumerate(P.models) if not is_fusion(m)]
     if 0 < len(plain) < len(P.models):
         wp = _weights(P, [valid[i] for i in plain], prep)
         for split in SPLITS:

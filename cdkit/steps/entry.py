@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from cdkit.base.errors import CdkitError
+from cdkit.runs import RunLayout
 from cdkit.base.io import (TMP_PREFIX, atomic_write, check_writable, folder_lock, holds_lock, real_path, remove,
                  sweep_tree, temp_owner)
 
@@ -32,8 +33,7 @@ RUN_MARK = ".cdkit-run.json"
 WORK_MARK = ".cdkit-work.json"
 LOCK_FILES = (".lock", ".lock.pid")
 # what the kit writes at the top of a run folder (cdkit.runs.RunLayout, the pipeline's notebooks/)
-RUN_NAMES = frozenset({"params", "models", "preds", "products", "figures", "notebooks", "results.json", "report.md",
-                       "submission.csv.gz", *LOCK_FILES})
+RUN_NAMES = frozenset({*RunLayout.top_names(), *LOCK_FILES})
 RUN_SIGNS = ("results.json", "models", "params", "preds", "products")  # a pre-marker run folder holds one of these
 # what step 02 writes into a work folder (cdkit.data.prepare) and the md5 cache of step 08
 WORK_NAMES = frozenset({"train_index.parquet", "test_index.parquet", "split.parquet", "split.json",

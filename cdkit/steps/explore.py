@@ -4,7 +4,6 @@
 computes every table the notebook shows."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,7 +13,7 @@ import pandas as pd
 from pydantic import Field
 
 from cdkit.steps.entry import step_entry
-from cdkit.data.bsonfile import NO_LABEL, BsonReader, build_index, image_table
+from cdkit.data.bsonfile import NO_LABEL, BsonReader, build_index, image_table, picture_md5
 from cdkit.data.catalog import Catalog
 from cdkit.data.synth import ensure_data
 from cdkit.base.params import DataParams
@@ -107,7 +106,7 @@ def picture_stats(reader, index, max_pictures=200000, seed=0) -> pd.DataFrame:
         pics = reader.pictures(off, n)
         for r in grp.itertuples():
             b = pics[r.img_idx]
-            rows.append((r.product_id, r.img_idx, len(b), hashlib.md5(b).hexdigest()))
+            rows.append((r.product_id, r.img_idx, len(b), picture_md5(b).hex()))
     return pd.DataFrame(rows, columns=["product_id", "img_idx", "bytes", "md5"])
 
 

@@ -18,7 +18,6 @@ the ensemble (step 07) and the aggregation (step 08) like any other member.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -30,7 +29,7 @@ from pydantic import Field, model_validator
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import ParamsError, RunParams, Seed
 from cdkit.data.prepare import Prepared, load_prepared
-from cdkit.runs import SPLITS, ModelNames, RunLayout, same_generation
+from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout, fusion_member, same_generation
 from cdkit.steps.predict import DEMO_MODELS
 
 VARIANTS = ("aware", "invariant")
@@ -100,7 +99,7 @@ def _features(layout: RunLayout, model, split):
 def held_folders(P: FuseParams) -> list:
     "The fusion folders of P.models that hold heads, when neither resume nor overwrite says what to do with them"
     layout = RunLayout.of(P.run_dir)
-    dirs = [layout.model_dir(RunLayout.fusion_member(m)) for m in P.models]
+    dirs = [layout.model_dir(fusion_member(m)) for m in P.models]
     return [] if P.resume or P.overwrite else [d for d in dirs if d.exists() and any(d.iterdir())]
 
 
@@ -119,17 +118,19 @@ def _check_fresh(P: FuseParams):
 def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
     "Train the heads over one backbone's features, choose the variant, write the member's stores"
     import torch
-    from cdkit.infer.fusion import HeadSpec, fusion_to_store, load_head, product_groups, train_head
-    from cdkit.base.io import atomic_write, remove, replace_dir, tmp_path
-    from cdkit.infer.store import load_store, save_store
+    from cdkit.infer.fusion import FitSpec, FusionCard, HeadSpec, ProductSet, fit_heads, fusion_to_store, product_groups
+    from cdkit.base.io import tmp_path
+    from cdkit.infer.selection import choose_store, install_choice, pick_rows
+    from cdkit.infer.store import load_store
+    from cdkit.runs import GENERATION, new_generation, rewrites_store
     from cdkit.steps.predict import store_accuracy
     layout = RunLayout.of(P.run_dir)
-    member = RunLayout.fusion_member(model)
+    member = fusion_member(model)
     out_dir = layout.model_dir(member)
     if not prep.n_fusion:
         raise ParamsError("the split has no fusion products: run step 02 with fusion_frac > 0 (force=true remakes the "
                           "split; every backbone must then be retrained, since some of its training products move)")
-    fs = {s: _features(layout, model, s) for s in ("fusion", "valid", "test")}
+    fs = {s: _features(layout, model, s) for s in FEATURE_SPLITS}
     same_generation(list(fs.values()), "step 06 (`cdkit predict`)")  # one model, one setting of step 06
     device = torch.device(P.device) if P.device else None
     groups = {s: product_groups(f.product_id, f.img_idx) for s, f in fs.items()}
@@ -139,92 +140,38 @@ def fuse_model(P: FuseParams, prep: Prepared, model, log=print):
             raise ValueError(f"{layout.features(model, s)} holds products that are not in the {s} split: step 02 was "
                              f"run again after step 06; run step 06 again")
     variants = VARIANTS if P.order == "auto" else (P.order,)
-    rows, heads, hist = {}, {}, {}
-    for variant in variants:
-        spec = HeadSpec(fs["fusion"].d, prep.catalog.n_classes, P.hidden, P.dropout, variant, P.pool, P.gate)
-        for seed in P.seeds:
-            name = f"{variant}_seed{seed}"
-            done = (out_dir / f"{name}.pth").exists() and P.resume
-            if done:
-                net = load_head(spec, out_dir / f"{name}.pth", device or "cpu")
-            else:
-                net, hist[(model, variant, seed)] = train_head(
-                    spec, fs["fusion"].x, groups["fusion"], labels["fusion"].astype(np.int64), fs["valid"].x,
-                    groups["valid"], labels["valid"].astype(np.int64), out_dir, name, P.epochs, P.lr, P.bs, P.wd,
-                    P.label_smoothing, seed, P.resume, device)
-            heads[(variant, seed)] = (spec, net)
+    specs = {v: HeadSpec(fs["fusion"].d, prep.catalog.n_classes, P.hidden, P.dropout, v, P.pool, P.gate) for v in variants}
+    data = {s: ProductSet(fs[s].x, groups[s], labels[s].astype(np.int64)) for s in ("fusion", "valid")}
+    heads, hist = fit_heads(specs, P.seeds, FitSpec(P.epochs, P.lr, P.bs, P.wd, P.label_smoothing), data["fusion"],
+                            data["valid"], out_dir, P.resume, device)
     # each head alone on validation and test; the chosen variant's heads together make the member
-    per_head = {}
-    from cdkit.runs import GENERATION, new_generation, rewrites_store
+    per_head, rows = {}, {}
     meta = {GENERATION: new_generation(), "rebuild": rewrites_store(member)}  # one generation: valid and test
     for split in SPLITS:
         truth = prep.truth(split)
         for variant in variants:
-            nets = [heads[(variant, s)][1] for s in P.seeds]
             tmp = tmp_path(layout.store(member, split))  # a killed run's leftovers are swept like any temp
-            _, accs, _ = fusion_to_store(nets, fs[split], tmp, P.k, P.prob_dtype, P.block, meta={**meta, "split": split}, device=device,
-                                         truth=truth, groups=groups[split])
+            _, accs, _ = fusion_to_store([heads[(variant, s)] for s in P.seeds], fs[split], tmp, P.k, P.prob_dtype,
+                                         P.block, meta={**meta, "split": split}, device=device, truth=truth,
+                                         groups=groups[split])
             # the member's figure from the store it wrote (quantized as every member's), as step 07 will read it
             per_head[(variant, split)] = (tmp, accs, store_accuracy(load_store(tmp), prep, split))
     for variant in variants:
         for i, seed in enumerate(P.seeds):
             rows[(model, variant, str(seed))] = {s: per_head[(variant, s)][1][i] for s in SPLITS}
         rows[(model, variant, "blend")] = {s: per_head[(variant, s)][2] for s in SPLITS}
-    valid_of = {v: per_head[(v, "valid")][2] for v in variants}
     blends = {v: load_store(per_head[(v, "valid")][0]) for v in variants}
-    chosen, pick = _choose_variant(variants, blends, prep)
+    chosen, pick = choose_store(blends, prep.truth("valid"))
     stores = {}
-    for split in SPLITS:
-        final = layout.store(member, split)
-        if split == "valid" and pick is not None:  # each fold's products from the variant chosen on the other folds
-            tmp = tmp_path(final)
-            save_store(_pick_rows(blends, pick), tmp, P.prob_dtype, overwrite=True)
-            replace_dir(tmp, final)
-        for variant in variants:
-            tmp = per_head[(variant, split)][0]
-            if variant == chosen and not (split == "valid" and pick is not None):
-                replace_dir(tmp, final)
-            else:
-                remove(tmp)
-        stores[(member, split)] = final
-    card = dict(backbone=model, member=member, chosen=chosen, variants=list(variants), seeds=list(P.seeds),
-                spec={v: asdict(heads[(v, P.seeds[0])][0]) for v in variants},
-                features={s: str(layout.features(model, s)) for s in fs}, params=P.model_dump())
-    atomic_write(out_dir / "fusion.json", lambda tmp: open(tmp, "w").write(json.dumps(card, indent=1)))
-    log(f"{member}: {chosen} heads chosen (validation {valid_of[chosen]:.4f} for their blend); stores {stores}")
-    return rows, chosen, stores, hist
-
-
-def _choose_variant(variants, blends, prep: Prepared):
-    """(variant better on all validation products, the variant each validation product is scored with or
-    None when there is no choice), comparing the blends of each variant's heads product by product"""
-    from cdkit.infer.aggregate import aggregate_stores
-    from cdkit.infer.selection import choose_per_fold, validation_folds
-    if len(variants) == 1:
-        return variants[0], None
-    truth = prep.truth("valid")
-    ids = np.unique(blends[variants[0]].product_id)
-    correct = {}
-    for v in variants:
-        pp = aggregate_stores([blends[v]], "mean")
-        got = pd.Series(pp.pred_class, index=pp.product_id).reindex(ids).to_numpy()
-        correct[v] = (got == truth.reindex(ids).to_numpy()).astype(float)
-    chosen, _, pick, _, _ = choose_per_fold(pd.DataFrame(correct, index=ids), validation_folds(truth.index))
-    return chosen, pick
-
-
-def _pick_rows(stores: dict, pick: pd.Series):
-    "One store whose rows of each product come from stores[pick[product]] (the stores hold the same pictures)"
-    from cdkit.infer.store import align_stores, take_rows
-    names = list(stores)
-    perms = align_stores([stores[v] for v in names])
-    base = take_rows(stores[names[0]], perms[0])
-    out_of = pick.reindex(base.product_id).to_numpy()
-    for v, perm in zip(names[1:], perms[1:]):
-        sel = out_of == v
-        other = stores[v]
-        base.cls[sel], base.prob[sel], base.rest[sel] = other.cls[perm[sel]], other.prob[perm[sel]], other.rest[perm[sel]]
-    return base
+    for split in SPLITS:  # validation: each fold's products from the variant chosen on the other folds
+        picked = pick_rows(blends, pick) if split == "valid" and pick is not None else None
+        stores[(member, split)] = install_choice({v: per_head[(v, split)][0] for v in variants},
+                                                 layout.store(member, split), chosen, picked, P.prob_dtype)
+    FusionCard(model, member, chosen, list(variants), list(P.seeds), {v: asdict(specs[v]) for v in variants},
+               {s: str(layout.features(model, s)) for s in fs}, P.model_dump()).write(layout.fusion_card(model))
+    log(f"{member}: {chosen} heads chosen (validation {per_head[(chosen, 'valid')][2]:.4f} for their blend); "
+        f"stores {stores}")
+    return rows, chosen, stores, {(model, v, seed): h for (v, seed), h in hist.items()}
 
 
 @step_entry("fuse", saves_params=True)
@@ -241,7 +188,7 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
         r, chosen[m], s, h = fuse_model(P, prep, m, log)
         rows.update(r), stores.update(s), hist.update(h)
         base[m] = {split: store_accuracy(load_store(layout.store(m, split)), prep, split) for split in SPLITS}
-        member_valid[m] = store_accuracy(load_store(layout.store(RunLayout.fusion_member(m), "valid")), prep, "valid")
+        member_valid[m] = store_accuracy(load_store(layout.store(fusion_member(m), "valid")), prep, "valid")
     table = pd.DataFrame.from_dict(rows, orient="index")[list(SPLITS)]
     table.index = pd.MultiIndex.from_tuples(table.index, names=["model", "variant", "seed"])
     return FuseResult(table, chosen, stores, pd.DataFrame(base).T[list(SPLITS)], time.time() - t0, hist, member_valid)

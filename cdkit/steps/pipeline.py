@@ -221,6 +221,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
     from cdkit.steps.entry import step_context
     from cdkit.base.io import lend_locks_to_children
     from cdkit.steps.report import record, write_report
+    from cdkit.runs import RunLayout
     run_dir = resolve(run_dir)
     overrides = {"run_dir": str(run_dir), **(overrides or {})}
     steps = steps or STEPS
@@ -236,7 +237,7 @@ def run_pipeline(run_dir="runs/demo", overrides=None, only=None, steps=None, log
         for i, (s, params) in enumerate(plan, 1):
             if not selected(s, only):
                 continue
-            out = run_dir / "notebooks" / f"{s.notebook}.ipynb"
+            out = RunLayout(run_dir).notebook(s.notebook)
             log(f"[{i}/{len(plan)}] {s.notebook} ...")
             t0 = time.perf_counter()
             with Heartbeat(f"[{i}/{len(plan)}] {s.notebook}", out, heartbeat, log):

@@ -23,10 +23,10 @@ from pydantic import Field, model_validator
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import ParamsError, RunParams
 from cdkit.data.prepare import Prepared, load_prepared
-from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelNames, RunLayout
+from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelFiles, ModelNames, RunLayout, fusion_member
 
 DEMO_MODELS = ["resnet", "inception", "xception"]
-DEMO_MEMBERS = DEMO_MODELS + [f"{m}-fusion" for m in DEMO_MODELS]  # with the fusion heads of step 06b
+DEMO_MEMBERS = DEMO_MODELS + [fusion_member(m) for m in DEMO_MODELS]  # with the fusion heads of step 06b
 
 
 class PredictParams(RunParams):
@@ -56,18 +56,39 @@ class PredictParams(RunParams):
         return self.features is True or (isinstance(self.features, list) and model in self.features)
 
 
+@dataclass(frozen=True)
+class ViewAccuracy:
+    "Product accuracy (mean aggregation) of one model's store of one split"
+    one_view: float                       # the original view alone (the study's baseline)
+    all_views: float                      # every view (+TTA)
+    views: int                            # views the store holds
+
+
 @dataclass
 class PredictResult:
     "The stores of step 06 and each model's product accuracy with one view and with every view"
     stores: dict                          # {(model, split): Path}; shards not yet merged are absent
-    table: pd.DataFrame                   # index model; columns '<split> 1 view', '<split> all views', views
+    accuracy: dict                        # {(model, split): ViewAccuracy} of those stores
+    models: list                          # in P.models' order: the first is the baseline
     complete: bool = True                 # False: this shard is done, others are still missing
     written: list = field(default_factory=list)  # stores predicted by this call (the others were current)
 
+    def baseline(self, split) -> ViewAccuracy:
+        "The first model on `split`: one view (the study's baseline) and all views (+TTA)"
+        return self.accuracy[(self.models[0], split)]
+
     @property
-    def baseline(self):
-        "The first model: one view (the study's baseline) and all views (+TTA)"
-        return self.table.iloc[0]
+    def table(self) -> pd.DataFrame:
+        "For display: index model; columns '<split> 1 view', '<split> all views', views"
+        rows = []
+        for m in self.models:
+            row = {"model": m}
+            for split in SPLITS:
+                if (m, split) in self.accuracy:
+                    a = self.accuracy[(m, split)]
+                    row.update({f"{split} 1 view": a.one_view, f"{split} all views": a.all_views, "views": a.views})
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("model")
 
 
 def store_accuracy(store, prep: Prepared, split, views=None) -> float:
@@ -89,12 +110,8 @@ def file_digest(path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
-        import hashlib
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        from cdkit.base.io import file_sha256
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
 
 
@@ -123,8 +140,8 @@ _PICTURE_FIELDS = ("split", "data", "shard", "num_shards")
 def _stamp(P: PredictParams, model_dir: Path, split, prep: Prepared = None):
     """What a store must have been predicted with to be reused: the content of model.pth and model.json
     (input size, normalization, classes), the prediction settings, the split and its pictures"""
-    w = model_dir / "model.pth"
-    stamp = dict(model=str(w), model_sha256=file_digest(w), card_sha256=file_digest(model_dir / "model.json"),
+    w = ModelFiles(model_dir).weights
+    stamp = dict(model=str(w), model_sha256=file_digest(w), card_sha256=file_digest(ModelFiles(model_dir).card),
                  split=split, n_views=1 + P.n_tta, k=P.k, prob_dtype=P.prob_dtype, seed=P.seed, shard=P.shard,
                  num_shards=P.num_shards, combine_levels=_combine(P, model_dir))
     if prep is not None:
@@ -184,7 +201,7 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
     Returns {split: (path or None, written)}"""
     from cdkit.infer.features import features_current, merge_features
     from cdkit.train.models import load_trained
-    from cdkit.infer.predict import predict_to_store
+    from cdkit.infer.predict import Shard, StoreSpec, Views, predict_to_store
     from cdkit.infer.store import merge_stores
     layout = RunLayout.of(P.run_dir)
     model_dir = layout.model_dir(name)
@@ -200,12 +217,11 @@ def predict_model(P: PredictParams, prep: Prepared, name, log=print) -> dict:
         if (path and not store_is_current(path, stamp, log)) or (fpath and not features_current(fpath, fstamp, log)):
             trained = trained or load_trained(model_dir, device=_device(P.device), combine_levels=_combine(P, model_dir))
             images, bson_path = prep.images(split)
-            predict_to_store(trained.model, images, bson_path, path, n_views=1 + P.n_tta,
-                             k=min(P.k, trained.n_classes), size=trained.size, item_size=trained.item_size,
-                             mean=trained.mean, std=trained.std, n_classes=trained.n_classes,
-                             prob_dtype=P.prob_dtype, bs=P.bs, num_workers=P.num_workers, seed=P.seed,
-                             shard=P.shard, num_shards=P.num_shards, device=_device(P.device), meta=_store_meta(stamp),
-                             overwrite=True, features_path=fpath, features_meta=_store_meta(fstamp))
+            views = Views(1 + P.n_tta, P.seed, trained.size, trained.item_size, trained.mean, trained.std)
+            keep = StoreSpec(min(P.k, trained.n_classes), P.prob_dtype, trained.n_classes, _store_meta(stamp), overwrite=True)
+            predict_to_store(trained.model, images, bson_path, path, views, keep, Shard(P.shard, P.num_shards),
+                             features_path=fpath, features_meta=_store_meta(fstamp), bs=P.bs,
+                             num_workers=P.num_workers, device=_device(P.device))
             log(f"{name}: wrote {' and '.join(str(p) for p in (path, fpath) if p)}")
             written = True
         if fpath and P.num_shards > 1:
@@ -240,23 +256,19 @@ def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> Predic
     from cdkit.infer.store import load_store
     check_combine(P, RunLayout.of(P.run_dir))
     prep = prep or load_prepared(P.data_dir, P.work_dir)
-    stores, written, rows = {}, [], []
+    stores, written, accuracy = {}, [], {}
     for name in P.models:
-        got = predict_model(P, prep, name, log)
-        row = {"model": name}
-        for split, (path, w) in got.items():
+        for split, (path, w) in predict_model(P, prep, name, log).items():
             if w:
                 written.append((name, split))
             if path is None:
                 continue
             stores[(name, split)] = path
             s = load_store(path)
-            row[f"{split} 1 view"] = store_accuracy(s, prep, split, views=[0])
-            row[f"{split} all views"] = store_accuracy(s, prep, split)
-            row["views"] = s.n_views
-        rows.append(row)
+            accuracy[(name, split)] = ViewAccuracy(store_accuracy(s, prep, split, views=[0]),
+                                                   store_accuracy(s, prep, split), s.n_views)
     complete = len(stores) == len(P.models) * len(SPLITS)
-    return PredictResult(stores, pd.DataFrame(rows).set_index("model"), complete, written)
+    return PredictResult(stores, accuracy, list(P.models), complete, written)
 
 
 def record(run_dir, R: PredictResult, stage="base"):
@@ -264,11 +276,10 @@ def record(run_dir, R: PredictResult, stage="base"):
     from cdkit.steps.report import record as rec
     if not R.complete:
         return
-    b = R.baseline
-    rec(run_dir, "study", "baseline", {"test": b.get("test 1 view"), "valid": b.get("valid 1 view"),
-                                       "model": R.table.index[0], "stage": stage})
-    rec(run_dir, "study", "+TTA", {"test": b.get("test all views"), "valid": b.get("valid all views"),
-                                   "model": R.table.index[0], "views": int(b["views"]), "stage": stage})
+    test, valid, model = R.baseline("test"), R.baseline("valid"), R.models[0]
+    rec(run_dir, "study", "baseline", {"test": test.one_view, "valid": valid.one_view, "model": model, "stage": stage})
+    rec(run_dir, "study", "+TTA", {"test": test.all_views, "valid": valid.all_views, "model": model,
+                                   "views": test.views, "stage": stage})
     rec(run_dir, "06 per model", "product accuracy", R.table.round(4).to_dict(orient="index"))
 
 
@@ -287,9 +298,9 @@ def plot(R: PredictResult):
 def what_this_shows(R: PredictResult) -> str:
     if not R.complete:
         return "this shard is done; the merged stores (and their accuracies) appear when every shard has run."
-    split = "test" if R.table["test 1 view"].notna().all() else "valid"
-    gain = (R.table[f"{split} all views"] - R.table[f"{split} 1 view"])
+    split = "test" if all((m, "test") in R.accuracy for m in R.models) else "valid"
+    gain = {m: R.accuracy[(m, split)].all_views - R.accuracy[(m, split)].one_view for m in R.models}
     parts = ", ".join(f"{m}: {g:+.3f}" for m, g in gain.items())
-    return (f"TTA with {int(R.table['views'].iloc[0])} views against the original view alone, {split} product "
+    return (f"TTA with {R.baseline(split).views} views against the original view alone, {split} product "
             f"accuracy: {parts}. The study measured +0.020 for ResNet-101 with 2 views; a model that gains "
             "nothing here sees little variance between views (small demo models often do).")

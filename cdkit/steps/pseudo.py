@@ -154,8 +154,8 @@ def _reach(layout: RunLayout, member):
     from cdkit.base.errors import read_json
     from cdkit.train.models import read_card
     d = layout.model_dir(member)
-    if (d / "fusion.json").exists():
-        card = read_json(d / "fusion.json")
+    if layout.model(member).fusion_card.exists():
+        card = read_json(layout.model(member).fusion_card)
         ls, n = card["params"]["label_smoothing"], next(iter(card["spec"].values()))["n_classes"]
         return 1.0 - ls + ls / n, ls
     c = read_card(d)
@@ -201,7 +201,7 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     prep = prep or load_prepared(P.data_dir, P.work_dir)
     device = torch.device(P.device) if P.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = load_trained(layout.model_dir(P.base), device=device)
-    save_params(P, layout.model_dir(P.name) / "params.yaml")
+    save_params(P, layout.model(P.name).params)
 
     conf = (_confidence_from_products(layout) if P.labels_from == "products"
             else _confidence_from_model(layout, P.base))
@@ -233,8 +233,8 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
     save_trained(base.model, layout.model_dir(P.name), card)
     from cdkit.base.io import atomic_write
-    atomic_write(layout.model_dir(P.name) / "alpha.csv", lambda tmp: alpha.to_csv(tmp, index=False))
-    atomic_write(layout.model_dir(P.name) / "selection.parquet", lambda tmp: chosen.to_parquet(tmp, index=False))
+    atomic_write(layout.model(P.name).pseudo_alpha, lambda tmp: alpha.to_csv(tmp, index=False))
+    atomic_write(layout.model(P.name).pseudo_selection, lambda tmp: chosen.to_parquet(tmp, index=False))
 
     # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
     pred = step06.run(P06.replace(models=[P.name], features=False), prep, log, save=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cdkit.base.io import atomic_write
 from cdkit.base.paths import resolve
+from cdkit.runs import RunLayout
 from cdkit.infer.selection import HELD_OUT
 
 # The study's table: each row is a step of the method, as product accuracy on the test truth.
@@ -35,7 +36,7 @@ STUDY_VALID = {"baseline": HELD_OUT, "+TTA": HELD_OUT}
 
 
 def results_path(run_dir):
-    return resolve(run_dir) / "results.json"
+    return RunLayout.of(run_dir).results
 
 
 def load_results(run_dir) -> dict:
@@ -97,7 +98,7 @@ def save_figure(fig, run_dir, name, dpi=90, max_bytes=300_000):
     """Save a matplotlib figure as run_dir/figures/<name>.png (for the report); returns the figure (shown in
     notebooks). A figure of pictures can make a large PNG: the resolution drops until it fits `max_bytes`."""
     import io
-    path = resolve(run_dir) / "figures" / f"{name}.png"
+    path = RunLayout.of(run_dir).figure(name)
     while True:
         buf = io.BytesIO()
         fig.savefig(buf, dpi=dpi, bbox_inches="tight", format="png")
@@ -290,7 +291,7 @@ def write_report(run_dir) -> Path:
                   "discordant products) is within noise; rows without per-product files get the unpaired bound.", ""]
         lines += [f"- {row} vs {other}, {'validation' if split == 'valid' else split}: {d['note']}"
                   for (row, other, split), d in diffs.items()]
-    figs = sorted((run_dir / "figures").glob("*.png")) if (run_dir / "figures").exists() else []
+    figs = sorted(RunLayout.of(run_dir).figures.glob("*.png")) if RunLayout.of(run_dir).figures.exists() else []
     shown = set()
     for section, values in res.items():
         if section in ("study", META):
@@ -321,6 +322,6 @@ def write_report(run_dir) -> Path:
     if rest:
         lines += ["", "## Plots", ""]
         lines += [f"### {f.stem}\n\n![{f.stem}](figures/{f.name})\n" for f in rest]
-    out = run_dir / "report.md"
+    out = RunLayout.of(run_dir).report
     atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return out

@@ -16,6 +16,7 @@ import pandas as pd
 from pydantic import Field
 
 from cdkit.base.errors import read_parquet
+from cdkit.base.metrics import product_accuracy
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import RunParams
 from cdkit.data.prepare import Prepared, load_prepared
@@ -107,7 +108,7 @@ def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     test_acc = None
     if truth is not None:
         t = truth.set_index("_id")["category_id"].reindex(sub["_id"].to_numpy()).to_numpy()
-        test_acc = float((sub["category_id"].to_numpy() == t).mean())
+        test_acc = product_accuracy(sub["category_id"].to_numpy(), t)
     log(f"{path}: {len(sub):,} products from stage {stage!r} (validation accuracy {acc.get(stage, float('nan')):.4f})")
     kaggle_submit(path, P.message, dry_run=not P.submit, sample_submission_path=sample,
                   known_category_ids=prep.catalog.category_ids)

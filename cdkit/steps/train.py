@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from cdkit.steps.entry import step_entry
 from cdkit.base.params import ParamsError, PathStr, RunParams, changed_params, save_params
 from cdkit.base.rng import rng_state
-from cdkit.runs import RunLayout, check_name
+from cdkit.runs import ModelFiles, RunLayout, check_name
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def train_field(name, default=None):
 RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs", "overwrite",
                      "checkpoint_every", "callbacks"}
 # files of a run in models/<name>/: one of them there means the name is taken
-RUN_FILES = ("model.json", "model.pth", "metrics.csv", "checkpoints", "lr_find.png", "history.csv", "tensorboard")
+RUN_FILES = ModelFiles.trained_names()
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -221,7 +221,7 @@ def finished_epochs(model_dir: Path) -> Optional[int]:
     """The epochs of a finished model in `model_dir` (model.json, and no checkpoint: a run removes its
     checkpoint when it trained all its epochs); None when there is none"""
     from cdkit.train.models import read_card
-    if (model_dir / "checkpoints" / "last.pth").exists() or not (model_dir / "model.json").exists(): return None
+    if ModelFiles(model_dir).checkpoint.exists() or not ModelFiles(model_dir).card.exists(): return None
     return read_card(model_dir).epochs_done
 
 
@@ -229,9 +229,9 @@ def check_resume(P: TrainParams, model_dir: Path):
     """Refuse to resume a run whose saved parameters differ in anything that changes the model or the data
     order (paths compared by what they point to), and to continue a finished model to more epochs"""
     import yaml
-    saved_path = model_dir / "params.yaml"
+    saved_path = ModelFiles(model_dir).params
     finished = finished_epochs(model_dir) if P.resume else None
-    if not (P.resume and saved_path.exists() and ((model_dir / "checkpoints" / "last.pth").exists()
+    if not (P.resume and saved_path.exists() and (ModelFiles(model_dir).checkpoint.exists()
                                                   or finished is not None)):
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -330,10 +330,10 @@ def logger_callbacks(names, model_dir):
     for n in dict.fromkeys(names):
         if n == "csv":
             from fastai.callback.progress import CSVLogger
-            cbs.append(CSVLogger(Path(model_dir) / "history.csv", append=True))
+            cbs.append(CSVLogger(ModelFiles(model_dir).history, append=True))
         elif n == "tensorboard":
             from fastai.callback.tensorboard import TensorBoardCallback
-            cbs.append(TensorBoardCallback(log_dir=Path(model_dir) / "tensorboard", trace_model=False))
+            cbs.append(TensorBoardCallback(log_dir=ModelFiles(model_dir).tensorboard, trace_model=False))
         elif n == "wandb":
             from fastai.callback.wandb import WandbCallback
             cbs.append(WandbCallback(log_preds=False, log_model=False))
@@ -402,7 +402,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
         prep = load_prepared(P.data_dir, P.work_dir)
     from cdkit.base.io import makedirs
     makedirs(run_dir)
-    if rank() == 0: save_params(P, run_dir / "params.yaml")
+    if rank() == 0: save_params(P, ModelFiles(run_dir).params)
     set_seed(P.seed + rank())
     images, valid_mask = _images(prep, P)
     mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
@@ -416,7 +416,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     for dl in dls.loaders: dl.n_inp
     valid_images = images[valid_mask].reset_index(drop=True)
     loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
-    ckpt = run_dir / "checkpoints" / "last.pth"
+    ckpt = ModelFiles(run_dir).checkpoint
     resuming = P.resume and ckpt.exists()
     finished = finished_epochs(run_dir) if P.resume and not resuming else None  # check_resume: epochs <= these
     if P.resume and not resuming and finished is None:
@@ -428,7 +428,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     cbs = [C.GradAccum(P.acc_steps)] if P.acc_steps > 1 or P.max_bs else []
     if P.batch_growth_epochs:
         cbs.append(C.BatchGrowth(P.batch_growth_epochs, P.batch_growth_factor, P.max_bs))
-    cbs += precision + [C.EpochLog(run_dir / "metrics.csv", start_epoch), C.FiniteLoss(),
+    cbs += precision + [C.EpochLog(ModelFiles(run_dir).metrics, start_epoch), C.FiniteLoss(),
                         C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
     if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
     cat = prep.catalog
@@ -448,7 +448,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
     learn.model.to(dls.device)
     if finished is not None:  # a finished model: its weights; fit has nothing left to do
         from cdkit.train.callbacks import safe_load
-        learn.model.load_state_dict(safe_load(run_dir / "model.pth"))
+        learn.model.load_state_dict(safe_load(ModelFiles(run_dir).weights))
     if resuming:
         saved = C.load_checkpoint(learn, ckpt, saved)
         learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {
@@ -465,7 +465,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
 def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
     "lr='find' on resume: the lr the run found and saved when it began"
     import yaml
-    saved = run_dir / "params.yaml"
+    saved = ModelFiles(run_dir).params
     if P.lr == "find" and P.resume and saved.exists():
         lr = (yaml.safe_load(saved.read_text()) or {}).get("lr")
         if isinstance(lr, float): return P.replace(lr=lr)
@@ -505,7 +505,7 @@ def _lr_find(learn, run_dir, iters=100):
     ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
     ax.legend()
     from cdkit.base.io import atomic_write
-    atomic_write(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    atomic_write(ModelFiles(run_dir).lr_find, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     if matplotlib.get_backend().lower() == "agg": plt.close(fig)
     return float(suggestion.valley)
 
@@ -563,7 +563,7 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
             log.info("lr='find': training at lr_find's suggestion %.2e", lr)
         if lr is not None and lr != P.lr:
             P = S.params = P.replace(lr=float(lr))
-            if rank() == 0: save_params(P, S.model_dir / "params.yaml")  # the lr a resume must keep
+            if rank() == 0: save_params(P, ModelFiles(S.model_dir).params)  # the lr a resume must keep
         run_dir = S.model_dir
         epochs_done = start_epoch
         if S.rng is not None:
@@ -584,13 +584,13 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
             if epochs_done >= P.epochs:
                 # finished: the checkpoint (weights + optimizer state, 3x model.pth) only served a resume, and
                 # continuing a finished schedule is refused (check_resume); a stopped run keeps it
-                remove(run_dir / "checkpoints" / "last.pth")
+                remove(ModelFiles(run_dir).checkpoint)
         # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
         # metrics.csv, the checkpoint or the loggers when they run a validation pass
         learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
             "CSVLogger", "TensorBoardCallback", "WandbCallback")))
         growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
-        metrics = run_dir / "metrics.csv"
+        metrics = ModelFiles(run_dir).metrics
         return TrainResult(model_dir=run_dir, params=P,
                            history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
                            epochs_done=epochs_done, seconds=time.time() - S.t0, learn=learn, prep=S.prep,
@@ -616,7 +616,7 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
     from cdkit.data.prepare import load_prepared
     model_dir = RunLayout.of(run_dir).model_dir(name)
     card = read_card(model_dir)  # FileNotFoundError naming model.json when the model was not trained
-    saved = model_dir / "params.yaml"
+    saved = ModelFiles(model_dir).params
     if not saved.exists(): raise FileNotFoundError(f"{saved} not found: the parameters the model was trained with")
     values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in TrainParams.model_fields}
     P = make_params(TrainParams, {**values, "resume": False, "overwrite": False}, where=str(saved))
@@ -633,7 +633,7 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
     learn = make_learner(dls, card.arch, card.n_classes, None, card.mean, card.std, card.head_hidden,
                          card.head_dropout, levels=levels, loss_func=loss, path=model_dir, wd=P.wd, opt_func=opt_func(P),
                          metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
-    learn.model.load_state_dict(C.safe_load(model_dir / "model.pth"))
+    learn.model.load_state_dict(C.safe_load(ModelFiles(model_dir).weights))
     if levels is not None:
         from cdkit.train.hierarchy import level_heads
         learn.loss_func = HierarchyLoss(loss, level_heads(learn.model), P.hierarchy_weights)
@@ -682,7 +682,7 @@ def show_lr_find(run_dir):
     "The lr_find plot a run saved"
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.imshow(plt.imread(Path(run_dir) / "lr_find.png")), ax.axis("off")
+    ax.imshow(plt.imread(ModelFiles(run_dir).lr_find)), ax.axis("off")
     return fig
 
 

@@ -380,25 +380,3 @@ def kaggle_submit(path, message, api=None, dry_run=False, competition=COMPETITIO
         raise SubmissionError(f"cannot reach Kaggle: {reason}") from None
     raise SubmissionError(f"Kaggle refused the submission of {path.name}: {reason}") from None
 
-
-def main(argv=None):
-    "`python -m cdkit submit FILE -m MESSAGE --data-dir DIR [--dry-run]`: validate, then submit to Kaggle"
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m cdkit submit", description=main.__doc__)
-    p.add_argument("file", help="submission .csv.gz")
-    p.add_argument("-m", "--message", required=True, help="the submission's description on Kaggle")
-    p.add_argument("--data-dir", required=True, help="folder with sample_submission.csv and category_names.csv")
-    p.add_argument("--dry-run", action="store_true", help="validate only")
-    p.add_argument("--competition", default=COMPETITION)
-    a = p.parse_args(argv)
-    from cdkit.data.catalog import Catalog
-    data = Path(a.data_dir)
-    known = Catalog.from_csv(data / "category_names.csv").category_ids
-    try:
-        res = kaggle_submit(a.file, a.message, dry_run=a.dry_run, competition=a.competition,
-                            sample_submission_path=data / "sample_submission.csv", known_category_ids=known)
-    except SubmissionError as e:
-        print(f"refused: {e}")
-        return 1
-    print(f"{a.file} is valid" + ("" if a.dry_run else f"; submitted to {a.competition}: {res}"))
-    return 0

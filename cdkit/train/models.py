@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 from cdkit.base.errors import CdkitError
+from cdkit.train.files import ModelFiles
 
 ITEM_SIZE = 180  # pictures are stored at 180x180
 
@@ -236,15 +237,14 @@ def save_trained(model: nn.Module, model_dir, card: ModelCard):
     from cdkit.base.io import atomic_write, save_torch
     model_dir = Path(model_dir)
     state = getattr(model, "module", model).state_dict()
-    save_torch(state, model_dir / "model.pth")
+    save_torch(state, ModelFiles(model_dir).weights)
     card_json = json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(card).items()}, indent=1)
-    atomic_write(model_dir / "model.json", lambda tmp: Path(tmp).write_text(card_json))
+    atomic_write(ModelFiles(model_dir).card, lambda tmp: Path(tmp).write_text(card_json))
     return model_dir
 
 
 def read_card(model_dir) -> ModelCard:
-    from pathlib import Path
-    path = Path(model_dir) / "model.json"
+    path = ModelFiles(model_dir).card
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train the model first (step 03-05 writes model.json beside "
                                 "model.pth)")
@@ -282,7 +282,7 @@ def load_trained(model_dir, device="cpu", combine_levels=0.0) -> Trained:
         levels = (zeros, zeros, card.n_level1, card.n_level2)
     model = create_model(card.arch, card.n_classes, head_hidden=card.head_hidden, head_dropout=card.head_dropout,
                          levels=levels)
-    state = torch.load(Path(model_dir) / "model.pth", map_location="cpu", weights_only=True)
+    state = torch.load(ModelFiles(model_dir).weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     if combine_levels > 0:
         from cdkit.train.hierarchy import level_heads
