@@ -15,9 +15,9 @@ labels were excluded as outliers by belief aggregation (bench/md5_compose.py mea
 validation the lookup uses only the train products outside the validation split, so the validation
 figure is an honest estimate of what the lookup adds on test.
 
-
-Run step by step (notebooks/08_belief_aggregation.ipynb does): `s = start(P)`, then `mean(s)`, `belief(s)`,
-`rerank(s)`, `choose(s)`, `md5(s)`, and `R = finish(s)` writes the products; `run(P)` is that chain.
+Stage by stage, as notebooks/08_belief_aggregation.ipynb runs it: `R = start(P)`, then `mean(R)`, `belief(R)`,
+`rerank(R)`, `choose(R)`, `md5(R)`, each filling in its fields of the result, and `finish(R)` writes the
+products; `run(P)` is that chain.
 
 Writes `RunLayout.products(stage, split)`: product_id, pred_class, category_id, score, md5."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from cdkit.base.params import RunParams, Seed
 from cdkit.data.prepare import Prepared, load_prepared
 from cdkit.infer.aggregate import accuracy_breakdowns, aggregate_stores, correct_by_product, excluded_pictures, excluded_products, pick_products
-from cdkit.infer.md5 import apply_md5, md5_votes, picture_hashes  # noqa: F401  (picture_hashes: the step's, for tests)
+from cdkit.infer.md5 import apply_md5, md5_votes, picture_hashes  # noqa: F401  (picture_hashes: the digests the step uses, for tests)
 from cdkit.infer.rerank import fit_seeds
 from cdkit.infer.selection import choose_per_fold, validation_folds
 from cdkit.infer.store import load_store
@@ -193,9 +193,8 @@ def belief(R: AggregateResult):
 def rerank(R: AggregateResult):
     """The second level (`cdkit.infer.rerank.fit_seeds`) when `P.rerank`: candidates of the mean and belief
     products and of each member's own, picture-position features, MD5 suggestions; out of fold on validation"""
-    P, prep = R.P, R.prep
+    P, prep, layout = R.P, R.prep, RunLayout.of(R.P.run_dir)
     if not P.rerank: return
-    layout = RunLayout.of(P.run_dir)
     for m in P.models: check_stores(layout, m)
     members = {split: {"mean": R.predictions[(split, "mean")], "belief": R.predictions[(split, "belief")],
                        **{m: aggregate_stores([load_store(layout.store(m, split))], "mean") for m in P.models}} for split in SPLITS}
