@@ -98,10 +98,10 @@ def one_run(recipe, seed, data, work, out, epochs, max_train_images, log):
         # the member's validation store as step 07 reads it: each fold's products from the variant chosen on the others
         "fusion member": (Rf.member_valid["resnet"], Rf.table.loc[("resnet", v, "blend"), "test"]),
         "ensemble with fusion (mean)": tuple(Re.table.loc["ensemble"]),
-        "mean aggregation": tuple(Ra.accuracy.loc["mean"]),
-        "belief aggregation": tuple(Ra.accuracy.loc["belief"]),
-        "re-ranker (out of fold)": tuple(Ra.accuracy.loc["rerank"]),
-        "final (+MD5)": tuple(Ra.accuracy.loc["final"]),
+        "mean aggregation": (Ra.valid.mean, Ra.test.mean),
+        "belief aggregation": (Ra.valid.belief, Ra.test.belief),
+        "re-ranker (out of fold)": (Ra.valid.rerank, Ra.test.rerank),
+        "final (+MD5)": (Ra.valid.final, Ra.test.final),
         "level 1 of final": (lv.get(("valid", "level1")), lv.get(("test", "level1"))),
         "level 2 of final": (lv.get(("valid", "level2")), lv.get(("test", "level2"))),
     }

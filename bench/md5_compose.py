@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from cdkit.infer.aggregate import belief_aggregate, blend_products, mean_aggregate
-from cdkit.infer.md5 import Md5Match, apply_md5
+from cdkit.infer.aggregate import ProductPredictions, belief_aggregate, mean_aggregate
+from cdkit.infer.md5 import Md5Match, Md5Votes, apply_md5
 
 
 def simulate(n_products, n_classes, k, seed):
@@ -46,6 +46,31 @@ def simulate(n_products, n_classes, k, seed):
     return (pid, cls, prob, rest), true, Md5Match(found, mcls, mprob, found.astype(np.int64)), first
 
 
+def md5_in_rows(cls, prob, rest, match: Md5Match):
+    """The kit's first placement: each matched picture's prediction row overridden by its train labels, before
+    aggregation. Each row is its own 'product', so that `apply_md5` (product level) applies per row; as the first
+    version did, the train label's zero-weight companions are the row's other classes, lower class first."""
+    n, k = cls.shape
+    rows, ones = np.arange(n), np.ones(n, np.int64)
+    # one column more than the row has: no class of the union is cut before the companions are ordered
+    own = ProductPredictions(rows, ones, cls[:, 0], np.c_[cls, np.full(n, -1)], np.c_[prob, np.full(n, -np.inf)])
+    found = np.flatnonzero(match.found)
+    votes = ProductPredictions(found, ones[found], match.cls[found, 0], match.cls[found], match.prob[found])
+    out, _ = apply_md5(own, Md5Votes(votes=votes), alpha=1.0)
+    tail = np.sort(np.where(out.cls[found, 1:] >= 0, out.cls[found, 1:], np.iinfo(np.int64).max), axis=1)[:, :k - 1]
+    cls2, prob2, rest2 = cls.copy(), prob.astype(np.float32), rest.astype(np.float32)
+    cls2[found] = np.c_[out.cls[found, 0], tail]
+    prob2[found] = np.c_[out.score[found, :1], np.zeros((len(found), k - 1))]
+    rest2[found] = np.clip(1 - prob2[found].sum(1), 0, None)
+    return cls2, prob2, rest2
+
+
+def after_aggregation(pp, pid, match: Md5Match, first):
+    "Step 08's placement: each product's aggregated prediction overridden by its matched picture's train labels"
+    votes = ProductPredictions(pid[first], np.ones(len(first), np.int64), match.cls[first, 0], match.cls[first], match.prob[first])
+    return apply_md5(pp, Md5Votes(votes=votes), alpha=1.0)[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--products", type=int, default=3000)
@@ -62,10 +87,9 @@ def main(argv=None):
     for name, fn in agg.items():
         plain = fn(cls, prob, rest)
         t0 = time.perf_counter()
-        c2, q2, r2 = apply_md5(cls, prob, rest, match, a.classes, alpha=1.0)
-        before = fn(c2, q2, r2)
+        before = fn(*md5_in_rows(cls, prob, rest, match))
         t1 = time.perf_counter()
-        after, _ = blend_products(fn(cls, prob, rest), pid[first], match.cls[first], match.prob[first], alpha=1.0)
+        after = after_aggregation(fn(cls, prob, rest), pid, match, first)
         t2 = time.perf_counter()
         accs = [float((pp.pred_class == true).mean()) for pp in (plain, before, after)]
         print(f"{name:<12}{accs[0]:>10.3f}{accs[1]:>20.3f}{accs[2]:>12.3f}{accs[2] / max(accs[1], 1e-9):>20.2f}"

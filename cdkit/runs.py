@@ -313,6 +313,18 @@ def write_products(df, path, generation, split=None):
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def save_products(pp, catalog, path, md5_changed=None, generation=None):
+    """Product predictions (`cdkit.infer.aggregate.ProductPredictions`) as `write_products` writes them:
+    product_id, n_preds, pred_class, score, category_id (from `catalog`) (+ md5: the lookup changed it),
+    with the generation that the stage's valid and test products share"""
+    import numpy as np
+    df = pp.to_frame()
+    df["category_id"] = catalog.to_category(np.maximum(df["pred_class"].to_numpy(), 0))
+    if md5_changed is not None:
+        df["md5"] = md5_changed
+    return write_products(df, path, generation or new_generation())
+
+
 def check_stores(layout: RunLayout, member) -> str:
     "A member's valid and test stores come from one run of the step that writes them; their generation"
     return check_generation([layout.store(member, s) for s in SPLITS], rewrites_store(member))

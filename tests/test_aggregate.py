@@ -189,18 +189,30 @@ def test_md5_after_belief_aggregation_keeps_the_train_label():
     "Among the rows, belief aggregation excludes the one-hot MD5 row as an outlier; after it, the label holds"
     import importlib.util
     from pathlib import Path
-    from cdkit.infer.aggregate import belief_aggregate, blend_products
-    from cdkit.infer.md5 import apply_md5
+    from cdkit.infer.aggregate import belief_aggregate
     spec = importlib.util.spec_from_file_location("mc", Path(__file__).resolve().parents[1] / "bench" / "md5_compose.py")
     mc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mc)
     (pid, cls, prob, rest), true, match, first = mc.simulate(600, 200, 20, seed=1)
-    c2, q2, r2 = apply_md5(cls, prob, rest, match, 200)
-    before = belief_aggregate(pid, c2, q2, r2, 200)
-    after, _ = blend_products(belief_aggregate(pid, cls, prob, rest, 200), pid[first], match.cls[first],
-                              match.prob[first])
+    before = belief_aggregate(pid, *mc.md5_in_rows(cls, prob, rest, match), 200)
+    after = mc.after_aggregation(belief_aggregate(pid, cls, prob, rest, 200), pid, match, first)
     assert (after.pred_class == true).all()
     assert (before.pred_class == true).mean() < 0.9  # the old placement loses many of them
+
+
+def test_apply_md5_blends_votes_then_product_sets():
+    "Picture votes first, whole product-set matches last (they decide); the summary counts what changed"
+    from cdkit.infer.md5 import Md5Summary, Md5Votes, apply_md5
+    pp = _pp([[1, 2, 3], [4, 5, -1], [7, 8, 9]], [[0.5, 0.3, 0.1], [0.6, 0.2, -np.inf], [0.9, 0.05, 0.01]])
+    votes = _pp([[2, -1], [6, 4]], [[1.0, -np.inf], [0.75, 0.25]])
+    lookup = Md5Votes(votes=votes, sets=(np.array([1]), np.array([[9]]), np.array([[1.0]])), summary=Md5Summary(pictures=3))
+    out, summary = apply_md5(pp, lookup)
+    assert out.pred_class.tolist() == [2, 9, 7] and summary.changed == 2 and summary.pictures == 3
+    assert lookup.summary.changed == 0  # the lookup's own summary is left as it was
+    same, s0 = apply_md5(pp, Md5Votes())
+    assert same.pred_class.tolist() == [1, 4, 7] and s0.changed == 0
+    half, _ = apply_md5(pp, Md5Votes(votes=votes), alpha=0.5)
+    assert half.pred_class.tolist() == [2, 4, 7]  # product 1: 0.5 * 0.25 + 0.5 * 0.6 / 0.8 for class 4 beats 0.375 for 6
 
 
 def test_product_keys_ignore_picture_order():

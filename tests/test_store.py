@@ -5,7 +5,7 @@ import torch
 
 from cdkit.infer.ensemble import combine, fit_weights
 from cdkit.infer.store import align_stores
-from cdkit.infer.md5 import apply_md5, hash_pictures, md5_label_table, md5_lookup
+from cdkit.infer.md5 import Md5Votes, apply_md5, hash_pictures, md5_label_table, md5_lookup
 from cdkit.infer.store import (PredStore, StoreError, StoreWriter, bytes_per_view, load_store, merge_stores,
                          nominal_bytes_per_view, save_store, shard_rows, topk)
 
@@ -186,13 +186,16 @@ def test_md5_lookup_and_blend():
     table = md5_label_table(h_train, [3, 1, 5, 2], n_classes=8)  # one digest, two labels
     m = md5_lookup(h_test, table)
     assert sorted(m.cls[2].tolist()) == [3, 5] and m.prob[2].tolist() == [0.5, 0.5]
-    cls, prob, rest = np.array([[0, 1, 2]] * 3), np.array([[.5, .2, .1]] * 3, np.float32), np.full(3, .2, np.float32)
-    c2, p2, r2 = apply_md5(cls, prob, rest, m, n_classes=8)
-    assert c2[0].tolist() == [1, 0, 2] and p2[0, 0] == 1 and p2[0, 1] == 0  # override
-    np.testing.assert_array_equal(c2[1], cls[1]); np.testing.assert_array_equal(p2[1], prob[1])  # miss: unchanged
-    c3, p3, r3 = apply_md5(cls, prob, rest, m, n_classes=8, alpha=0.5)
-    assert c3[0].tolist() == [1, 0, 2]
-    np.testing.assert_allclose(p3[0], [0.5 + 0.5 * 0.2, 0.5 * 0.5, 0.5 * 0.1])
-    np.testing.assert_allclose(p3.sum(1) + r3, 1, atol=1e-6)
-    c4, _, _ = apply_md5(cls, prob, rest, m, n_classes=8, min_count=2)
-    assert c4[0].tolist() == [0, 1, 2] and set(c4[2, :2].tolist()) == {3, 5}
+    # after aggregation (`apply_md5`): each test picture here its own product, its match the product's vote
+    from cdkit.infer.aggregate import ProductPredictions
+    cls, score = np.array([[0, 1, 2]] * 3), np.array([[.5, .2, .1]] * 3)
+    pp = ProductPredictions(np.arange(3), np.ones(3, np.int64), cls[:, 0].copy(), cls, score)
+    found = np.flatnonzero(m.found)
+    votes = Md5Votes(votes=ProductPredictions(found, np.ones(len(found), np.int64), m.cls[found, 0], m.cls[found], m.prob[found]))
+    out, summary = apply_md5(pp, votes)
+    assert out.cls[0].tolist() == [1, 0, 2] and out.score[0, 0] == 1 and out.score[0, 1] == 0  # override
+    np.testing.assert_array_equal(out.cls[1], cls[1]); np.testing.assert_array_equal(out.score[1], score[1])  # miss: unchanged
+    assert set(out.cls[2, :2].tolist()) == {3, 5} and summary.changed == 2
+    half, _ = apply_md5(pp, votes, alpha=0.5)  # half the train labels, half the product's own scores (normalized)
+    assert half.cls[0].tolist() == [1, 0, 2]
+    np.testing.assert_allclose(half.score[0], [0.5 + 0.5 * 0.2 / 0.8, 0.5 * 0.5 / 0.8, 0.5 * 0.1 / 0.8])

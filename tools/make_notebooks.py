@@ -251,21 +251,83 @@ from cdkit.steps.report import save_figure
 
 P = take_params(step.AggregateParams, globals())
 prep = load_prepared(P.data_dir, P.work_dir)
-R = step.run(P, prep)
-step.record(P.run_dir, R)
-print("chosen on validation:", R.chosen)
-R.accuracy
+R = step.start(P, prep)  # the stores to aggregate, valid and test checked to be one pair; the MD5 lookup (P.md5)
 """),
-        md("## What the MD5 lookup matched"),
-        code("{split: s.__dict__ for split, s in R.md5.items()}"),
+        md("""
+## 1. Mean aggregation
+
+A product's prediction is the mean of its rows' probabilities (one row per picture, or per picture x model x
+view with `rows="all"`), the baseline every other method is compared with.
+"""),
+        code("step.mean(R)\nstep.plot_by_pictures(R)"),
+        md("""
+**Look for:** accuracy by pictures per product. More pictures give the mean more evidence, but also more
+chances to be pulled off by one misleading picture (a logo, a box, an accessory): where products of 3-4
+pictures do no better than products of 1-2, single pictures are outvoting the rest, which is what belief
+aggregation addresses. The numbers:
+"""),
+        code('print(step.finding(R, "mean"))'),
+        md("""
+## 2. Belief aggregation
+
+The same rows; a row far outside the product's other rows for a candidate class (`rule`, `z`, `atol`) is
+excluded from that candidate's score.
+"""),
+        code("step.belief(R)\nstep.plot_by_pictures(R)"),
+        md("""
+**Look for:** the belief bars against the mean bars. A row is excluded only where a product has at least
+`min_preds` rows, so a gain, if any, sits at the products with many pictures. Few products change their
+winner: the difference against the mean is the net of those few.
+"""),
+        code('print(step.finding(R, "belief"))'),
+        md("""
+### Products in which belief aggregation excluded a picture (red: excluded for the winning class)
+
+**Look for:** whether the red pictures are the odd ones out of their product (another object, a logo, a
+placeholder); a red picture that shows the product itself is an exclusion that cost evidence.
+"""),
+        code("fig = step.plot_excluded(R, 'test', n=P.n_grid)\nif fig is not None:\n"
+             "    save_figure(fig, P.run_dir, '08_excluded_pictures', dpi=60)\nfig"),
+        md("""
+## 3. Re-ranker (second level)
+
+LightGBM over the candidates of mean, belief and each member's own products, with picture-position and MD5
+features; fitted on validation out of fold, once per seed in `rerank_seeds`, the seeds' probabilities averaged
+(nothing happens with `rerank=False`). Each seed's accuracy:
+"""),
+        code("step.rerank(R)\nR.rerank_seeds"),
+        md("""
+**Look for:** the gain over the mean against the spread between seeds: a gain smaller than the seeds' spread
+is noise. Its validation figure is out of fold, so it compares with the others as it stands.
+"""),
+        code('print(step.finding(R, "rerank"))'),
+        md("""
+## 4. The method kept
+
+`method="auto"` keeps for test the method better on validation and, for each fold of validation products, the
+one better on the other folds, so that the final validation figure stays out of fold (ties: the simpler).
+"""),
+        code('step.choose(R)\nprint(step.finding(R, "choose"))'),
+        md("""
+## 5. MD5 lookup, after aggregation
+
+Products with pictures byte-identical to train pictures take those pictures' train labels (decisive matches
+only, `md5_min_share`), whole product sets last (`md5_products`). What it matched on each split:
+"""),
+        code("step.md5(R)\n{split: s.__dict__ for split, s in R.md5.items()}"),
+        md("""
+**Look for:** `changed` against `products`: a product matched but not changed was already right (or the
+lookup agreed with it). On validation the lookup sees only the train products outside validation, so the
+change in validation accuracy below estimates what it adds on test.
+"""),
+        code('print(step.finding(R, "md5"))'),
+        md("## 6. The products written, every method's accuracy, the report's rows"),
+        code("R = step.finish(R)\nstep.record(P.run_dir, R)\nR.accuracy"),
         md("## Accuracy by number of pictures per product"),
         code("if len(R.by_pictures):\n    save_figure(step.plot_by_pictures(R), P.run_dir, '08_accuracy_by_pictures')\n"
              "R.by_pictures.pivot_table(index=['split', 'n_pictures'], columns='method', values='accuracy') if len(R.by_pictures) else R.by_pictures"),
         md("## Accuracy at each level of the hierarchy"),
         code("R.by_level.pivot_table(index='level', columns=['split', 'method'], values='accuracy') if len(R.by_level) else R.by_level"),
-        md("## Products in which belief aggregation excluded a picture (red: excluded for the winning class)"),
-        code("fig = step.plot_excluded(R, prep, 'test', n=P.n_grid)\n"
-             "if fig is not None:\n    save_figure(fig, P.run_dir, '08_excluded_pictures', dpi=60)"),
         md("## What this shows"),
         code("print(step.what_this_shows(R))"),
     ],

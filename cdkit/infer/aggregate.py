@@ -396,3 +396,87 @@ def blend_products(pp: ProductPredictions, product_id, cls, prob, alpha=1.0):
     new.pred_class[pos] = cls_out[:, 0]
     changed[pos] = new.pred_class[pos] != pp.pred_class[pos]
     return new, changed
+
+
+def correct_by_product(parts: dict, truth) -> pd.DataFrame:
+    """1.0 where a method's prediction is the product's true class, else 0.0: one column per method of
+    `parts` ({method: ProductPredictions}), indexed by the first method's product ids; `truth`: pd.Series
+    of true classes indexed by product_id"""
+    ids = next(iter(parts.values())).product_id
+    t = truth.reindex(ids).to_numpy()
+    correct = {m: (pd.Series(pp.pred_class, index=pp.product_id).reindex(ids).to_numpy() == t).astype(float)
+               for m, pp in parts.items()}
+    return pd.DataFrame(correct, index=ids)
+
+
+def pick_products(parts: dict, pick: pd.Series) -> ProductPredictions:
+    "ProductPredictions of the products of `pick` (index product_id, ascending), each taken from parts[pick[product]]"
+    ids = pick.index.to_numpy(np.int64)
+    k = max(pp.cls.shape[1] for pp in parts.values())
+    cls, score = np.full((len(ids), k), -1, np.int64), np.full((len(ids), k), -np.inf)
+    pred, n_preds = np.full(len(ids), -1, np.int64), np.zeros(len(ids), np.int64)
+    for m, pp in parts.items():
+        sel = np.flatnonzero(pick.to_numpy() == m)
+        pos = pd.Series(np.arange(len(pp.product_id)), index=pp.product_id).reindex(ids[sel])
+        if pos.isna().any():
+            raise ValueError(f"method {m!r} has no prediction for product(s) {pos.index[pos.isna()][:3].tolist()}")
+        pos = pos.to_numpy(np.int64)
+        kk = pp.cls.shape[1]
+        cls[sel, :kk], score[sel, :kk] = pp.cls[pos], pp.score[pos]
+        pred[sel], n_preds[sel] = pp.pred_class[pos], pp.n_preds[pos]
+    return ProductPredictions(ids, n_preds, pred, cls, score)
+
+
+def excluded_products(stores, pp, n=8, seed=0):
+    """Product ids where belief aggregation excluded at least one prediction row for the winning class
+    (`pp.excluded` is aligned to `prediction_rows(stores)`: store by store, picture by picture, view by view)"""
+    ids, start = [], 0
+    for s in stores:
+        size = len(s) * s.n_views
+        ex = pp.excluded[start:start + size].reshape(len(s), s.n_views).any(1)
+        ids.append(s.product_id[ex])
+        start += size
+    ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(ids, size=min(n, len(ids)), replace=False)) if len(ids) else ids
+
+
+def rows_of_products(stores, pp, ids):
+    "The prediction rows of the products `ids` and their `excluded` flags of `pp` (in prediction_rows order)"
+    from cdkit.infer.store import PredStore
+    subs, flags, start = [], [], 0
+    for s in stores:
+        keep = np.isin(s.product_id, ids)
+        subs.append(PredStore(s.product_id[keep], s.img_idx[keep], s.cls[keep], s.prob[keep], s.rest[keep],
+                              s.n_classes))
+        flags.append(pp.excluded[start:start + len(s) * s.n_views].reshape(len(s), s.n_views)[keep].ravel())
+        start += len(s) * s.n_views
+    return prediction_rows(subs), np.concatenate(flags)
+
+
+def excluded_pictures(stores, pp, ids) -> pd.DataFrame:
+    """Per picture of the products `ids` that has prediction rows: product_id, img_idx, excluded (the share
+    of its rows that belief aggregation `pp` excluded for the winning class), top (its rows' most frequent top class)"""
+    rows, excluded = rows_of_products(stores, pp, ids)
+    df = pd.DataFrame(dict(product_id=rows.product_id, img_idx=rows.img_idx, excluded=excluded.astype(float),
+                           top=rows.cls[:, 0].clip(0)))
+    g = df.groupby(["product_id", "img_idx"])
+    return pd.DataFrame({"excluded": g["excluded"].mean(),
+                         "top": g["top"].agg(lambda c: np.bincount(c).argmax())}).reset_index()
+
+
+def accuracy_breakdowns(preds: dict, truth: dict, n_pictures: dict, level1, level2):
+    """(accuracy by pictures per product, accuracy at each hierarchy level): a block per (split, method) of
+    `preds` ({(split, method): ProductPredictions}) whose split has a truth. truth: {split: pd.Series of
+    classes or None}; n_pictures: {split: pd.Series}, both indexed by product_id; level1, level2: per class"""
+    from cdkit.base.metrics import accuracy_by_level, accuracy_by_n_pictures
+    bp, bl = [], []
+    for (split, name), pp in preds.items():
+        if truth[split] is None:
+            continue
+        t = truth[split].reindex(pp.product_id).to_numpy()
+        npic = n_pictures[split].reindex(pp.product_id).to_numpy()
+        bp.append(accuracy_by_n_pictures(pp.pred_class, t, npic).assign(split=split, method=name))
+        bl.append(accuracy_by_level(pp.pred_class, t, level1, level2).assign(split=split, method=name))
+    return (pd.concat(bp, ignore_index=True) if bp else pd.DataFrame(),
+            pd.concat(bl, ignore_index=True) if bl else pd.DataFrame())

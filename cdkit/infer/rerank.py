@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cdkit.infer.aggregate import ProductPredictions
+from cdkit.infer.aggregate import ProductPredictions, mean_aggregate
 from cdkit.infer.topk import Runs, top_runs
 
 BLOCK_PRODUCTS = 100_000  # products per block in candidate_table / predict_members: ~1 M rows, ~0.2 GB of work arrays
@@ -421,3 +421,43 @@ def _to_predictions(table, raw, k_out):
     runs = Runs(table.row_product, table.cls, None, table.offsets)
     cls, score, _ = top_runs(runs, prob, k_out)
     return ProductPredictions(table.product_id.copy(), table.n_preds.copy(), cls[:, 0].copy(), cls, score)
+
+
+def average_seeds(parts, k_out, n_classes) -> ProductPredictions:
+    "The mean of several ProductPredictions' scores over the same products (one per seed): mean aggregation of their rows"
+    base = parts[0]
+    if len(parts) == 1:
+        return base
+    if any(not np.array_equal(pp.product_id, base.product_id) for pp in parts):
+        raise ValueError("re-ranker seeds scored different products")
+    cls = np.concatenate([pp.cls for pp in parts])
+    score = np.concatenate([pp.score for pp in parts])
+    prob = np.where((cls >= 0) & np.isfinite(score), score, 0.0)
+    mean = mean_aggregate(np.tile(base.product_id, len(parts)), cls, prob, None, n_classes, k_out=k_out)
+    return ProductPredictions(base.product_id, base.n_preds, mean.pred_class, mean.cls, mean.score)
+
+
+def fit_seeds(members, truth, inputs, seeds, accuracy, k=5, n_folds=5, n_classes=None, log=print):
+    """One re-ranker per seed (its own fold assignment and LightGBM seed), fitted out of fold on the
+    validation products, scoring test a block of products at a time; their probabilities averaged.
+
+    members: {"valid"/"test": {name: ProductPredictions}}; inputs: {split: dict(n_pictures=, pictures=,
+    md5=)}, the features `candidate_table` takes; accuracy(pp, split) -> float scores each seed.
+    Returns ({split: ProductPredictions, seeds averaged}, DataFrame of each seed's accuracy per split)."""
+    splits = ("valid", "test")
+    inputs = {s: dict(inputs[s]) for s in splits}
+    if any(inputs[s].get("md5") is not None for s in splits):  # the same features on both sides, matches or not
+        for s in splits:
+            if inputs[s].get("md5") is None:
+                inputs[s]["md5"] = pd.DataFrame({"product_id": np.zeros(0, np.int64), "cls": np.zeros(0, np.int64),
+                                                 "share": np.zeros(0)})
+    valid = candidate_table(members["valid"], k=k, n_classes=n_classes, **inputs["valid"])
+    per_seed, rows = {}, {}
+    for seed in seeds:
+        rr = fit_oof(valid, truth, n_folds=min(n_folds, len(valid.product_id)), seed=seed)
+        # test: the candidate table a block of products at a time (the whole test table would be ~3.7 GB)
+        per_seed[seed] = {"valid": rr.oof_predictions(), "test": rr.predict_members(members["test"], **inputs["test"])}
+        rows[seed] = {s: accuracy(pp, s) for s, pp in per_seed[seed].items()}
+        log(f"re-ranker seed {seed}: validation (out of fold) {rows[seed]['valid']:.4f}, test {rows[seed]['test']:.4f}")
+    out = {s: average_seeds([per_seed[seed][s] for seed in seeds], k, n_classes) for s in splits}
+    return out, pd.DataFrame(rows).T.rename_axis("seed")[list(splits)]

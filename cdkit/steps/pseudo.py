@@ -255,10 +255,10 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
 def record(run_dir, R: PseudoResult):
     "The study's pseudo-label row: stage `pseudo`'s final products, computed from its own files"
     from cdkit.steps.report import record as rec
-    a = R.aggregate.accuracy
+    agg = R.aggregate
     from cdkit.steps.report import VALID_IS
     from cdkit.infer.selection import OUT_OF_FOLD
-    rec(run_dir, "study", "+pseudo-labels", {"test": a.loc["final", "test"], "valid": a.loc["final", "valid"],
+    rec(run_dir, "study", "+pseudo-labels", {"test": agg.test.final, "valid": agg.valid.final,
                                              VALID_IS: OUT_OF_FOLD, "labels from": R.labels_from,
                                              "test products changed": R.changed["test"]})
     s = R.selection_summary.iloc[0].to_dict()
@@ -292,10 +292,9 @@ def plot_alpha(alpha: pd.DataFrame):
 
 
 def what_this_shows(R: PseudoResult) -> str:
-    a = R.aggregate.accuracy
     s = R.selection_summary.iloc[0]
     prec = f", precision {s['precision']:.3f}" if "precision" in s and s["precision"] == s["precision"] else ""
     return (f"{int(s['chosen'])} of {int(s['products'])} test products were pseudo-labeled from {R.labels_from}{prec}. "
             f"With the fine-tuned model in its base's place, the final predictions changed for {R.changed['test']} test "
-            f"products; validation accuracy of the final products {a.loc['final', 'valid']:.4f} (stage pseudo). "
+            f"products; validation accuracy of the final products {R.aggregate.valid.final:.4f} (stage pseudo). "
             "Step 10 submits this stage only if it beats stage base on validation.")
