@@ -393,9 +393,10 @@ def _breakdowns(preds, prep: Prepared):
             pd.concat(bl, ignore_index=True) if bl else pd.DataFrame())
 
 
-def record(run_dir, R: AggregateResult):
+def record(run_dir, R: AggregateResult, step="aggregate"):
     "The study's rows of this stage, each from its own aggregation"
-    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.steps.report import LEVERS, VALID_IS, recorder
+    rec = recorder(step)
     from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD
     a = R.accuracy
     # every row's validation figure is out of fold: the ensemble store is, the re-ranker is fitted out of fold,

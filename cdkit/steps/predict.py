@@ -259,9 +259,10 @@ def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> Predic
     return PredictResult(stores, pd.DataFrame(rows).set_index("model"), complete, written)
 
 
-def record(run_dir, R: PredictResult, stage="base"):
+def record(run_dir, R: PredictResult, stage="base", step="predict"):
     "The study's rows computed from the first model's own stores: one view (baseline) and all views (+TTA)"
-    from cdkit.steps.report import record as rec
+    from cdkit.steps.report import recorder
+    rec = recorder(step)
     if not R.complete:
         return
     b = R.baseline
