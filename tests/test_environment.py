@@ -153,6 +153,9 @@ def test_pyproject_groups_match_requirements():
     reqs = [line.split("#")[0] for line in (ROOT / "requirements.txt").read_text().splitlines()]
     groups = proj["optional-dependencies"]
     assert _names(proj["dependencies"]) | _names(groups["notebook"]) | _names(groups["dev"]) == _names(reqs)
+    # the same ranges too, as pyproject.toml says
+    declared = [*proj["dependencies"], *groups["notebook"], *groups["dev"]]
+    assert sorted("".join(r.split()) for r in declared) == sorted("".join(r.split()) for r in reqs if r.strip())
     assert {"torch", "torchvision"} <= _names(proj["dependencies"])  # ranges, satisfied by a preinstalled torch
     assert not _names(proj["dependencies"]) & {"jupyterlab", "ipywidgets", "pytest", "ruff"}
 
