@@ -11,7 +11,7 @@ DEPS    := $(VENV)/.deps-$(REQHASH)
 READY   := $(VENV)/.cdkit-$(HEREHASH)-$(REQHASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-numerics bench clean-venv lab rehearse weights
+.PHONY: setup demo test test-numerics bench clean-venv lab notebooks rehearse weights
 
 setup: $(READY)
 
@@ -33,6 +33,11 @@ demo: $(READY)
 
 test: $(READY)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# After editing notebooks (or changing a Params class): each parameters cell regenerated from its Params class,
+# outputs, execution counts and transient metadata stripped; prose and other cells kept (tools/fix_notebooks.py)
+notebooks: $(READY)
+	$(BIN)/python tools/fix_notebooks.py
 
 # The tests that train models or assert effects, under the numerics of other machines (threads, seeds,
 # ATen's CPU kernels): docs/TESTING.md. SETTINGS="CDKIT_TEST_THREADS=2 ..." to choose them.

@@ -29,17 +29,31 @@ OVERRIDES_ARG = typer.Argument(None, metavar="key=value ...", help="parameter ov
 PATH_ERRORS = (PermissionError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
-def _show(result):
+# What a command prints after its step ran: per step module (registry.STEPS), the named tables and values of its
+# Result. A step whose Result gains something worth printing adds it here.
+SHOWN = {
+    "explore": lambda R: {},  # its tables and plots are the notebook's
+    "prepare": lambda R: {"summary": R.summary},
+    "train": lambda R: {"summary": R.summary(), "model_dir": R.model_dir},
+    "predict": lambda R: {"table": R.table},
+    "fuse": lambda R: {"table": R.table, "chosen": R.chosen},
+    "ensemble": lambda R: {"table": R.table, "stage": R.stage},
+    "aggregate": lambda R: {"accuracy": R.accuracy, "chosen": R.chosen, "stage": R.stage},
+    "pseudo": lambda R: {"single_model": R.single_model, "selection_summary": R.selection_summary, "changed": R.changed},
+    "submit": lambda R: {"stage": R.stage, "path": R.path, "test_accuracy": R.test_accuracy},
+}
+
+
+def summary_lines(module, result) -> list:
+    "The lines `cdkit <step>` prints about its result: tables (rounded) and values, each under its name"
     import pandas as pd
-    for name in ("summary", "table", "accuracy", "single_model", "selection_summary"):
-        v = getattr(result, name, None)
-        v = v() if callable(v) else v
-        if isinstance(v, (pd.DataFrame, pd.Series)) and len(v):
-            typer.echo(f"{name}:\n{v.round(4).to_string()}")
-    for name in ("chosen", "stage", "path", "model_dir", "test_accuracy", "changed"):
-        v = getattr(result, name, None)
-        if v is not None and not callable(v):
-            typer.echo(f"{name}: {v}")
+    lines = []
+    for name, v in SHOWN[module](result).items():
+        if isinstance(v, (pd.DataFrame, pd.Series)):
+            if len(v): lines.append(f"{name}:\n{v.round(4).to_string()}")
+        elif v is not None:
+            lines.append(f"{name}: {v}")
+    return lines
 
 
 def refusal(e: BaseException):
@@ -140,7 +154,8 @@ def _step_command(step):
         if hasattr(mod, "record") and hasattr(P, "run_dir"):
             mod.record(P.run_dir, result)
             write_report(P.run_dir)
-        _show(result)
+        for line in summary_lines(step.module, result):
+            typer.echo(line)
     return command
 
 

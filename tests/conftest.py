@@ -50,7 +50,7 @@ def real_dir():
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    "The synthetic tiny preset, written once per test session"
+    "The synthetic tiny preset, written once per test run"
     from cdkit.data.synth import write_dataset
     out = tmp_path_factory.mktemp("tiny")
     write_dataset(out, preset="tiny", seed=DATA_SEED)

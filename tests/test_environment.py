@@ -114,8 +114,32 @@ def test_make_lab_allows_root_and_weights_are_ignored():
     out = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=ROOT).stdout
     assert ("--allow-root" in out) == (os.getuid() == 0)
     assert subprocess.run(["git", "check-ignore", "-q", "weights/resnet101.pth"], cwd=ROOT).returncode == 0
-    out = subprocess.run(["make", "-n", "weights", "ARCHS=resnet18"], capture_output=True, text=True, cwd=ROOT).stdout
-    assert "mkdir -p weights" in out or "weights/" in out
+
+
+
+def test_make_weights_saves_each_arch_under_its_file_name(tmp_path):
+    "The recipe of `make weights`, run with a stand-in timm: weights/FILE.pth holds the state dict of timm's ARCH"
+    import shlex
+    import torch
+    out = subprocess.run(["make", "-n", "weights", "ARCHS=resnet18 xception=legacy_xception"],
+                         capture_output=True, text=True, cwd=ROOT).stdout
+    assert "mkdir -p weights" in out
+    line = next(x for x in out.splitlines() if " -c " in x and "timm" in x)
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "timm.py").write_text("import torch\n"
+                                  "def create_model(name, pretrained=False):\n"
+                                  "    assert pretrained\n"
+                                  "    open('calls.txt', 'a').write(name + '\\n')\n"
+                                  "    return torch.nn.Linear(2, len(name))\n")
+    (tmp_path / "weights").mkdir()
+    r = subprocess.run([sys.executable, *shlex.split(line)[1:]], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(stub)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "calls.txt").read_text().split() == ["resnet18", "legacy_xception"]
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["resnet18.pth", "xception.pth"]
+    sd = torch.load(tmp_path / "weights" / "xception.pth", weights_only=True)
+    assert sd["weight"].shape == (len("legacy_xception"), 2)
 
 
 def _names(reqs):
@@ -129,13 +153,15 @@ def test_pyproject_groups_match_requirements():
     reqs = [line.split("#")[0] for line in (ROOT / "requirements.txt").read_text().splitlines()]
     groups = proj["optional-dependencies"]
     assert _names(proj["dependencies"]) | _names(groups["notebook"]) | _names(groups["dev"]) == _names(reqs)
+    # the same ranges too, as pyproject.toml says
+    declared = [*proj["dependencies"], *groups["notebook"], *groups["dev"]]
+    assert sorted("".join(r.split()) for r in declared) == sorted("".join(r.split()) for r in reqs if r.strip())
     assert {"torch", "torchvision"} <= _names(proj["dependencies"])  # ranges, satisfied by a preinstalled torch
     assert not _names(proj["dependencies"]) & {"jupyterlab", "ipywidgets", "pytest", "ruff"}
 
 
 def test_install_keeps_a_preinstalled_torch(tmp_path):
     "A fresh venv that sees an existing torch (as a cloud notebook has): `pip install -e .[notebook]` replaces nothing"
-    import site
     import sysconfig
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -143,7 +169,9 @@ def test_install_keeps_a_preinstalled_torch(tmp_path):
                                   capture_output=True, text=True, check=True).stdout.strip())
     # the notebook's preinstalled packages: this environment's site-packages, seen through a .pth file
     (purelib / "preinstalled.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    assert site  # (imported for clarity: .pth files are read by `site` at start-up)
+    seen = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__file__)"],
+                          capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 0 and seen.stdout.startswith(sysconfig.get_paths()["purelib"]), seen  # the venv sees it
     r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--no-index",
                         "--no-build-isolation", "--disable-pip-version-check", "-e", f"{ROOT}[notebook]"],
                        capture_output=True, text=True, timeout=600)

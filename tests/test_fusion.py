@@ -1,4 +1,4 @@
-"""Issue 11 B: the fusion split, feature stores through the prediction path, the fusion head (masking,
+"""The fusion split, feature stores through the prediction path, the fusion head (masking,
 order), and step 06b end to end: its member enters the ensemble like any other."""
 import numpy as np
 import pandas as pd

@@ -470,7 +470,7 @@ def test_results_are_recorded_under_the_lock(held):
     from cdkit.steps.report import record
     run, pid = held
     with pytest.raises(FolderBusyError):
-        record(run, "section", "name", 1.0)
+        record(run, "section", "name", 1.0, step="predict")
 
 
 # --- 4. one run folder, one data set -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every command of README.md, in its bash blocks and inline in its prose, works as written from a fresh shell
+"""Every command of README.md and docs/*.md, in their bash blocks and inline in their prose, works as written from a fresh shell
 (no venv on PATH): the cheap ones run as they are, the expensive ones in a form that runs nothing heavy
 (`--check` validates the parameters of a step command, `make -n` a target, `--help` a script, papermill
 lines are checked against their notebook's parameters and must create the folder of their executed copy);
@@ -36,21 +36,24 @@ PLACEHOLDER = re.compile(r"<|\[|\.\.\.|\\\||\b(?:FILE|N|D|DIR|PATH|BSON|OUT_DIR)
 PROGRAMS = ("cdkit", ".venv/bin/cdkit", "python -m cdkit", "make", "make -n", "papermill")  # names, not commands
 
 
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the front door and the pages it links to
+
+
 def readme_commands():
-    "(line, block number) of every command line in README.md's bash blocks, continuation lines joined"
-    text = (ROOT / "README.md").read_text()
+    "(line, block number) of every command line in the bash blocks of README.md and docs/*.md"
     out = []
-    for i, block in enumerate(re.findall(r"^\s*```bash\n(.*?)^\s*```", text, flags=re.S | re.M)):
-        for line in block.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                out.append((line, i))
+    for page in PAGES:
+        for i, block in enumerate(re.findall(r"^\s*```bash\n(.*?)^\s*```", page.read_text(), flags=re.S | re.M)):
+            for line in block.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append((line, f"{page.name}:{i}"))
     return out
 
 
 def readme_inline_commands():
-    "Every command quoted inline in README.md's prose and tables (`cdkit ...`, `make ...`, `python ...`), once"
-    text = re.sub(r"^\s*```.*?^\s*```", "", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    "Every command quoted inline in the prose and tables of README.md and docs/*.md (`cdkit ...`, `make ...`, `python ...`), once"
+    text = "\n".join(re.sub(r"^\s*```.*?^\s*```", "", page.read_text(), flags=re.S | re.M) for page in PAGES)
     out = []
     for span in re.findall(r"`([^`]+)`", text):
         span = " ".join(span.split())
@@ -67,6 +70,10 @@ def plan_inline(span):
         return "skip", "a form with placeholders (the table of commands), not a line to type"
     if span in PROGRAMS:
         return "skip", "the name of a program, not a command line"
+    if span.endswith("/"):
+        return "skip", "a folder, not a command line"
+    if re.match(r"\S+ [\w ]+: ", span):  # e.g. pytest's header line `cdkit numerics: seed shift 0, ...` (docs/TESTING.md)
+        return "skip", "output quoted from a run, not a command line"
     if span.startswith("time "):
         span = span[5:]
     if span.startswith("bench/"):
@@ -175,3 +182,29 @@ def test_readme_papermill_lines_match_their_notebooks(line):
         f"{line}: the folder of {args[1]} may not exist (a fresh clone has no runs/): `mkdir -p` it first"
     injected = step_parameters(nb, [ROOT / f for f in files])
     make_params(params_class(nb.stem), {**notebook_parameters(nb), **injected, **values}, where=line)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_links_between_pages_resolve(page):
+    "Every relative link of the README and docs/*.md names a file of the repository (and an anchor its page holds)"
+    text = re.sub(r"^\s*```.*?^\s*```", "", page.read_text(), flags=re.S | re.M)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: link {target!r} names no file"
+        if anchor:
+            slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                     for h in re.findall(r"^#+ (.*)$", dest.read_text(), flags=re.M)}
+            assert anchor in slugs, f"{page.name}: link {target!r}: no heading with that anchor"
+
+
+def test_the_readme_stays_a_front_door():
+    "Results, benchmarks and promises live in docs/; the README says what it is and how to start"
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 170
+    assert text.splitlines()[2:5] == ["```bash", "make demo   # sets up .venv, writes the synthetic demo data, runs every notebook headless -> runs/demo/",
+                                      "make test   # sets up .venv if needed, runs the test suite (python -m pytest)"]
+    for page in ("RECIPES", "RESULTS", "BENCHMARKS", "RELIABILITY", "TESTING"):
+        assert f"(docs/{page}.md)" in text, page

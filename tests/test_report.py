@@ -68,6 +68,27 @@ def test_durations_print_with_one_decimal_and_training_is_a_table(tmp_path, cloc
     assert "![03_history_resnet](figures/03_history_resnet.png)" in training  # the curves beside the table
 
 
+def test_the_training_curves_go_beside_the_section_the_training_step_recorded(tmp_path, clock):
+    "grouped by the step that recorded a section (registry.STEPS), whatever the section is called"
+    report.record(tmp_path, "backbones", "resnet", {"epochs": 1}, step="train")
+    report.record(tmp_path, "06 per model", "product accuracy", {"resnet": {"test": 0.5}}, step="predict")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "03_history_resnet.png").write_bytes(b"png")
+    text = report.write_report(tmp_path).read_text()
+    assert "![03_history_resnet](figures/03_history_resnet.png)" in text.split("## backbones")[1].split("## ")[0]
+    assert "## Plots" not in text
+
+
+def test_every_row_names_its_step_explicitly(tmp_path):
+    with pytest.raises(TypeError, match="step"):
+        report.record(tmp_path, "study", "baseline", 0.5)
+    with pytest.raises(ValueError, match="not a module of registry.STEPS"):
+        report.record(tmp_path, "study", "baseline", 0.5, step="notebook")
+    rec = report.recorder("ensemble")
+    rec(tmp_path, "07 ensemble (base)", "weights", {"resnet": 1.0})
+    assert report.load_results(tmp_path)["_meta"]["07 ensemble (base)"]["weights"]["step"] == "ensemble"
+
+
 def test_difference_noise_known_answers():
     "Accuracies 0.5 and 0.6 on 100 products: within noise unpaired, beyond it when the 10 gains are the only discordant pairs"
     d = report.difference_noise(0.5, 0.6, 100)

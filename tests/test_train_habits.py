@@ -118,7 +118,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tiny_data, tmp_path):
     from fastai.callback.core import Callback, CancelFitException
 
     class StopAtStep(Callback):
-        "An interruption after `n` optimizer steps (the session ends mid-epoch)"
+        "An interruption after `n` optimizer steps (the notebook ends mid-epoch)"
         order = 90
 
         def __init__(self, n): self.n, self.seen = n, 0

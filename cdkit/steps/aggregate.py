@@ -251,9 +251,10 @@ def run(P: AggregateParams, prep: Prepared = None, log=print, save=True) -> Aggr
     return finish(R, save)
 
 
-def record(run_dir, R: AggregateResult):
+def record(run_dir, R: AggregateResult, step="aggregate"):
     "The study's rows of this stage, each from its own aggregation"
-    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.steps.report import LEVERS, VALID_IS, recorder
+    rec = recorder(step)
     from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD
     # every row's validation figure is out of fold: the ensemble store is, the re-ranker is fitted out of fold,
     # and with method="auto" each fold's products take the method chosen on the other folds

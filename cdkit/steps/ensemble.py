@@ -118,8 +118,9 @@ def _out_of_fold(P: EnsembleParams, valid, prep: Prepared, k_out):
     return combine_out_of_fold(valid, _labels(valid, prep), folds, method=P.method, p=P.p, k_out=k_out)
 
 
-def record(run_dir, R: EnsembleResult):
-    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+def record(run_dir, R: EnsembleResult, step="ensemble"):
+    from cdkit.steps.report import LEVERS, VALID_IS, recorder
+    rec = recorder(step)
     from cdkit.infer.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     ens = OUT_OF_FOLD if R.fold_weights else HELD_OUT  # equal weights: nothing was fitted on validation
     if R.stage == "base":

@@ -194,9 +194,10 @@ def run(P: FuseParams, prep: Prepared = None, log=print, save=True) -> FuseResul
     return FuseResult(table, chosen, stores, pd.DataFrame(base).T[list(SPLITS)], time.time() - t0, hist, member_valid)
 
 
-def record(run_dir, R: FuseResult):
+def record(run_dir, R: FuseResult, step="fuse"):
     "Each fusion member against its backbone's own pictures (mean aggregation), and the heads' spread over seeds"
-    from cdkit.steps.report import LEVERS, VALID_IS, record as rec
+    from cdkit.steps.report import LEVERS, VALID_IS, recorder
+    rec = recorder(step)
     from cdkit.infer.selection import HELD_OUT, IN_SAMPLE, OUT_OF_FOLD
     sp, table = R.spread(), R.table.sort_index()  # .loc on an unsorted MultiIndex warns (PerformanceWarning)
     for m, variant in R.chosen.items():

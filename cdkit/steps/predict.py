@@ -271,9 +271,10 @@ def run(P: PredictParams, prep: Prepared = None, log=print, save=True) -> Predic
     return PredictResult(stores, accuracy, list(P.models), complete, written)
 
 
-def record(run_dir, R: PredictResult, stage="base"):
+def record(run_dir, R: PredictResult, stage="base", step="predict"):
     "The study's rows computed from the first model's own stores: one view (baseline) and all views (+TTA)"
-    from cdkit.steps.report import record as rec
+    from cdkit.steps.report import recorder
+    rec = recorder(step)
     if not R.complete:
         return
     test, valid, model = R.baseline("test"), R.baseline("valid"), R.models[0]

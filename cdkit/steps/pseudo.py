@@ -252,9 +252,10 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     return PseudoResult(P.labels_from, chosen, table, summary, alpha, pred, ens, agg, single, changed, time.time() - t0)
 
 
-def record(run_dir, R: PseudoResult):
+def record(run_dir, R: PseudoResult, step="pseudo"):
     "The study's pseudo-label row: stage `pseudo`'s final products, computed from its own files"
-    from cdkit.steps.report import record as rec
+    from cdkit.steps.report import recorder
+    rec = recorder(step)
     agg = R.aggregate
     from cdkit.steps.report import VALID_IS
     from cdkit.infer.selection import OUT_OF_FOLD
@@ -265,8 +266,8 @@ def record(run_dir, R: PseudoResult):
     rec(run_dir, "09 pseudo-labels", "selection", {k: v for k, v in s.items()})
     rec(run_dir, "09 pseudo-labels", "single model (product accuracy)", R.single_model.round(4).to_dict(orient="index"))
     rec(run_dir, "09 pseudo-labels", "products changed against stage base", R.changed)
-    step07.record(run_dir, R.ensemble)
-    step08.record(run_dir, R.aggregate)
+    step07.record(run_dir, R.ensemble, step=step)
+    step08.record(run_dir, R.aggregate, step=step)
 
 
 def plot_alpha(alpha: pd.DataFrame):

@@ -12,7 +12,6 @@ the pseudo-label row after `cdkit demo --only 06,07,08` (09 did not run again)."
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -65,33 +64,34 @@ META = "_meta"  # results[META][section][name] = {"time": unix seconds, "step": 
 # what a row's validation figure is (cdkit.infer.selection: out of fold, in-sample, held out): only figures of the
 # same kind compare, and only out-of-fold or held-out ones estimate what test will show
 VALID_IS = "validation figure"
+TRAINING_CURVES = "03_history"  # figures/03_history_<model>.png, saved by steps.train.record
 
 
-def _calling_step():
-    "The module (explore, train, ...) of the outermost cdkit.steps frame that called, or None"
-    f, found = sys._getframe(1), None
-    while f is not None:
-        mod = f.f_globals.get("__name__", "")
-        if mod.startswith("cdkit.steps."): found = mod.rsplit(".", 1)[1]
-        f = f.f_back
-    return found
-
-
-def record(run_dir, section, name, value, step=None):
+def record(run_dir, section, name, value, *, step):
     """Store one result (a number, string or small dict) under results[section][name], with the time and
-    the step (`step`: a module of cdkit.steps; default: the step module that calls) in results['_meta']"""
+    the step that recorded it (`step`: a module of cdkit.steps, as registry.STEPS names it) in results['_meta']"""
     from cdkit.train.distributed import rank, world_size
     from cdkit.base.io import folder_lock
     value = _clean(value)
     if world_size() > 1 and rank() != 0:
         return value  # data-parallel training: rank 0 records for every process (it holds the run folder)
-    step = step or _calling_step()
+    if step not in step_groups()[0]:
+        raise ValueError(f"record: step {step!r} is not a module of registry.STEPS ({', '.join(step_groups()[0])})")
     with folder_lock(resolve(run_dir), "run folder"):  # read-modify-write: one writer at a time
         results = load_results(run_dir)
         results.setdefault(section, {})[name] = value
         results.setdefault(META, {}).setdefault(section, {})[name] = {"time": time.time(), "step": step}
         atomic_write(results_path(run_dir), lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, default=float)))
     return value
+
+
+def recorder(step):
+    """record() for one step: `rec = recorder('ensemble'); rec(run_dir, section, name, value)`. A step's
+    `record(run_dir, R, step=...)` takes the step it records for: step 09 records 07's and 08's rows of its
+    stage as its own (they are stale when 06-08 run again, not when 09 does)"""
+    def rec(run_dir, section, name, value):
+        return record(run_dir, section, name, value, step=step)
+    return rec
 
 
 def save_figure(fig, run_dir, name, dpi=90, max_bytes=300_000):
@@ -292,6 +292,7 @@ def write_report(run_dir) -> Path:
         lines += [f"- {row} vs {other}, {'validation' if split == 'valid' else split}: {d['note']}"
                   for (row, other, split), d in diffs.items()]
     figs = sorted(RunLayout.of(run_dir).figures.glob("*.png")) if RunLayout.of(run_dir).figures.exists() else []
+    steps_of = {sec: {m.get("step") for m in rows.values()} for sec, rows in res.get(META, {}).items()}
     shown = set()
     for section, values in res.items():
         if section in ("study", META):
@@ -313,9 +314,9 @@ def write_report(run_dir) -> Path:
                     lines.append(f"- {name}{m}: {_fmt(v, key=name if not is_time else 'seconds')}")
         if is_time:
             lines.append(f"- total: {sum(v for v in values.values() if isinstance(v, (int, float))):.0f}")
-        if section.startswith("03-05"):  # the training curves beside the training table
+        if "train" in steps_of.get(section, ()):  # the training curves beside the training table
             for f in figs:
-                if f.stem.startswith("03_history"):
+                if f.stem.startswith(TRAINING_CURVES):
                     lines += ["", f"![{f.stem}](figures/{f.name})"]
                     shown.add(f)
     rest = [f for f in figs if f not in shown]

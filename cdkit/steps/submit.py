@@ -116,8 +116,9 @@ def run(P: SubmitParams, prep: Prepared = None, log=print) -> SubmitResult:
     return SubmitResult(path, stage, acc, len(sub), n_filled, test_acc, sub, honest)
 
 
-def record(run_dir, R: SubmitResult):
-    from cdkit.steps.report import VALID_IS, record as rec
+def record(run_dir, R: SubmitResult, step="submit"):
+    from cdkit.steps.report import VALID_IS, recorder
+    rec = recorder(step)
     from cdkit.infer.selection import IN_SAMPLE, OUT_OF_FOLD
     rec(run_dir, "10 submission", "stage submitted", R.stage)
     rec(run_dir, "10 submission", "validation accuracy per stage", R.valid_accuracy)

@@ -642,9 +642,10 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
     return learn
 
 
-def record(run_dir, result: TrainResult):
+def record(run_dir, result: TrainResult, step="train"):
     "The last epoch's validation figures of a trained model, under 'training' in the run's results"
-    from cdkit.steps.report import record as rec
+    from cdkit.steps.report import recorder
+    rec = recorder(step)
     last = result.history.iloc[-1] if len(result.history) else {}
     rec(run_dir, "03-05 training", result.model_dir.name,
         {"arch": result.params.arch, "epochs": result.epochs_done, "minutes": round(result.seconds / 60, 2),

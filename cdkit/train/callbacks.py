@@ -393,7 +393,7 @@ class Checkpoint(Callback):
     """Save everything an exact resume needs after each epoch: weights, optimizer, epoch, RNG states,
     the loaders' shuffle RNGs, callback states (`state_dict()` of any callback that has one).
 
-    With `every`, also every `every` optimizer steps inside an epoch, so that a session that ends
+    With `every`, also every `every` optimizer steps inside an epoch, so that a run that ends
     mid-epoch (a 12-hour notebook, a preempted machine) loses at most that many steps. Such a checkpoint
     also holds the epoch's shuffle state and the batches done: the resumed epoch draws the same order,
     skips those batches without reading them, and continues with the RNG states of the moment of the
