@@ -266,10 +266,10 @@ def _images(prep, P):
 
 
 def _effective_batch(learn):
-    from cdkit.train.callbacks import GradAccum, _inner_dl
+    from cdkit.train.callbacks import GradAccum, inner_dl
     from cdkit.train.distributed import world_size
     acc = learn.cbs.filter(lambda c: isinstance(c, GradAccum))
-    return _inner_dl(learn.dls.train).bs * (acc[0].acc_steps if acc else 1) * world_size()
+    return inner_dl(learn.dls.train).bs * (acc[0].acc_steps if acc else 1) * world_size()
 
 
 def _lr(learn): return learn.opt.hypers[-1]["lr"] if learn.opt is not None else None
@@ -458,7 +458,7 @@ def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
                  f" and {mid['batches']} batches of the next" if mid else "")
     # what a notebook does between setup and fit (show_batch, lr_find) draws from the RNGs and the
     # loaders' shuffle; fit puts these back, so looking at the data never changes the training
-    rng = (rng_state(), [C._inner_dl(dl).rng.getstate() for dl in dls.loaders])
+    rng = (rng_state(), [C.inner_dl(dl).rng.getstate() for dl in dls.loaders])
     return TrainSetup(P, learn, prep, valid_images, start_epoch, t0, resuming, rng=rng)
 
 
@@ -568,9 +568,9 @@ def fit(S: TrainSetup, lr=None) -> TrainResult:
         epochs_done = start_epoch
         if S.rng is not None:
             from cdkit.base.rng import set_rng_state
-            from cdkit.train.callbacks import _inner_dl
+            from cdkit.train.callbacks import inner_dl
             set_rng_state(S.rng[0])
-            for dl, st in zip(learn.dls.loaders, S.rng[1]): _inner_dl(dl).rng.setstate(st)
+            for dl, st in zip(learn.dls.loaders, S.rng[1]): inner_dl(dl).rng.setstate(st)
         if start_epoch < P.epochs:
             with distrib_ctx(learn, sync_bn=P.sync_bn):
                 fit_schedule(learn, P.epochs, P.lr, P.one_cycle, P.pct_start, P.lr_steps, P.lr_step_factors,
