@@ -29,6 +29,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cdkit.base.device import pick_device
+
 MAX_PICTURES = 4  # the competition's products have 1 to 4 pictures
 
 
@@ -204,7 +206,7 @@ def train_head(spec: HeadSpec, x_train, g_train: Groups, y_train, x_valid, g_val
     out_dir = Path(out_dir)
     makedirs(out_dir)
     set_seed(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     train_ds, valid_ds = ProductFeatures(x_train, g_train, y_train), ProductFeatures(x_valid, g_valid, y_valid)
     dls = DataLoaders(_product_dl(train_ds, bs, shuffle=True, drop_last=len(train_ds) > bs, seed=seed),
                       _product_dl(valid_ds, bs * 2), device=device)
@@ -255,7 +257,7 @@ def fusion_to_store(models, fs, store_path, k=20, prob_dtype="uint8", block=2048
     `product_groups(fs.product_id, fs.img_idx)` when the caller has it already."""
     from cdkit.base.progress import bar
     from cdkit.infer.store import StoreWriter, topk
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     models = [m.to(device).eval() for m in models]
     if groups is None:
         groups = product_groups(fs.product_id, fs.img_idx, models[0].pos.shape[0] if models[0].pos is not None
