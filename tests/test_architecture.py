@@ -105,3 +105,34 @@ def test_the_library_knows_no_steps_or_run_folders():
     lib = [f"{a} -> {b}" for a, bs in graph().items() for b in bs
            if layer(a) is not None and layer(a) <= LAYERS["submit"] and b.split(".")[1] in ("steps", "runs")]
     assert not lib, lib
+
+
+def orchestration_lines(path) -> int:
+    """Lines of code in a step module outside its Params classes (`*Params`), docstrings, comments and blank
+    lines: what the step itself does, which should be orchestration (read params, call the library,
+    record rows, plot)"""
+    src = Path(path).read_text()
+    skip = set()
+    for node in ast.walk(ast.parse(src, str(path))):
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Params"):
+            skip.update(range(node.lineno, node.end_lineno + 1))
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                skip.update(range(first.lineno, first.end_lineno + 1))
+    return sum(1 for i, line in enumerate(src.splitlines(), 1)
+               if i not in skip and line.strip() and not line.strip().startswith("#"))
+
+
+def test_orchestration_lines_counts_code_only(tmp_path):
+    f = tmp_path / "step.py"
+    f.write_text('"""doc\nstring"""\nimport x\n\n\nclass AParams:\n    a: int = 1\n    b: int = 2\n\n\n'
+                 'def run(P):\n    "one line"\n    # why\n    return x.go(P)  # how\n')
+    assert orchestration_lines(f) == 3  # import, def, return
+
+
+def test_train_and_pseudo_steps_only_orchestrate():
+    "The learner assembly and the fine-tune live in the library (cdkit.train.learner, cdkit.pseudo.finetune)"
+    for step in ("train", "pseudo"):
+        n = orchestration_lines(ROOT / "steps" / f"{step}.py")
+        assert n <= 200, f"cdkit/steps/{step}.py holds {n} lines of code outside its Params classes (at most 200)"
