@@ -18,6 +18,9 @@ it does nothing, and more epochs are refused (its schedule has ended). A non-fin
 (`cdkit.train.callbacks.DivergedError`) before anything final is saved.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
+
+The step reads its parameters and orchestrates; the learner is assembled, fitted and saved by
+`cdkit.train.learner`.
 """
 from __future__ import annotations
 
@@ -25,9 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
-
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import pandas as pd
