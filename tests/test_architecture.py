@@ -12,6 +12,8 @@ functions) is an arrow; no arrow points up a layer and no arrows form a circle.
 import ast
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1] / "cdkit"
 LAYERS = {"base": 0, "data": 1, "train": 2, "infer": 3, "pseudo": 4, "submit": 4, "runs": 5, "steps": 6,
@@ -107,11 +109,13 @@ def test_the_library_knows_no_steps_or_run_folders():
     assert not lib, lib
 
 
-def _orchestration_lines_08(path: Path) -> int:
-    "Lines holding code in `path`, leaving out its Params classes, docstrings, comments and blank lines"
+def orchestration_lines(path) -> int:
+    """Lines holding code in a step module, leaving out its Params classes (`*Params`), docstrings, comments
+    and blank lines: what the step itself does, which should be orchestration (read params, call the
+    library, record rows, plot)"""
     import io
     import tokenize
-    src = path.read_text()
+    src = Path(path).read_text()
     left_out = set()
     for node in ast.walk(ast.parse(src, str(path))):
         if isinstance(node, ast.ClassDef) and node.name.endswith("Params"):
@@ -129,14 +133,15 @@ def _orchestration_lines_08(path: Path) -> int:
     return len(code - left_out)
 
 
-def test_step_08_only_orchestrates():
-    "cdkit/steps/aggregate.py reads params, calls the library, records rows, plots: at most 200 lines of code"
-    n = _orchestration_lines_08(ROOT / "steps" / "aggregate.py")
-    assert n <= 200, f"cdkit/steps/aggregate.py holds {n} lines of code outside AggregateParams and docstrings; move library logic down"
-
-
 def test_the_line_count_leaves_out_params_docstrings_and_comments(tmp_path):
     p = tmp_path / "m.py"
     p.write_text('"""doc\nstring"""\nimport os  # why\n\n\nclass XParams:\n    a: int = 1\n    b: int = 2\n\n\n'
                  'def f(x):\n    "doc"\n    # a comment\n    return (x +\n            1)\n')
-    assert _orchestration_lines_08(p) == 4  # import, def, and the two lines of the return
+    assert orchestration_lines(p) == 4  # import, def, and the two lines of the return
+
+
+@pytest.mark.parametrize("step", STEP_MODULES)
+def test_a_step_module_only_orchestrates(step):
+    "a step reads its parameters, calls the library, records rows and plots; library logic lives below it"
+    n = orchestration_lines(ROOT / "steps" / f"{step}.py")
+    assert n <= 200, f"cdkit/steps/{step}.py holds {n} lines of code outside its Params classes and docstrings; move library logic down"

@@ -241,7 +241,7 @@ def test_finetune_runs_sgd_on_stepped_lr_with_the_authors_alpha(base_run):
     from cdkit.train.models import load_trained
     from cdkit.base.params import make_params
     from cdkit.steps.pseudo import PseudoParams
-    from cdkit.steps.train import opt_func
+    from cdkit.train.learner import opt_func
     prep, run = base_run
     P = make_params(PseudoParams, dict(optimizer="sgd", momentum=0.1, wd=1e-4, one_cycle=False, lr=0.01, epochs=3,
                                        lr_steps=[1, 2], lr_step_factors=[0.5, 0.05], alpha_form="authors",
@@ -253,7 +253,7 @@ def test_finetune_runs_sgd_on_stepped_lr_with_the_authors_alpha(base_run):
     pseudo = ps.pseudo_images(ps.select_pseudo(conf), prep.test_images())
     dls = ps.mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, prep.catalog.n_classes, bs=4,
                                pseudo_per_labeled=3, size=32, item_size=160, device="cpu")
-    learn = ps.finetune_learner(base.model, dls, wd=P.wd, opt_func=opt_func(P))
+    learn = ps.finetune_learner(base.model, dls, wd=P.wd, opt_func=opt_func(P.optimizer, P.momentum))
     hist = ps.finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit,
                        alpha_form=P.alpha_form, alpha_min=P.alpha_min, one_cycle=P.one_cycle, lr_steps=P.lr_steps,
                        lr_step_factors=P.lr_step_factors)

@@ -329,10 +329,11 @@ def _same_path(a, b) -> bool:
     return a == b or resolve(a).resolve() == resolve(b).resolve()
 
 
-def changed_params(saved: dict, now: Params, keys) -> dict:
-    """{key: (saved, now)} for the `keys` whose value differs between a saved run and `now`; the
-    path-valued ones (PATH_PARAMS) differ when they name another file or folder, not another spelling"""
-    cur = now.model_dump()
+def changed_params(saved: dict, now, keys) -> dict:
+    """{key: (saved, now)} for the `keys` whose value differs between a saved run and `now` (Params or a
+    dict of settings); the path-valued ones (PATH_PARAMS) differ when they name another file or folder,
+    not another spelling"""
+    cur = now if isinstance(now, dict) else now.model_dump()
     return {k: (saved.get(k), cur.get(k)) for k in keys if k in cur and not (
         _same_path(saved.get(k), cur.get(k)) if k in PATH_PARAMS else saved.get(k) == cur.get(k))}
 

@@ -32,9 +32,10 @@ import torch
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.losses import CrossEntropyLossFlat
-from fastai.torch_core import TensorCategory, TensorImage, default_device
+from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.augment import AffineCoordTfm, aug_transforms
 
+from cdkit.base.device import pick_device
 from cdkit.data.bsonfile import BsonReader, ImageDecodeError, decode_rgb
 from cdkit.data.split import FUSION_FOLD
 from cdkit.base.errors import CdkitError, shorten
@@ -274,7 +275,7 @@ def category_map(vocab):
 
 
 def _device(device):
-    return default_device() if device is None else torch.device(device)
+    return pick_device(device)
 
 
 def collate_pictures(items, with_labels=True):

@@ -22,6 +22,7 @@ from cdkit.base.errors import CdkitError
 from cdkit.data.bsonfile import NO_LABEL, BsonReader, build_index, image_table, load_index
 from cdkit.data.catalog import Catalog
 from cdkit.base.io import makedirs
+from cdkit.base.params import changed_params
 from cdkit.base.paths import resolve
 from cdkit.base.metrics import product_accuracy
 from cdkit.data.split import FUSION_FOLD, VALID_FOLD, attach_split, load_split, make_split, save_split, split_settings
@@ -274,7 +275,7 @@ def _check_settings(split_path, split, settings):
         saved = {"fusion_frac": "> 0" if has_fusion else 0.0}
         if bool(settings["fusion_frac"]) == has_fusion:
             return
-    diff = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
+    diff = changed_params(saved, settings, [k for k in settings if k in saved])
     if diff:
         what = ", ".join(f"{k}={a} (now {k}={b})" for k, (a, b) in diff.items())
         raise SplitSettingsError(f"{split_path} was made with {what}: pass force=True to make the split again "

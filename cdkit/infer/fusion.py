@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cdkit.base.device import pick_device
+
 MAX_PICTURES = 4  # the competition's products have 1 to 4 pictures
 
 
@@ -226,7 +228,7 @@ def train_head(spec: HeadSpec, fit: FitSpec, train: ProductSet, valid: ProductSe
     epochs, lr, bs, wd, label_smoothing = fit.epochs, fit.lr, fit.bs, fit.wd, fit.label_smoothing
     makedirs(out_dir)
     set_seed(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     train_ds, valid_ds = ProductFeatures(train.x, train.groups, train.y), ProductFeatures(valid.x, valid.groups, valid.y)
     dls = DataLoaders(_product_dl(train_ds, bs, shuffle=True, drop_last=len(train_ds) > bs, seed=seed),
                       _product_dl(valid_ds, bs * 2), device=device)
@@ -346,7 +348,7 @@ def fusion_to_store(models, fs, store_path, k=20, prob_dtype="uint8", block=2048
     `product_groups(fs.product_id, fs.img_idx)` when the caller has it already."""
     from cdkit.base.progress import bar
     from cdkit.infer.store import StoreWriter, topk
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     models = [m.to(device).eval() for m in models]
     if groups is None:
         groups = product_groups(fs.product_id, fs.img_idx, models[0].pos.shape[0] if models[0].pos is not None

@@ -33,6 +33,7 @@ from fastai.data.core import Pipeline
 
 from cdkit.data.loaders import (IMAGENET_MEAN, IMAGENET_STD, PICTURE_SIZE, PictureDataset, aug_params, batch_tfms, crop_offset,
                    picture_dl)
+from cdkit.base.device import pick_device
 from cdkit.infer.store import StoreWriter, shard_rows
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,7 @@ def predict_to_store(learn_or_model, images: pd.DataFrame, bson_path, store_path
     mean, std = views.mean or cfg.get("mean") or IMAGENET_MEAN, views.std or cfg.get("std") or IMAGENET_STD
     aug = aug_params(views.aug if views.aug is not None else cfg.get("aug"))
     if n_views < 1: raise ValueError(f"n_views must be >= 1, got {n_views}")
-    if device is None: device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = pick_device(device)
     model = _model_of(learn_or_model).to(device).eval()
     if n_classes is None:
         with torch.inference_mode():

@@ -1,6 +1,6 @@
 """Pseudo-labels (Lee, 2013), the library part: the loss weight alpha(t), the choice of confident
 test products, batches that mix labeled and pseudo-labeled pictures at a fixed ratio, the loss and
-the callback that ramps alpha. Step 09 (`cdkit.steps.pseudo`) puts them together.
+the callback that ramps alpha. `cdkit.pseudo.finetune` puts them together for step 09.
 
     L = 1/n sum_i CE(y_i, l_i) + alpha(t) * 1/n' sum_i CE(y'_i, l'_i)
 

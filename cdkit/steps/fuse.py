@@ -96,23 +96,13 @@ def _features(layout: RunLayout, model, split):
                           "model (and step 02 with fusion_frac > 0 for the fusion split)") from None
 
 
-def held_folders(P: FuseParams) -> list:
-    "The fusion folders of P.models that hold heads, when neither resume nor overwrite says what to do with them"
-    layout = RunLayout.of(P.run_dir)
-    dirs = [layout.model_dir(fusion_member(m)) for m in P.models]
-    return [] if P.resume or P.overwrite else [d for d in dirs if d.exists() and any(d.iterdir())]
-
-
 def _check_fresh(P: FuseParams):
     "Refuse fusion folders that hold heads (unless resume or overwrite); with overwrite, empty them first"
-    held = held_folders(P)
-    if held:
-        raise ParamsError(f"{held[0]} already holds fusion heads: pass overwrite=true to retrain them (make demo "
-                          "does), resume=true to continue them, or another run_dir")
-    if P.overwrite:
-        from cdkit.base.io import remove
-        for m in P.models:
-            remove(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)))
+    from cdkit.train.learner import check_fresh
+    for m in P.models:
+        check_fresh(RunLayout.of(P.run_dir).model_dir(RunLayout.fusion_member(m)), P.resume, P.overwrite, names=None,
+                    what="fusion heads", advice=": pass overwrite=true to retrain them (make demo does), resume=true "
+                    "to continue them, or another run_dir")
 
 
 def fuse_model(P: FuseParams, prep: Prepared, model, log=print):

@@ -167,23 +167,20 @@ def check_models_free(plan, only=None):
     resume or overwrite, stops the pipeline here (not after the notebooks before it)"""
     from cdkit.base.params import make_params, notebook_parameters
     from cdkit.runs import RunLayout
-    from cdkit.steps.train import RUN_FILES
+    from cdkit.train.learner import RUN_FILES, check_fresh
     for s, params in plan:
         if s.module not in ("train", "pseudo", "fuse") or not selected(s, only):
             continue
         P = make_params(s.params_class(), {**notebook_parameters(s.path), **params}, where=s.notebook)
-        if s.module == "fuse":
-            from cdkit.steps.fuse import held_folders
-            held = held_folders(P)
-            if held:
-                raise ParamsError(f"{s.notebook}: {held[0]} already holds fusion heads; pass overwrite=true to retrain "
-                                  "them (make demo does), resume=true to continue them, or another --run-dir")
-            continue
-        d = RunLayout.of(P.run_dir).model_dir(P.name)
-        found = [n for n in RUN_FILES if (d / n).exists()]
-        if found and not (getattr(P, "resume", False) or P.overwrite):
-            raise ParamsError(f"{s.notebook}: {d} already holds a run ({', '.join(found)}); pass overwrite=true to "
-                              "retrain it (make demo does), resume=true to continue it, or another --run-dir")
+        layout = RunLayout.of(P.run_dir)
+        if s.module == "fuse":  # a fusion member's folder is taken by any file in it
+            folders, names, what, it = [layout.model_dir(RunLayout.fusion_member(m)) for m in P.models], None, "fusion heads", "them"
+        else:
+            folders, names, what, it = [layout.model_dir(P.name)], RUN_FILES, "a run", "it"
+        for d in folders:
+            check_fresh(d, getattr(P, "resume", False), P.overwrite, names, what, where=f"{s.notebook}: ", clear=False,
+                        advice=f"; pass overwrite=true to retrain {it} (make demo does), resume=true to continue {it}, "
+                        "or another --run-dir")
 
 
 def _folders(plan, run_dir) -> dict:

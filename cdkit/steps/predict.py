@@ -21,6 +21,7 @@ from typing import Union
 from pydantic import Field, model_validator
 
 from cdkit.steps.entry import step_entry
+from cdkit.base.device import pick_device
 from cdkit.base.params import ParamsError, RunParams
 from cdkit.data.prepare import Prepared, load_prepared
 from cdkit.runs import FEATURE_SPLITS, SPLITS, ModelFiles, ModelNames, RunLayout, fusion_member
@@ -186,8 +187,7 @@ def store_is_current(path, stamp, log=None) -> bool:
 
 
 def _device(name):
-    import torch
-    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device(name)
 
 
 def _feature_stamp(stamp: dict) -> dict:

@@ -8,7 +8,8 @@
    models' label smoothing is refused before anything runs.
 2. Selection (`cdkit.pseudo.pseudolabel.select_pseudo`) and fine-tuning of the base model on batches of
    labeled + pseudo-labeled pictures with the loss weight alpha(t) (`AlphaRamp`, `alpha_form`), on the
-   training step's optimizer and schedule (the same parameters, `train.SCHEDULE_FIELDS`).
+   training step's optimizer and schedule (the same parameters, `train.SCHEDULE_FIELDS`):
+   `cdkit.pseudo.finetune.pseudo_finetune`.
 3. The fine-tuned model is saved as run_dir/models/<name>/ and steps 06, 07 and 08 run again as
    stage `pseudo` with the settings they ran with (run_dir/params/*.yaml), the fine-tuned model in
    its base model's place and the base model's fusion member left out (`pseudo_members`: its heads
@@ -117,63 +118,6 @@ def _saved(layout: RunLayout, cls, step):
     return load_params(cls, [path])
 
 
-def _confidence_from_products(layout: RunLayout) -> pd.DataFrame:
-    "product_id, pred_class (step 08's final), prob (its mean probability over the product's pictures), margin"
-    from cdkit.infer.aggregate import aggregate_stores
-    from cdkit.pseudo.pseudolabel import product_confidence
-    from cdkit.infer.store import load_store
-    from cdkit.runs import read_products
-    final = read_products(layout, "base")["test"]  # refuses valid and test products of different runs of step 08
-    mean = aggregate_stores([load_store(layout.ensemble_store("base", "test"))], "mean")
-    conf = product_confidence(mean).set_index("product_id")
-    f = final.set_index("product_id")
-    # the mean probability of the final class (0 where it is outside a product's kept candidates)
-    pos = pd.Series(np.arange(len(mean.product_id)), index=mean.product_id).reindex(f.index)
-    ok = pos.notna().to_numpy()
-    p = np.zeros(len(f))
-    rows = pos.to_numpy()[ok].astype(np.int64)
-    hit = mean.cls[rows] == f["pred_class"].to_numpy()[ok][:, None]
-    p[ok] = np.where(hit, np.where(np.isfinite(mean.score[rows]), mean.score[rows], 0), 0).sum(1)
-    if "md5" in f:
-        p = np.where(f["md5"].to_numpy(bool), 1.0, p)
-    out = pd.DataFrame({"product_id": f.index.to_numpy(np.int64), "pred_class": f["pred_class"].to_numpy(np.int64),
-                        "prob": p, "margin": conf["margin"].reindex(f.index).fillna(0).to_numpy(),
-                        "n_preds": conf["n_preds"].reindex(f.index).fillna(0).to_numpy(np.int64)})
-    return out
-
-
-def _confidence_from_model(layout: RunLayout, base) -> pd.DataFrame:
-    from cdkit.infer.aggregate import aggregate_stores
-    from cdkit.pseudo.pseudolabel import product_confidence
-    from cdkit.infer.store import load_store
-    return product_confidence(aggregate_stores([load_store(layout.store(base, "test"))], "mean", k_out=2))
-
-
-def _reach(layout: RunLayout, member):
-    "(highest probability, label smoothing) of a member: a trained model (model.json) or step 06b's fusion heads (fusion.json)"
-    from cdkit.base.errors import read_json
-    from cdkit.train.models import read_card
-    d = layout.model_dir(member)
-    if layout.model(member).fusion_card.exists():
-        card = read_json(layout.model(member).fusion_card)
-        ls, n = card["params"]["label_smoothing"], next(iter(card["spec"].values()))["n_classes"]
-        return 1.0 - ls + ls / n, ls
-    c = read_card(d)
-    return c.max_prob, c.label_smoothing
-
-
-def check_threshold(P: PseudoParams, layout: RunLayout, members):
-    "Refuse a threshold that the label source's models cannot reach under their label smoothing"
-    names = [P.base] if P.labels_from == "model" else members
-    cards = {m: _reach(layout, m) for m in names}
-    reach = max(r for r, _ in cards.values())
-    if P.threshold > reach:
-        smooth = ", ".join(f"{m}: label_smoothing={ls}" for m, (_, ls) in cards.items())
-        raise ParamsError(f"threshold={P.threshold} cannot be reached: with {smooth} the highest probability a "
-                          f"model gives is {reach:.5f}, so (MD5 matches aside) no product would be selected. "
-                          f"Lower threshold below {reach:.5f} or train without label smoothing")
-
-
 @step_entry("pseudo")
 def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
     from cdkit.base.io import folder_lock
@@ -183,12 +127,13 @@ def run(P: PseudoParams, prep: Prepared = None, log=print) -> PseudoResult:
 
 
 def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
-    import torch
-    from fastai.torch_core import set_seed
-    from cdkit.train.models import load_trained, save_trained
+    from cdkit.base.device import pick_device
     from cdkit.base.params import save_params
-    from cdkit.pseudo.pseudolabel import finetune, finetune_learner, mixed_dataloaders, pseudo_images, select_pseudo, selection_report
-    from cdkit.steps.train import _sample_products, check_fresh, opt_func
+    from cdkit.infer.store import load_store
+    from cdkit.pseudo.finetune import check_threshold, pseudo_finetune
+    from cdkit.runs import read_products
+    from cdkit.train.learner import check_fresh
+    from cdkit.train.models import load_trained
     t0 = time.time()
     P06, P07, P08 = (_saved(layout, step06.PredictParams, "predict"), _saved(layout, step07.EnsembleParams, "ensemble"),
                      _saved(layout, step08.AggregateParams, "aggregate"))
@@ -196,45 +141,20 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
         raise ParamsError(f"base={P.base!r} is not among the ensemble's models {P07.models} (step 07): the "
                           "fine-tuned model takes its base model's place")
     members = pseudo_members(P07.models, P.base, P.name)
-    check_threshold(P, layout, P07.models)
-    check_fresh(P, layout.model_dir(P.name))
+    check_threshold(P.threshold, {m: layout.model_dir(m) for m in ([P.base] if P.labels_from == "model" else P07.models)})
+    check_fresh(layout.model_dir(P.name), overwrite=P.overwrite)
     prep = prep or load_prepared(P.data_dir, P.work_dir)
-    device = torch.device(P.device) if P.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(P.device)
     base = load_trained(layout.model_dir(P.base), device=device)
     save_params(P, layout.model(P.name).params)
-
-    conf = (_confidence_from_products(layout) if P.labels_from == "products"
-            else _confidence_from_model(layout, P.base))
-    chosen = select_pseudo(conf, P.threshold, P.margin, P.fraction, P.cap_per_category, P.rank_by)
-    test_images = prep.test_images()
-    pseudo = pseudo_images(chosen, test_images)
-    truth = prep.truth("test")
-    table, summary = selection_report(chosen, conf, truth, prep.catalog, pseudo)
-    log(f"{len(chosen)} of {len(conf)} test products pseudo-labeled ({len(pseudo)} pictures) from {P.labels_from}")
-    if not len(chosen):
-        raise ValueError(f"no test product reached threshold={P.threshold} / margin={P.margin}: nothing to "
-                         "fine-tune on; lower them")
-
-    train_images = prep.train_images()
-    valid_rows = prep.valid_mask(train_images)
-    # the labeled side: what the backbones train on (neither validation nor the fusion split)
-    labeled = _sample_products(train_images[prep.train_mask(train_images)], P.max_train_images, P.seed).reset_index(drop=True)
-    valid = train_images[valid_rows].reset_index(drop=True)
-    set_seed(P.seed)
-    dls = mixed_dataloaders(labeled, pseudo, prep.train_bson, prep.test_bson, valid, prep.catalog.n_classes, bs=P.bs,
-                            pseudo_per_labeled=P.pseudo_per_labeled, epoch_size=P.epoch_size, size=base.size,
-                            item_size=base.item_size, mean=base.mean, std=base.std, num_workers=P.num_workers,
-                            seed=P.seed, device=device)
-    learn = finetune_learner(base.model, dls, wd=P.wd, path=layout.model_dir(P.name), opt_func=opt_func(P))
-    alpha = finetune(learn, P.epochs, P.lr, P.pct_start, P.T1, P.T2, P.alpha_final, P.alpha_unit,
-                     alpha_form=P.alpha_form, alpha_min=P.alpha_min, one_cycle=P.one_cycle, lr_steps=P.lr_steps,
-                     lr_step_factors=P.lr_step_factors)
-    card = base.card
-    card.base_model, card.epochs_done = P.base, card.epochs_done + P.epochs
-    save_trained(base.model, layout.model_dir(P.name), card)
-    from cdkit.base.io import atomic_write
-    atomic_write(layout.model(P.name).pseudo_alpha, lambda tmp: alpha.to_csv(tmp, index=False))
-    atomic_write(layout.model(P.name).pseudo_selection, lambda tmp: chosen.to_parquet(tmp, index=False))
+    # the labels: step 08's final products scored by the ensemble's store (read_products refuses valid and
+    # test products of different runs of step 08), or the base model's own store
+    if P.labels_from == "products":
+        final = read_products(layout, "base")["test"]
+        store = load_store(layout.ensemble_store("base", "test"))
+    else:
+        final, store = None, load_store(layout.store(P.base, "test"))
+    ft = pseudo_finetune(P, base, prep, layout.model_dir(P.name), store, final, device, log)
 
     # steps 06-08 again, as they ran, with the fine-tuned model in its base's place
     pred = step06.run(P06.replace(models=[P.name], features=False), prep, log, save=False)
@@ -242,14 +162,14 @@ def _run(P: PseudoParams, prep, layout: RunLayout, log) -> PseudoResult:
     agg = step08.run(P08.replace(models=members, stage="pseudo"), prep, log, save=False)
     base_table = step06.run(P06.replace(models=[P.base], features=False), prep, log, save=False).table
     single = pd.concat([base_table, pred.table])
-    changed = {}
-    from cdkit.runs import read_products
     products = {stage: read_products(layout, stage) for stage in ("base", "pseudo")}
+    changed = {}
     for split in ("valid", "test"):
         a = products["base"][split].set_index("product_id")["pred_class"]
         b = products["pseudo"][split].set_index("product_id")["pred_class"]
         changed[split] = int((a.reindex(b.index).to_numpy() != b.to_numpy()).sum())
-    return PseudoResult(P.labels_from, chosen, table, summary, alpha, pred, ens, agg, single, changed, time.time() - t0)
+    return PseudoResult(P.labels_from, ft.selection, ft.selection_table, ft.selection_summary, ft.alpha, pred, ens, agg,
+                        single, changed, time.time() - t0)
 
 
 def record(run_dir, R: PseudoResult, step="pseudo"):

@@ -18,6 +18,9 @@ it does nothing, and more epochs are refused (its schedule has ended). A non-fin
 (`cdkit.train.callbacks.DivergedError`) before anything final is saved.
 
 Several processes (`accelerate launch -m cdkit train ...`, or torchrun) train data-parallel.
+
+The step reads its parameters and orchestrates; the learner is assembled, fitted and saved by
+`cdkit.train.learner`.
 """
 from __future__ import annotations
 
@@ -25,19 +28,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import pandas as pd
-
-from typing import Annotated, Literal, Union
-
 from pydantic import Field, model_validator
 
-from cdkit.steps.entry import step_entry
-from cdkit.base.params import ParamsError, PathStr, RunParams, changed_params, save_params
-from cdkit.base.rng import rng_state
+from cdkit.base.params import ParamsError, PathStr, RunParams
 from cdkit.runs import ModelFiles, RunLayout, check_name
+from cdkit.steps.entry import step_entry
+from cdkit.train import learner
+# the library's names that notebooks, tests and other steps reach through this step
+from cdkit.train.learner import RUN_FILES, TrainSetup, find_lr, open_run  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +162,6 @@ def train_field(name, default=None):
     return f
 
 
-# what may differ when a run resumes: everything else changes the model or the data order
-RESUMABLE_CHANGES = {"resume", "stop_after", "num_workers", "lr_find", "lr_find_iters", "epochs", "overwrite",
-                     "checkpoint_every", "callbacks"}
-# files of a run in models/<name>/: one of them there means the name is taken
-RUN_FILES = ModelFiles.trained_names()
-LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 class InceptionTrainParams(TrainParams):
     "TrainParams of notebook 04: the same fields, Inception v3 by default (75 px: its smallest input)"
     name: str = "inception"
@@ -216,320 +210,6 @@ def effective(P: TrainParams) -> TrainParams:
     item_size = P.item_size or backbone.size
     return P.replace(item_size=item_size, size=P.size or item_size)
 
-
-def finished_epochs(model_dir: Path) -> Optional[int]:
-    """The epochs of a finished model in `model_dir` (model.json, and no checkpoint: a run removes its
-    checkpoint when it trained all its epochs); None when there is none"""
-    from cdkit.train.models import read_card
-    if ModelFiles(model_dir).checkpoint.exists() or not ModelFiles(model_dir).card.exists(): return None
-    return read_card(model_dir).epochs_done
-
-
-def check_resume(P: TrainParams, model_dir: Path):
-    """Refuse to resume a run whose saved parameters differ in anything that changes the model or the data
-    order (paths compared by what they point to), and to continue a finished model to more epochs"""
-    import yaml
-    saved_path = ModelFiles(model_dir).params
-    finished = finished_epochs(model_dir) if P.resume else None
-    if not (P.resume and saved_path.exists() and (ModelFiles(model_dir).checkpoint.exists()
-                                                  or finished is not None)):
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    diff = changed_params(saved, P, [k for k in type(P).model_fields if k not in RESUMABLE_CHANGES])
-    if diff:
-        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ParamsError(f"resume=True: {model_dir} was trained with other parameters ({what}); resuming would "
-                          "change the model or the data order. Use the saved values, or another name")
-    if finished is not None and P.epochs > finished:
-        # its schedule ran to its end (one-cycle annealed to ~0): more epochs would not be the longer run
-        raise ParamsError(f"resume=True epochs={P.epochs}: {model_dir} is a finished model of {finished} epochs "
-                          f"(model.pth); a finished run keeps no checkpoint to continue from. Train another name "
-                          f"with epochs={P.epochs}, or overwrite=true")
-
-
-def _sample_products(images, max_images, seed):
-    "Rows of whole products, drawn at random, totalling at most `max_images` pictures (at least one product)"
-    if max_images is None or len(images) <= max_images: return images
-    counts = images.groupby("product_id", sort=False).size()
-    order = counts.sample(frac=1.0, random_state=seed)
-    keep = order.index[np.cumsum(order.to_numpy()) <= max_images]
-    if len(keep) == 0: keep = order.index[:1]
-    return images[images["product_id"].isin(keep)]
-
-
-def _images(prep, P):
-    images = prep.train_images()
-    valid_rows = prep.valid_mask(images)
-    train = _sample_products(images[prep.train_mask(images)], P.max_train_images, P.seed)
-    valid = _sample_products(images[valid_rows], P.max_valid_images, P.seed)
-    return pd.concat([train, valid], ignore_index=True), np.r_[np.zeros(len(train), bool), np.ones(len(valid), bool)]
-
-
-def _effective_batch(learn):
-    from cdkit.train.callbacks import GradAccum, _inner_dl
-    from cdkit.train.distributed import world_size
-    acc = learn.cbs.filter(lambda c: isinstance(c, GradAccum))
-    return _inner_dl(learn.dls.train).bs * (acc[0].acc_steps if acc else 1) * world_size()
-
-
-def _lr(learn): return learn.opt.hypers[-1]["lr"] if learn.opt is not None else None
-
-
-@dataclass
-class TrainSetup:
-    """A learner ready to fit, from `setup(P)`: look at it (`S.dls.show_batch()`), find a learning rate
-    (`find_lr(S)`), then `fit(S)`. The model folder stays locked from `setup` until `fit` returns
-    (or `S.close()`)."""
-    params: TrainParams                   # effective parameters (input sizes filled in)
-    learn: object                         # the fastai Learner
-    prep: object                          # cdkit.data.prepare.Prepared
-    valid_images: pd.DataFrame            # the validation rows, in the validation loader's order
-    start_epoch: int                      # epochs a resumed run has done already
-    t0: float = field(default_factory=time.time)
-    resuming: bool = False                # continues from a checkpoint (lr_find would disturb it)
-    lr_suggestion: Optional[float] = None
-    lock: object = None                   # contextlib.ExitStack holding the model folder's lock
-    rng: object = None                    # RNG states at the end of setup: fit starts from them
-
-    @property
-    def dls(self): return self.learn.dls
-
-    @property
-    def model_dir(self) -> Path: return Path(self.learn.path)
-
-    def close(self):
-        "Release the model folder"
-        if self.lock is not None: self.lock.close()
-        self.lock = None
-
-
-def check_fresh(P: TrainParams, model_dir: Path):
-    """Refuse to train into a folder that holds another run's files unless `resume` or `overwrite` says
-    what to do with them; with `overwrite`, remove them first (no stale model card outlives a failed retrain)"""
-    from cdkit.base.io import remove
-    found = [n for n in RUN_FILES if (model_dir / n).exists()]
-    if not found or getattr(P, "resume", False): return
-    if not P.overwrite:
-        raise ParamsError(f"{model_dir} already holds a run ({', '.join(found)}): pass overwrite=True to replace it, "
-                          f"resume=True to continue it, or another name (name=... or run_dir=...)")
-    for n in found:
-        f = model_dir / n
-        remove(f)
-    log.info("overwrite: removed %s from %s", ", ".join(found), model_dir)
-
-
-def logger_callbacks(names, model_dir):
-    """fastai's own logging callbacks by name (csv, tensorboard, wandb); ParamsError naming the package
-    that a chosen one needs and that is not installed"""
-    import importlib.util
-    missing = [f"{n!r} needs the package {LOGGER_PACKAGES[n]!r} (pip install {LOGGER_PACKAGES[n]})"
-               for n in names if n in LOGGER_PACKAGES and importlib.util.find_spec(LOGGER_PACKAGES[n]) is None]
-    if missing: raise ParamsError("parameter 'callbacks': " + "; ".join(missing))
-    cbs = []
-    if model_dir is None: return cbs  # the check alone
-    for n in dict.fromkeys(names):
-        if n == "csv":
-            from fastai.callback.progress import CSVLogger
-            cbs.append(CSVLogger(ModelFiles(model_dir).history, append=True))
-        elif n == "tensorboard":
-            from fastai.callback.tensorboard import TensorBoardCallback
-            cbs.append(TensorBoardCallback(log_dir=ModelFiles(model_dir).tensorboard, trace_model=False))
-        elif n == "wandb":
-            from fastai.callback.wandb import WandbCallback
-            cbs.append(WandbCallback(log_preds=False, log_model=False))
-    return cbs
-
-
-def setup(P: TrainParams) -> TrainSetup:
-    """The learner of `P`, ready to fit: model folder locked and checked (refused when it holds a run
-    and neither resume nor overwrite is asked), data loaded, resumed state restored"""
-    import contextlib
-    from cdkit.train.distributed import check_launch, rank, world_size
-    from cdkit.base.io import folder_lock
-    P = effective(P)
-    check_launch()  # `accelerate launch --cpu --num_processes 2` would silently train in one process
-    if world_size() > 1 and P.lr == "find":
-        raise ParamsError("lr='find' runs lr_find, which takes one process: run it once without the launcher "
-                          "(lr_find=True) and pass the lr it suggests")
-    if world_size() > 1 and P.checkpoint_every:
-        raise ParamsError("checkpoint_every: mid-epoch checkpoints are written by one-process runs only; "
-                          "data-parallel runs checkpoint after each epoch")
-    model_dir = RunLayout.of(P.run_dir).model_dir(P.name)
-    # parameters and inputs are checked before the lock: a refused run writes nothing, not even the folder
-    check_resume(_resumed_lr(P, model_dir), model_dir)
-    logger_callbacks(P.callbacks, None)
-    prep = None
-    if world_size() == 1:
-        from cdkit.data.prepare import load_prepared
-        prep = load_prepared(P.data_dir, P.work_dir)
-    if rank() == 0 and not P.overwrite: check_fresh(P, model_dir)
-    lock = contextlib.ExitStack()
-    try:
-        if rank() == 0:  # data-parallel: rank 0 holds the folder for every process of the run
-            lock.enter_context(folder_lock(model_dir, "model folder"))
-            check_fresh(P, model_dir)
-        S = _setup(P, model_dir, prep)
-    except BaseException:
-        lock.close()
-        raise
-    S.lock = lock
-    return S
-
-
-def _setup(P: TrainParams, run_dir: Path, prep=None) -> TrainSetup:
-    from fastai.learner import ValueMetric
-    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-    from fastai.metrics import accuracy
-    from fastai.torch_core import set_seed
-    from functools import partial
-
-    from cdkit.train import callbacks as C
-    from cdkit.data.loaders import make_dataloaders
-    from cdkit.train.distributed import init_state, rank, world_size
-    from cdkit.train.hierarchy import HierarchyLoss, LevelAccuracy, level_heads
-    from cdkit.train.models import make_learner, norm_stats
-    from cdkit.data.prepare import load_prepared
-
-    t0 = time.time()
-    state = init_state() if world_size() > 1 else None
-    P = _resumed_lr(P, run_dir)
-    check_resume(P, run_dir)
-    cb_loggers = logger_callbacks(P.callbacks, run_dir) if rank() == 0 else []
-    if state is not None:
-        with state.main_process_first():  # one process rebuilds a stale index, the others read it
-            prep = load_prepared(P.data_dir, P.work_dir)
-    elif prep is None:
-        prep = load_prepared(P.data_dir, P.work_dir)
-    from cdkit.base.io import makedirs
-    makedirs(run_dir)
-    if rank() == 0: save_params(P, ModelFiles(run_dir).params)
-    set_seed(P.seed + rank())
-    images, valid_mask = _images(prep, P)
-    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
-    device = state.device if state is not None else None
-    dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=P.size,
-                           item_size=P.item_size, bs=P.bs, num_workers=P.num_workers, mean=mean, std=std,
-                           aug=dict(flip=P.flip, max_rotate=P.max_rotate, max_zoom=P.max_zoom), seed=P.seed,
-                           device=device, vocab=prep.catalog.category_ids)
-    # fastai works out `n_inp` lazily by pushing one batch through the augmentations, which draws
-    # from the RNGs at the first training batch; done now, a resumed run draws the same numbers.
-    for dl in dls.loaders: dl.n_inp
-    valid_images = images[valid_mask].reset_index(drop=True)
-    loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
-    ckpt = ModelFiles(run_dir).checkpoint
-    resuming = P.resume and ckpt.exists()
-    finished = finished_epochs(run_dir) if P.resume and not resuming else None  # check_resume: epochs <= these
-    if P.resume and not resuming and finished is None:
-        log.warning("resume: no checkpoint at %s; starting from scratch", ckpt)
-    saved = C.read_checkpoint(ckpt) if resuming else None  # a safe load: refused, never executed, if not plain
-    start_epoch = int(saved["epoch"]) if resuming else finished or 0
-    precision, note = C.precision_callbacks(P.mixed_precision, P.channels_last, dls.device)
-    if note: log.info(note)
-    cbs = [C.GradAccum(P.acc_steps)] if P.acc_steps > 1 or P.max_bs else []
-    if P.batch_growth_epochs:
-        cbs.append(C.BatchGrowth(P.batch_growth_epochs, P.batch_growth_factor, P.max_bs))
-    cbs += precision + [C.EpochLog(ModelFiles(run_dir).metrics, start_epoch), C.FiniteLoss(),
-                        C.Checkpoint(ckpt, start_epoch, every=P.checkpoint_every)] + cb_loggers
-    if P.stop_after: cbs.append(C.StopAfter(P.stop_after))
-    cat = prep.catalog
-    levels = (cat.level1, cat.level2, cat.n_level(1), cat.n_level(2)) if P.hierarchy_weights else None
-    learn = make_learner(dls, P.arch, cat.n_classes, P.pretrained_file, mean, std, P.head_hidden,
-                         P.head_dropout, levels=levels, loss_func=loss, path=run_dir, wd=P.wd, cbs=cbs,
-                         opt_func=opt_func(P),
-                         metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
-    if levels is not None:
-        heads = level_heads(learn.model)
-        learn.loss_func = HierarchyLoss(loss, heads, P.hierarchy_weights)
-        # a head without loss gets no gradient: frozen, so data-parallel training does not wait for it
-        heads.level2.requires_grad_(P.hierarchy_weights[1] > 0)
-        heads.level1.requires_grad_(P.hierarchy_weights[2] > 0)
-        learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
-    learn.metrics += [ValueMetric(partial(_effective_batch, learn), "batch"), ValueMetric(partial(_lr, learn), "lr")]
-    learn.model.to(dls.device)
-    if finished is not None:  # a finished model: its weights; fit has nothing left to do
-        from cdkit.train.callbacks import safe_load
-        learn.model.load_state_dict(safe_load(ModelFiles(run_dir).weights))
-    if resuming:
-        saved = C.load_checkpoint(learn, ckpt, saved)
-        learn.cbs.filter(lambda c: isinstance(c, C.Checkpoint))[0].resumed = {
-            k: saved.get(k) for k in ("scaler", "smooth_loss", "mid_epoch")}
-        mid = saved.get("mid_epoch")
-        log.info("resuming %s after epoch %d%s", run_dir, start_epoch,
-                 f" and {mid['batches']} batches of the next" if mid else "")
-    # what a notebook does between setup and fit (show_batch, lr_find) draws from the RNGs and the
-    # loaders' shuffle; fit puts these back, so looking at the data never changes the training
-    rng = (rng_state(), [C._inner_dl(dl).rng.getstate() for dl in dls.loaders])
-    return TrainSetup(P, learn, prep, valid_images, start_epoch, t0, resuming, rng=rng)
-
-
-def _resumed_lr(P: TrainParams, run_dir: Path) -> TrainParams:
-    "lr='find' on resume: the lr the run found and saved when it began"
-    import yaml
-    saved = ModelFiles(run_dir).params
-    if P.lr == "find" and P.resume and saved.exists():
-        lr = (yaml.safe_load(saved.read_text()) or {}).get("lr")
-        if isinstance(lr, float): return P.replace(lr=lr)
-    return P
-
-
-def _plain_cbs():
-    from cdkit.train.callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
-    return (Checkpoint, EpochLog, FiniteLoss, StopAfter)
-
-
-def find_lr(S: TrainSetup, iters=None) -> float:
-    """fastai's lr_find on the learner of `S` (without touching the run's log or checkpoint): saves and
-    shows lr_find.png, returns the suggestion (valley), which `fit(S)` uses when lr='find'"""
-    from cdkit.train.distributed import world_size
-    if world_size() > 1: raise ParamsError("lr_find takes one process: run it without the launcher")
-    S.lr_suggestion = _lr_find(S.learn, S.model_dir, iters or S.params.lr_find_iters)
-    return S.lr_suggestion
-
-
-def _lr_find(learn, run_dir, iters=100):
-    import matplotlib
-    import matplotlib.pyplot as plt
-    from cdkit.train.callbacks import Checkpoint, EpochLog, FiniteLoss, StopAfter
-    # lr_find is a short fit of its own: it must not write the run's log or checkpoint, and it drives the
-    # loss to diverge on purpose (FiniteLoss would stop it)
-    from fastai.callback.progress import CSVLogger
-    # and not the loggers' (tensorboard, wandb, csv) either
-    loggers = tuple(type(c) for c in learn.cbs if type(c).__name__ in ("TensorBoardCallback", "WandbCallback"))
-    with learn.removed_cbs(learn.cbs.filter(lambda c: isinstance(c, (Checkpoint, EpochLog, FiniteLoss, StopAfter, CSVLogger) + loggers))):
-        suggestion = learn.lr_find(num_it=iters, show_plot=False)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lrs, losses = learn.recorder.lrs, learn.recorder.losses
-    ax.plot(lrs, [float(l) for l in losses])
-    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss")
-    ax.set_title("learning-rate finder")
-    ax.axvline(suggestion.valley, color="r", ls="--", label=f"valley {suggestion.valley:.2e}")
-    ax.legend()
-    from cdkit.base.io import atomic_write
-    atomic_write(ModelFiles(run_dir).lr_find, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
-    if matplotlib.get_backend().lower() == "agg": plt.close(fig)
-    return float(suggestion.valley)
-
-
-def opt_func(P: TrainParams):
-    "fastai's Adam (decoupled weight decay), or SGD with momentum and L2 weight decay as the study's torch code"
-    from functools import partial
-    from fastai.optimizer import SGD, Adam
-    return partial(SGD, mom=P.momentum, decouple_wd=False) if P.optimizer == "sgd" else Adam
-
-
-def model_card(P: TrainParams, n_classes, epochs_done, n_levels=(0, 0)):
-    """The card saved beside the weights: how to rebuild the model and feed it (`n_levels`: the catalog's
-    level-1 and level-2 counts, recorded when the model has level heads)"""
-    from cdkit.train.models import ModelCard, norm_stats
-    mean, std = (P.mean, P.std) if P.mean is not None else norm_stats(P.arch)
-    n1, n2 = (int(n) for n in n_levels) if P.hierarchy_weights else (0, 0)
-    return ModelCard(arch=P.arch, n_classes=int(n_classes), size=P.size, item_size=P.item_size, mean=tuple(mean),
-                     std=tuple(std), head_hidden=P.head_hidden, head_dropout=P.head_dropout,
-                     label_smoothing=P.label_smoothing, epochs_done=epochs_done,
-                     hierarchy_weights=list(P.hierarchy_weights) if P.hierarchy_weights else None,
-                     n_level1=n1, n_level2=n2)
-
-
 @step_entry("train")
 def run(P: TrainParams) -> TrainResult:
     """Train one model as `P` says, in run_dir/models/<name>/ (locked while it trains): `setup`, then
@@ -548,54 +228,26 @@ def run(P: TrainParams) -> TrainResult:
 train = run
 
 
+def setup(P: TrainParams) -> TrainSetup:
+    """The learner of `P`, ready to fit (`cdkit.train.learner.open_run`): model folder locked and checked
+    (refused when it holds a run and neither resume nor overwrite is asked), data loaded, resumed state
+    restored; look at it (`S.dls.show_batch()`), `find_lr(S)`, then `fit(S)`"""
+    P = effective(P)
+    return open_run(P, RunLayout.of(P.run_dir).model_dir(P.name))
+
+
 def fit(S: TrainSetup, lr=None) -> TrainResult:
     """Train the learner of `S` to `epochs` (from where a resumed run stopped), save model.pth + model.json,
     release the model folder. `lr`: None takes P.lr, or the lr_find suggestion when lr='find' (lr_find
     runs first if it has not)."""
-    from cdkit.train.distributed import distrib_ctx, rank
-    from cdkit.train.models import save_trained
-    from cdkit.train.callbacks import BatchGrowth, Checkpoint, check_finite_weights, fit_schedule
-    from cdkit.base.io import remove
     try:
-        P, learn, start_epoch = S.params, S.learn, S.start_epoch
-        if lr is None and P.lr == "find":
-            lr = S.lr_suggestion if S.lr_suggestion is not None else find_lr(S)
-            log.info("lr='find': training at lr_find's suggestion %.2e", lr)
-        if lr is not None and lr != P.lr:
-            P = S.params = P.replace(lr=float(lr))
-            if rank() == 0: save_params(P, ModelFiles(S.model_dir).params)  # the lr a resume must keep
-        run_dir = S.model_dir
-        epochs_done = start_epoch
-        if S.rng is not None:
-            from cdkit.base.rng import set_rng_state
-            from cdkit.train.callbacks import _inner_dl
-            set_rng_state(S.rng[0])
-            for dl, st in zip(learn.dls.loaders, S.rng[1]): _inner_dl(dl).rng.setstate(st)
-        if start_epoch < P.epochs:
-            with distrib_ctx(learn, sync_bn=P.sync_bn):
-                fit_schedule(learn, P.epochs, P.lr, P.one_cycle, P.pct_start, P.lr_steps, P.lr_step_factors,
-                             start_epoch=start_epoch)
-            ck = learn.cbs.filter(lambda c: isinstance(c, Checkpoint))
-            epochs_done = ck[0].done if ck else learn.epoch + 1  # an interruption mid-epoch: the whole epochs
-        cat = S.prep.catalog
-        check_finite_weights(learn.model, str(run_dir))
-        if rank() == 0:
-            save_trained(learn.model, run_dir, model_card(P, cat.n_classes, epochs_done, (cat.n_level(1), cat.n_level(2))))
-            if epochs_done >= P.epochs:
-                # finished: the checkpoint (weights + optimizer state, 3x model.pth) only served a resume, and
-                # continuing a finished schedule is refused (check_resume); a stopped run keeps it
-                remove(ModelFiles(run_dir).checkpoint)
-        # the learner goes on to notebooks (get_preds, plots): its run bookkeeping must not rewrite
-        # metrics.csv, the checkpoint or the loggers when they run a validation pass
-        learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, _plain_cbs()) or type(c).__name__ in (
-            "CSVLogger", "TensorBoardCallback", "WandbCallback")))
-        growth = learn.cbs.filter(lambda c: isinstance(c, BatchGrowth))
-        metrics = ModelFiles(run_dir).metrics
-        return TrainResult(model_dir=run_dir, params=P,
+        epochs_done = learner.fit(S, lr)
+        metrics = ModelFiles(S.model_dir).metrics
+        return TrainResult(model_dir=S.model_dir, params=S.params,
                            history=pd.read_csv(metrics) if metrics.exists() else pd.DataFrame(),
-                           epochs_done=epochs_done, seconds=time.time() - S.t0, learn=learn, prep=S.prep,
+                           epochs_done=epochs_done, seconds=time.time() - S.t0, learn=S.learn, prep=S.prep,
                            valid_images=S.valid_images, lr_suggestion=S.lr_suggestion,
-                           batch_history=growth[0].history if growth else [])
+                           batch_history=learner.batch_history(S.learn))
     finally:
         S.close()
 
@@ -606,40 +258,15 @@ def load_learner(run_dir="runs/demo", name="resnet", device=None):
     the data it was trained on, with the same loaders, loss and metrics. Nothing in the folder is written
     or locked; `learn.predict`, `get_preds`, `show_results`, `fit` work as on the learner `fit` returned."""
     import yaml
-    from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-    from fastai.metrics import accuracy
-    from cdkit.train import callbacks as C
-    from cdkit.data.loaders import make_dataloaders
-    from cdkit.train.hierarchy import HierarchyLoss, LevelAccuracy
-    from cdkit.train.models import make_learner, read_card
     from cdkit.base.params import make_params
-    from cdkit.data.prepare import load_prepared
+    from cdkit.train.models import read_card
     model_dir = RunLayout.of(run_dir).model_dir(name)
     card = read_card(model_dir)  # FileNotFoundError naming model.json when the model was not trained
     saved = ModelFiles(model_dir).params
     if not saved.exists(): raise FileNotFoundError(f"{saved} not found: the parameters the model was trained with")
     values = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in TrainParams.model_fields}
     P = make_params(TrainParams, {**values, "resume": False, "overwrite": False}, where=str(saved))
-    prep = load_prepared(P.data_dir, P.work_dir)
-    images, valid_mask = _images(prep, P)
-    dls = make_dataloaders(images, prep.train_bson, prep.catalog.n_classes, valid_mask=valid_mask, size=card.size,
-                           item_size=card.item_size, bs=P.bs, num_workers=P.num_workers, mean=card.mean, std=card.std,
-                           aug=dict(flip=P.flip, max_rotate=P.max_rotate, max_zoom=P.max_zoom), seed=P.seed,
-                           device=device, vocab=prep.catalog.category_ids)
-    valid_images = images[valid_mask].reset_index(drop=True)
-    cat = prep.catalog
-    levels = (cat.level1, cat.level2, cat.n_level(1), cat.n_level(2)) if card.has_level_heads else None
-    loss = LabelSmoothingCrossEntropyFlat(eps=P.label_smoothing) if P.label_smoothing else CrossEntropyLossFlat()
-    learn = make_learner(dls, card.arch, card.n_classes, None, card.mean, card.std, card.head_hidden,
-                         card.head_dropout, levels=levels, loss_func=loss, path=model_dir, wd=P.wd, opt_func=opt_func(P),
-                         metrics=[accuracy, C.ProductAccuracy(valid_images["product_id"], valid_images["label"])])
-    learn.model.load_state_dict(C.safe_load(ModelFiles(model_dir).weights))
-    if levels is not None:
-        from cdkit.train.hierarchy import level_heads
-        learn.loss_func = HierarchyLoss(loss, level_heads(learn.model), P.hierarchy_weights)
-        learn.metrics += [LevelAccuracy(cat.level2, 2), LevelAccuracy(cat.level1, 1)]
-    learn.model.to(dls.device).eval()
-    return learn
+    return learner.rebuild_learner(P, model_dir, card, device)
 
 
 def record(run_dir, result: TrainResult, step="train"):

@@ -1,7 +1,7 @@
 """fastai callbacks for long image-classification runs: batch growth, gradient accumulation in
 optimizer steps, checkpoint/exact resume, an appendable epoch log, product-level accuracy.
 
-Each is a small class doing one thing; `train.py` puts them together.
+Each is a small class doing one thing; `cdkit.train.learner` puts them together.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
 
 
-def _inner_dl(dl):
-    return getattr(dl, "dl", dl)  # fastai's DistributedDL wraps the real loader
+def inner_dl(dl):
+    "The loader itself: fastai's DistributedDL wraps the real one (its bs, its rng)"
+    return getattr(dl, "dl", dl)
 
 
 class GradAccum(Callback):
@@ -49,7 +50,7 @@ class GradAccum(Callback):
     def after_loss(self):
         # A mean loss over b of B samples weighs b/B of the large batch's mean; B = acc_steps full batches
         bs = len(self.learn.yb[0])
-        self.learn.loss_grad = self.loss_grad * (bs / (self.acc_steps * _inner_dl(self.dl).bs))
+        self.learn.loss_grad = self.loss_grad * (bs / (self.acc_steps * inner_dl(self.dl).bs))
         self.seen += bs
 
     def before_step(self):
@@ -61,7 +62,7 @@ class GradAccum(Callback):
     def after_train(self):
         "Step on what an epoch's last incomplete group accumulated, so no gradient crosses a checkpoint"
         if not self.count: return
-        full = self.acc_steps * _inner_dl(self.dl).bs
+        full = self.acc_steps * inner_dl(self.dl).bs
         for p in self.learn.model.parameters():
             if p.grad is not None: p.grad.mul_(full / self.seen)  # the mean over the samples seen
         self.flushing = True
@@ -103,7 +104,7 @@ class BatchGrowth(Callback):
         store_attr()
 
     def before_fit(self):
-        self.base_bs = _inner_dl(self.dls.train).bs
+        self.base_bs = inner_dl(self.dls.train).bs
         acc = self.learn.cbs.filter(lambda c: isinstance(c, GradAccum))
         self.accum = acc[0] if acc else None
         self.base_acc = self.accum.acc_steps if self.accum else 1
@@ -116,15 +117,15 @@ class BatchGrowth(Callback):
         # fastai's schedulers advance pct_train by 1/n_iter per batch, so fewer, larger batches still
         # cover the epoch's share of the LR schedule.
         bs, acc = grown_batch(self.epoch, self.base_bs, self.base_acc, self.epochs, self.factor, self.max_bs)
-        for dl in {id(d): d for d in (self.dls.train, _inner_dl(self.dls.train), self.learn.dl,
-                                      _inner_dl(self.learn.dl))}.values():
+        for dl in {id(d): d for d in (self.dls.train, inner_dl(self.dls.train), self.learn.dl,
+                                      inner_dl(self.learn.dl))}.values():
             dl.bs = bs
         if self.accum is not None: self.accum.acc_steps = acc
         self.bs, self.acc_steps = bs, acc
         self.history.append((self.epoch, bs, acc))
 
     def after_fit(self):
-        for dl in (self.dls.train, _inner_dl(self.dls.train)): dl.bs = self.base_bs
+        for dl in (self.dls.train, inner_dl(self.dls.train)): dl.bs = self.base_bs
         if self.accum is not None: self.accum.acc_steps = self.base_acc
 
     def state_dict(self): return dict(epochs=list(self.epochs), factor=self.factor, max_bs=self.max_bs,
@@ -415,7 +416,7 @@ class Checkpoint(Callback):
             sl.count, sl.val = self.resumed["smooth_loss"]
 
     def before_train(self):
-        dl = _inner_dl(self.dls.train)
+        dl = inner_dl(self.dls.train)
         mid = (self.resumed or {}).get("mid_epoch")
         self.batches = 0
         if mid and self.epoch == self.start_epoch:  # resume inside this epoch
@@ -513,7 +514,7 @@ def save_checkpoint(learn, path, epochs_done, mid_epoch=None):
     if mid_epoch is not None:
         mid_epoch = dict(mid_epoch, rng=_plain_rng(mid_epoch["rng"]), epoch_rng=_plain_py_rng(mid_epoch["epoch_rng"]))
     state = dict(epoch=epochs_done, opt=plain(learn.opt.state_dict()),
-                 rng=_plain_rng(rng_state()), dl_rng=[_plain_py_rng(_inner_dl(dl).rng.getstate()) for dl in learn.dls.loaders],
+                 rng=_plain_rng(rng_state()), dl_rng=[_plain_py_rng(inner_dl(dl).rng.getstate()) for dl in learn.dls.loaders],
                  callbacks=plain(cb_states), train_iter=learn.train_iter,
                  smooth_loss=plain((learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val))
                  if hasattr(learn, "recorder") else None,
@@ -547,6 +548,6 @@ def load_checkpoint(learn, path, state=None):
     for p, s in learn.opt.state.items():  # saved from wherever the model was; to where it is now
         for k, v in s.items():
             if isinstance(v, torch.Tensor): s[k] = v.to(p.device)
-    for dl, s in zip(learn.dls.loaders, state["dl_rng"]): _inner_dl(dl).rng.setstate(_plain_py_rng(s))
+    for dl, s in zip(learn.dls.loaders, state["dl_rng"]): inner_dl(dl).rng.setstate(_plain_py_rng(s))
     set_rng_state(state["rng"])
     return state

@@ -61,12 +61,15 @@ def resolve_arch(name: str) -> Backbone:
                            f"model; close matches: {', '.join(close) or 'none'}")
 
 
-def norm_stats(arch: str):
-    "(mean, std) the backbone was pretrained with (ImageNet or Inception style), from timm's config"
+def norm_stats(arch: str, mean=None, std=None):
+    """The input normalization: `mean` and `std` where given, else the (mean, std) the backbone was
+    pretrained with (ImageNet or Inception style, from timm's config; ImageNet's when timm has none)"""
+    if mean is not None and std is not None: return mean, std
     from timm.models import get_pretrained_cfg
     cfg = get_pretrained_cfg(resolve_arch(arch).timm_name)
     if cfg is None:
-        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        from cdkit.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_MEAN, IMAGENET_STD
     return tuple(cfg.mean), tuple(cfg.std)
 
 
@@ -171,8 +174,7 @@ def make_learner(dls, arch: str, n_classes: int, pretrained_file=None, mean=None
     cbs, path, wd, ...)."""
     from fastai.vision.learner import vision_learner
     backbone = resolve_arch(arch)
-    if mean is None or std is None:
-        mean, std = norm_stats(arch)
+    mean, std = norm_stats(arch, mean, std)
     ensure_normalized(dls, mean, std)
     learn = vision_learner(dls, backbone.timm_name, normalize=False, n_out=n_classes,
                            **_timm_kwargs(pretrained_file), **_head_args(head_hidden, head_dropout), **learner_kw)
